@@ -1,0 +1,130 @@
+"""An independent, plain implementation of every method, for the tests.
+
+Nothing here imports the package. Every logit is written from its per-position formula: the RoPE
+score of a query and key at relative position Δ' is
+
+    Σ_m cos(Δ' θ_m)(q_2m k_2m + q_2m+1 k_2m+1) + sin(Δ' θ_m)(q_2m+1 k_2m − q_2m k_2m+1),
+
+(the value of ⟨R(p_i) q, R(p_j) k⟩ when Δ' = p_j − p_i), with frequencies θ and the effective
+relative position Δ' of each method spelled out below. Computed in float64 numpy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+BASE = 10000.0
+
+
+def theta(d):
+    return np.array([BASE ** (-2 * m / d) for m in range(d // 2)])
+
+
+def yarn_theta(d, s, L, beta_fast=32.0, beta_slow=1.0):
+    # pair index at which a frequency makes `rot` full turns over L: θ_m L = 2π rot
+    def index(rot):
+        return d * math.log(L / (rot * 2 * math.pi)) / (2 * math.log(BASE))
+
+    lo = max(math.floor(index(beta_fast)), 0)
+    hi = min(math.ceil(index(beta_slow)), d - 1)
+    if lo == hi:
+        hi += 0.001
+    out = []
+    for m, t in enumerate(theta(d)):
+        ramp = min(max((m - lo) / (hi - lo), 0.0), 1.0)  # 0: keep θ (extrapolate), 1: θ/s
+        out.append((1 - ramp) * t + ramp * t / s)
+    return np.array(out)
+
+
+def naive_attention(q, k, v, method: dict, L: int, causal=False, pad=None, positions=None):
+    """q, k: (B, H, n, d), v: (B, H, n, e) numpy; ``method`` is a dict of plain settings:
+
+    temp: None|'infoscale'|'infoscale_noclamp'|'logn'|'softmax_plus'; cos_s: CosScale s or None;
+    pos: None|'pi'|'ntk'|'yarn'|'rerope'|'leaky'|'lminf'|'alibi' with w, k, cap, factor;
+    mask: None|'window'|'sinks' with w, sinks.
+    Returns (out, weights).
+    """
+    B, H, n, d = q.shape
+    q = q.astype(np.float64)
+    k = k.astype(np.float64)
+    v = v.astype(np.float64)
+    out = np.zeros(v.shape)
+    weights = np.zeros((B, H, n, n))
+    p = np.arange(n, dtype=np.float64) if positions is None else np.asarray(positions, dtype=np.float64)
+    for b in range(B):
+        n_real = n if pad is None else int(pad[b].sum())
+        real = np.ones(n, bool) if pad is None else pad[b].astype(bool)
+        s = max(1.0, n_real / L) if method.get("factor") is None else method["factor"]
+        pos = method.get("pos")
+        if pos == "pi":
+            th = theta(d) / s
+        elif pos == "ntk":
+            th = np.array([(BASE * s ** (d / (d - 2))) ** (-2 * m / d) for m in range(d // 2)])
+        elif pos == "yarn":
+            th = yarn_theta(d, s, L)
+        else:
+            th = theta(d)
+        mscale2 = (0.1 * math.log(s) + 1) ** 2 if pos == "yarn" and s > 1 else 1.0
+        for h in range(H):
+            for i in range(n):
+                allowed = real.copy()
+                logits = np.zeros(n)
+                for j in range(n):
+                    if causal and j > i:
+                        allowed[j] = False
+                    if method.get("mask") == "window" and abs(i - j) > method["w"]:
+                        allowed[j] = False
+                    if method.get("mask") == "sinks":
+                        S = method["sinks"]
+                        if abs(i - j) > method["w"] and i >= S and j >= S:
+                            allowed[j] = False
+                l = int(allowed.sum())
+                qi = q[b, h, i]
+                if method.get("cos_s"):
+                    qi = qi / np.linalg.norm(qi)
+                for j in range(n):
+                    kj = k[b, h, j]
+                    if method.get("cos_s"):
+                        kj = kj / np.linalg.norm(kj)
+                    delta = p[j] - p[i]
+                    if pos == "alibi":
+                        score = float(qi @ kj)
+                    else:
+                        if pos == "rerope":
+                            delta = math.copysign(min(abs(delta), method["w"]), delta)
+                        elif pos == "lminf":
+                            delta = math.copysign(min(abs(delta), method["cap"]), delta)
+                        elif pos == "leaky" and abs(delta) > method["w"]:
+                            kk = method["k"] if method.get("k") else max(1.0, (n_real - 1 - method["w"])
+                                                                         / max(L - 1 - method["w"], 1))
+                            delta = math.copysign(method["w"] + (abs(delta) - method["w"]) / kk, delta)
+                        score = 0.0
+                        for m in range(d // 2):
+                            a0, a1, b0, b1 = qi[2 * m], qi[2 * m + 1], kj[2 * m], kj[2 * m + 1]
+                            ang = delta * th[m]
+                            score += math.cos(ang) * (a0 * b0 + a1 * b1) + math.sin(ang) * (a1 * b0 - a0 * b1)
+                    z = score * (method["cos_s"] if method.get("cos_s") else 1 / math.sqrt(d)) * mscale2
+                    if pos == "alibi":
+                        slope = method["slopes"][h]
+                        z -= slope * abs(p[i] - p[j])
+                    logits[j] = z
+                t = 1.0
+                temp = method.get("temp")
+                if temp == "infoscale":
+                    t = math.sqrt(1 - max(l, L) ** (-2 / d)) / math.sqrt(1 - L ** (-2 / d))
+                elif temp == "infoscale_noclamp":
+                    t = math.sqrt(1 - l ** (-2 / d)) / math.sqrt(1 - L ** (-2 / d))
+                elif temp == "logn":
+                    t = max(1.0, math.log(l) / math.log(L))
+                elif temp == "softmax_plus":
+                    t = math.log(l) / math.log(512)
+                logits = logits * t
+                if l == 0:
+                    continue
+                e = np.where(allowed, np.exp(logits - logits[allowed].max()), 0.0)
+                w = e / e.sum()
+                weights[b, h, i] = w
+                out[b, h, i] = w @ v[b, h]
+    return out, weights

@@ -1,0 +1,219 @@
+"""Every method against the independent naive implementation, and the paths against each other."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import infoscale
+from infoscale.methods import REGISTRY
+
+from .naive import naive_attention
+
+L = 8  # training length for these tests: n ∈ {L, 2L, 16L}
+D = 8
+H = 2
+
+
+def _slopes(h):  # ALiBi, max_bias 8: 2^(-8·1/2), 2^(-8·2/2)
+    return [2 ** (-8 * (i + 1) / h) for i in range(h)]
+
+
+# method string -> the naive settings, with every default written out from its documented value
+CASES = {
+    "softmax": {},
+    "infoscale": {"temp": "infoscale"},
+    "logn": {"temp": "logn"},
+    "softmax_plus": {"temp": "softmax_plus"},
+    "cosscale": {"cos_s": 128.0},
+    "pi": {"pos": "pi"},
+    "ntk": {"pos": "ntk"},
+    "yarn": {"pos": "yarn"},
+    "rerope": {"pos": "rerope", "w": L // 2},
+    "leaky_rerope": {"pos": "leaky", "w": L // 2, "k": None},
+    "alibi": {"pos": "alibi", "slopes": _slopes(H)},
+    "pose": {},
+    "window": {"mask": "window", "w": L // 2},
+    "streamingllm": {"mask": "sinks", "sinks": 4, "w": L // 2},
+    "lm_infinite": {"mask": "sinks", "sinks": 10, "w": L - 1, "pos": "lminf", "cap": L},
+    # non-default parameters and combinations
+    "infoscale(clamp=False)": {"temp": "infoscale_noclamp"},
+    "cosscale(s=16)+infoscale": {"cos_s": 16.0, "temp": "infoscale"},
+    "pi(factor=3.0)": {"pos": "pi", "factor": 3.0},
+    "yarn(factor=4.0)+infoscale": {"pos": "yarn", "factor": 4.0, "temp": "infoscale"},
+    "rerope(window=3)+logn": {"pos": "rerope", "w": 3, "temp": "logn"},
+    "leaky_rerope(window=2, k=3.0)": {"pos": "leaky", "w": 2, "k": 3.0},
+    "alibi(max_bias=2.0)+window(width=3)": {"pos": "alibi", "slopes": [2 ** -1, 2 ** -2], "mask": "window",
+                                           "w": 3},
+    "streamingllm(sinks=2, window=3)+infoscale": {"mask": "sinks", "sinks": 2, "w": 3, "temp": "infoscale"},
+    "lm_infinite(sinks=3, window=5, cap=6)": {"mask": "sinks", "sinks": 3, "w": 5, "pos": "lminf", "cap": 6},
+}
+
+
+def test_every_registered_method_has_a_naive_case():
+    assert set(REGISTRY) <= set(CASES), "register a naive case for each new method"
+
+
+def _inputs(n, seed=0, b=2, dv=6):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, H, n, D, generator=g)
+    k = torch.randn(b, H, n, D, generator=g)
+    v = torch.randn(b, H, n, dv, generator=g)
+    return q, k, v
+
+
+def _pad(n):
+    m = torch.ones(2, n, dtype=torch.bool)
+    m[1, n - max(1, n // 3):] = False  # second sequence right-padded by a third
+    return m
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["nopad", "pad"])
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+@pytest.mark.parametrize("n", [L, 2 * L, 16 * L])
+@pytest.mark.parametrize("method", list(CASES))
+def test_matches_naive(method, n, causal, padded):
+    q, k, v = _inputs(n, seed=n)
+    pad = _pad(n) if padded else None
+    want, want_w = naive_attention(q.numpy(), k.numpy(), v.numpy(), CASES[method], L, causal=causal,
+                                   pad=None if pad is None else pad.numpy())
+    got, got_w = infoscale.attention(q, k, v, method, train_len=L, causal=causal, key_padding_mask=pad,
+                                     return_weights=True)
+    fast = infoscale.attention(q, k, v, method, train_len=L, causal=causal, key_padding_mask=pad, chunk_size=5)
+    np.testing.assert_allclose(got.numpy(), want, atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(got_w.numpy(), want_w, atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(fast.numpy(), want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", list(CASES))
+@pytest.mark.parametrize("causal", [False, True])
+def test_fast_equals_reference_fp32_and_bf16(method, causal):
+    n = 16 * L + 3  # not a multiple of the chunk
+    q, k, v = _inputs(n, seed=1, dv=16)
+    pad = _pad(n)
+    ref = infoscale.attention(q, k, v, method, train_len=L, causal=causal, key_padding_mask=pad, impl="reference")
+    for chunk in (7, 64, 1000):
+        fast = infoscale.attention(q, k, v, method, train_len=L, causal=causal, key_padding_mask=pad,
+                                   chunk_size=chunk)
+        assert (fast - ref).abs().max().item() < 1e-5, chunk
+    bf = infoscale.attention(q, k, v, method, train_len=L, causal=causal, key_padding_mask=pad, chunk_size=64,
+                             bf16=True)
+    # bf16 keeps 8 mantissa bits: the outputs (|v| ~ 1) move by ~1e-2 at most
+    assert bf.dtype == torch.float32
+    assert (bf - ref).abs().max().item() < 0.05
+    assert (bf - ref).abs().mean().item() < 5e-3
+
+
+@pytest.mark.parametrize("method", ["infoscale", "logn", "pi", "ntk", "yarn", "rerope(window=8)",
+                                    "leaky_rerope(window=8)", "lm_infinite(sinks=0, window=7, cap=8)",
+                                    "window(width=7)"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_identity_within_training_length(method, causal):
+    for n in (3, L):
+        q, k, v = _inputs(n, seed=3)
+        plain = infoscale.attention(q, k, v, "softmax", train_len=L, causal=causal)
+        got = infoscale.attention(q, k, v, method, train_len=L, causal=causal)
+        assert torch.equal(got, plain) or (got - plain).abs().max() < 1e-6
+    # and beyond it they do change something (except the causal window, which sees at most L keys)
+    q, k, v = _inputs(4 * L, seed=4)
+    plain = infoscale.attention(q, k, v, "softmax", train_len=L, causal=causal)
+    got = infoscale.attention(q, k, v, method, train_len=L, causal=causal)
+    if not (causal and method.startswith("window")):
+        assert (got - plain).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("method", [m for m in CASES if "cosscale" not in m])
+def test_relative_position_invariance(method):
+    """Shifting every position by a constant leaves the output unchanged: scores depend on p_j − p_i."""
+    n = 4 * L
+    q, k, v = _inputs(n, seed=5)
+    base = infoscale.attention(q, k, v, method, train_len=L)
+    shifted = infoscale.attention(q, k, v, method, train_len=L, positions=torch.arange(n) + 1000)
+    assert (base - shifted).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("method", ["rerope", "rerope(window=3)", "leaky_rerope(window=2, k=2.0)",
+                                    "lm_infinite(sinks=2, window=5, cap=4)", "softmax"])
+def test_piecewise_positions_symmetric_in_sign(method):
+    """With q = k, bidirectional logits are symmetric iff Δ'(i, j) = −Δ'(j, i). The official code's
+    ReRoPE (q at +(w−1) on both sides) breaks this."""
+    n = 6 * L
+    q, _, _ = _inputs(n, seed=6)
+    z = infoscale.attention_logits(q, q, method, train_len=L)
+    finite = z > torch.finfo(z.dtype).min / 2
+    assert torch.equal(finite, finite.transpose(-1, -2))
+    zs = torch.where(finite, z, 0)
+    assert (zs - zs.transpose(-1, -2)).abs().max() < 1e-4
+
+
+def test_rerope_caps_distance_beyond_window():
+    """Beyond the window every key scores as if it sat exactly w away, on its own side."""
+    n, w = 40, 5
+    q, k, _ = _inputs(n, seed=7, b=1)
+    z = infoscale.attention_logits(q, k, f"rerope(window={w})", train_len=L)
+    # key 30 seen from query 10 (Δ = +20) equals a plain-RoPE pair at Δ = +w: q at 0, k at w
+    zq = infoscale.attention_logits(torch.cat([q[:, :, 10:11], k[:, :, 30:31]], 2),
+                                    torch.cat([q[:, :, 10:11], k[:, :, 30:31]], 2), "softmax",
+                                    train_len=L, positions=torch.tensor([0.0, w]))
+    assert abs(z[0, 0, 10, 30].item() - zq[0, 0, 0, 1].item()) < 1e-5
+    zl = infoscale.attention_logits(torch.cat([q[:, :, 30:31], k[:, :, 10:11]], 2),
+                                    torch.cat([q[:, :, 30:31], k[:, :, 10:11]], 2), "softmax",
+                                    train_len=L, positions=torch.tensor([float(w), 0.0]))
+    assert abs(z[0, 0, 30, 10].item() - zl[0, 0, 0, 1].item()) < 1e-5  # Δ = −20 scores as −w
+
+
+def test_pi_divides_positions():
+    """PI at s = 4 equals plain RoPE at positions / 4 (the official code multiplies)."""
+    n = 4 * L
+    q, k, v = _inputs(n, seed=8)
+    pi = infoscale.attention(q, k, v, "pi", train_len=L)
+    plain = infoscale.attention(q, k, v, "softmax", train_len=L, positions=torch.arange(n) / 4)
+    assert (pi - plain).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("method", list(CASES))
+@pytest.mark.parametrize("causal", [False, True])
+def test_padding_invariance(method, causal):
+    """Right-padding a sequence changes nothing for its real tokens; padded keys get no weight."""
+    n, extra = 3 * L, 5
+    q, k, v = _inputs(n, seed=9, b=1)
+    alone, _ = infoscale.attention(q, k, v, method, train_len=L, causal=causal, return_weights=True)
+    z = torch.randn(1, H, extra, D)
+    qp, kp = torch.cat([q, z], 2), torch.cat([k, z], 2)
+    vp = torch.cat([v, torch.randn(1, H, extra, v.shape[-1])], 2)
+    pad = torch.tensor([[True] * n + [False] * extra])
+    padded, w = infoscale.attention(qp, kp, vp, method, train_len=L, causal=causal, key_padding_mask=pad,
+                                    return_weights=True)
+    assert (padded[:, :, :n] - alone).abs().max() < 1e-5
+    assert w[..., n:].abs().max() == 0
+    fast = infoscale.attention(qp, kp, vp, method, train_len=L, causal=causal, key_padding_mask=pad, chunk_size=4)
+    assert (fast[:, :, :n] - alone).abs().max() < 1e-5
+
+
+def test_fully_masked_row_is_zero_not_nan():
+    q, k, v = _inputs(6, seed=10)
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    out = infoscale.attention(q, k, v, "infoscale", train_len=L, key_padding_mask=pad)
+    assert torch.isfinite(out).all() and out.abs().max() == 0
+
+
+def test_window_edge_counts():
+    """window(width=w) lets an interior query see exactly 2w + 1 keys; sinks add their columns/rows."""
+    n, w = 30, 3
+    q, k, v = _inputs(n, seed=11, b=1)
+    _, wt = infoscale.attention(q, k, v, f"window(width={w})", train_len=L, return_weights=True)
+    assert int((wt[0, 0, 15] > 0).sum()) == 2 * w + 1
+    _, wt = infoscale.attention(q, k, v, f"streamingllm(sinks=2, window={w})", train_len=L, return_weights=True)
+    assert int((wt[0, 0, 15] > 0).sum()) == 2 * w + 1 + 2
+    assert int((wt[0, 0, 1] > 0).sum()) == n  # a sink row attends everything
+    _, wt = infoscale.attention(q, k, v, f"window(width={w})", train_len=L, causal=True, return_weights=True)
+    assert int((wt[0, 0, 15] > 0).sum()) == w + 1
+
+
+def test_attention_is_differentiable_on_both_paths():
+    q, k, v = (t.requires_grad_() for t in _inputs(3 * L, seed=12))
+    for impl in ("fast", "reference"):
+        out = infoscale.attention(q, k, v, "rerope+infoscale", train_len=L, impl=impl, chunk_size=5)
+        (g,) = torch.autograd.grad(out.square().sum(), q)
+        assert torch.isfinite(g).all() and g.abs().sum() > 0
