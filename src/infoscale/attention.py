@@ -289,7 +289,8 @@ def _block(plan: Plan, rot, v, r0: int, r1: int, ranges, dtype, dropout_p: float
     scores = None
     for region, (qr, kr) in zip(plan.regions, rot, strict=True):
         qs = (qr[:, :, r0:r1].float() * factor.float()).to(qk_dtype)
-        s = torch.matmul(qs, _gather(kr, ranges).to(qk_dtype).transpose(-1, -2))
+        with torch.autocast(qs.device.type, enabled=not plan.normalize and torch.is_autocast_enabled(qs.device.type)):
+            s = torch.matmul(qs, _gather(kr, ranges).to(qk_dtype).transpose(-1, -2))
         sel = region.mask(rel) if rel is not None else None
         scores = s if sel is None or scores is None else torch.where(sel, s, scores)
     if plan.slopes is not None:
@@ -365,6 +366,9 @@ def attention_fast(q, k, v, method="softmax", *, train_len: int, causal: bool = 
     chunk = chunk_size or (2 * DEFAULT_CHUNK if bf16 else DEFAULT_CHUNK)
     if chunk < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk}")
+    dev = q.device.type
+    if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16:
+        bf16 = True  # honour the caller's bf16 autocast (softmax and masks still run in fp32)
     dtype = torch.bfloat16 if bf16 else torch.float32
     rot = _rotated(plan, q.float(), k.float())
     if bf16:  # cast once, not per chunk

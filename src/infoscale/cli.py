@@ -7,6 +7,7 @@ import dataclasses
 import sys
 import textwrap
 
+from .data import DataError
 from .methods import REGISTRY, MethodError
 
 
@@ -78,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # subcommand -> module with HELP, add_arguments(parser) and run(args)
-_COMMANDS: dict[str, str] = {}
+_COMMANDS: dict[str, str] = {"train": "train"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         module = __import__(f"infoscale.{_COMMANDS[args.command]}", fromlist=["run"])
         return int(module.run(args) or 0)
-    except (UserError, MethodError) as e:
+    except (UserError, MethodError, DataError) as e:
         print(f"infoscale {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
