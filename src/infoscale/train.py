@@ -219,8 +219,8 @@ def prepare_run(cfg: TrainConfig, rank: int):
             ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
             ckpt["step"], ckpt["model"], ckpt["optimizer"]  # noqa: B018 - checks the keys exist
         except Exception as e:  # a truncated or foreign file
-            raise DataError(f"{out / 'checkpoint.pt'} is unreadable or not an infoscale checkpoint ({type(e).__name__}); "
-                            "delete it to restart the run from step 0") from None
+            raise DataError(f"{out / 'checkpoint.pt'} is unreadable or not an infoscale checkpoint "
+                            f"({type(e).__name__}); delete it to restart the run from step 0") from None
     return tok, train_docs, eval_docs, ckpt
 
 
