@@ -267,7 +267,8 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, corpus):
 
 
 def test_ddp_two_processes_equal_one(tmp_path, corpus):
-    args = ["--corpus", str(corpus), "--steps", "3", "--dropout", "0", "--save-every", "3", "--warmup-steps", "1", *TINY]
+    args = ["--corpus", str(corpus), "--steps", "3", "--dropout", "0", "--save-every", "3", "--warmup-steps", "1",
+            *TINY]
     one = run_cli("train", "--out", str(tmp_path / "one"), *args)
     assert one.returncode == 0, one.stderr
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
