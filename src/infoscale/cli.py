@@ -39,13 +39,15 @@ def add_dataclass_flags(parser: argparse.ArgumentParser, cls) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         doc = f.metadata.get("doc", "")
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
         typ = str(f.type)
         if typ == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=doc)
         elif typ.startswith("list[") or typ.startswith("tuple["):
             inner = int if "int" in typ else str
-            parser.add_argument(flag, nargs="+", type=inner, default=default, help=doc)
+            parser.add_argument(flag, nargs="+", type=inner, default=None if required else list(default),
+                                required=required, help=doc)
         else:
             conv = {"int": int, "float": float, "str": str, "int | None": _opt(int), "str | None": _opt(str),
                     "float | None": _opt(float)}.get(typ, str)
@@ -79,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # subcommand -> module with HELP, add_arguments(parser) and run(args)
-_COMMANDS: dict[str, str] = {"train": "train"}
+_COMMANDS: dict[str, str] = {"train": "train", "eval": "evaluate", "report": "report"}
 
 
 def main(argv: list[str] | None = None) -> int:
