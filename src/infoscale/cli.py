@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # subcommand -> module with HELP, add_arguments(parser) and run(args)
-_COMMANDS: dict[str, str] = {"train": "train", "eval": "evaluate", "report": "report"}
+_COMMANDS: dict[str, str] = {"train": "train", "eval": "evaluate", "report": "report", "analyze": "analysis"}
 
 
 def main(argv: list[str] | None = None) -> int:
