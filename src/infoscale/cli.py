@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # subcommand -> module with HELP, add_arguments(parser) and run(args)
-_COMMANDS: dict[str, str] = {"train": "train", "eval": "evaluate", "report": "report", "analyze": "analysis"}
+_COMMANDS: dict[str, str] = {"train": "train", "eval": "evaluate", "report": "report", "analyze": "analysis",
+                             "reproduce": "reproduce"}
 
 
 def main(argv: list[str] | None = None) -> int:

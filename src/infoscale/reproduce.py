@@ -1,0 +1,153 @@
+"""``infoscale reproduce --preset smoke|quick|paper``: the paper's experiment end to end.
+
+Trains the softmax, CosScale, PoSE and ALiBi GAU-α models on the default corpus at L = 64, evaluates
+every applicable method and the paper's combinations (InfoScale on each baseline, CosScale +
+InfoScale) at L, 2L, … in both settings, measures attention entropy/dilution/CosScale-vs-window,
+and writes records, tables and plots. Every stage resumes: rerunning the command continues a killed
+run (training from its checkpoint, the sweep from its last record).
+
+    runs/<preset>/{softmax,cosscale,pose,alibi}/   models
+    results/<preset>.jsonl                         evaluation records
+    report/<preset>/report.md + *.png              tables and plots (analysis/ for the attention study)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .train import TrainConfig, doc, train
+
+HELP = "train the four models, evaluate every method to 64x, write records, report and plots"
+
+# The training methods of the paper's testbed. ALiBi: one head gets Press et al.'s smallest slope
+# 2^-8 by default, a near-absent position signal for a bidirectional encoder trained from scratch;
+# max_bias = 4 gives the single head the slope 1/16 (bias −4 at distance 64).
+MODELS = {
+    "softmax": "softmax",
+    "cosscale": "cosscale(s=128.0)",
+    "pose": "pose",
+    "alibi": "alibi(max_bias=4.0)",
+}
+
+# Evaluation methods: the baselines, log-n scaling, and InfoScale alone and on each baseline. On the
+# CosScale model every one of them runs on top of CosScale; RoPE methods are skipped on ALiBi.
+METHODS = [
+    "softmax", "infoscale", "logn", "softmax_plus",
+    "pi", "pi+infoscale", "ntk", "ntk+infoscale", "yarn", "yarn+infoscale",
+    "rerope", "rerope+infoscale", "leaky_rerope", "leaky_rerope+infoscale",
+    "window", "streamingllm", "streamingllm+infoscale", "lm_infinite", "lm_infinite+infoscale",
+]
+
+
+@dataclass
+class Preset:
+    model_preset: str
+    steps: int
+    batch_size: int
+    warmup_steps: int
+    lengths: tuple
+    methods: tuple
+    predictions: int
+    windows: int
+    compare_lengths: tuple  # lengths where the exact protocol is run next to the strided one
+    compare_predictions: int
+    analysis_lengths: tuple
+    analysis_windows: int
+
+
+PRESETS = {
+    # CI: tiny models, a few methods, lengths to 16x; about two minutes
+    "smoke": Preset("tiny", 300, 32, 30, (64, 128, 256, 1024), ("softmax", "infoscale", "rerope+infoscale",
+                                                                  "window", "yarn"),
+                    256, 2, (64,), 128, (64, 256), 1),
+    # a laptop: small models, every method, lengths to 64x; about 40 minutes on two cores
+    "quick": Preset("small", 1000, 64, 100, (64, 128, 256, 512, 1024, 2048, 4096), tuple(METHODS),
+                    1024, 4, (64, 1024), 1024, (64, 256, 1024, 4096), 2),
+    # a GPU: the official fine-tuning shape (6 layers, hidden 768, key 128)
+    "paper": Preset("paper", 20000, 128, 2000, (64, 128, 256, 512, 1024, 2048, 4096), tuple(METHODS),
+                    8192, 10, (64, 1024, 4096), 4096, (64, 256, 1024, 4096), 8),
+}
+
+
+@dataclass
+class ReproduceConfig:
+    preset: str = doc("quick", "smoke | quick | paper")
+    corpus: str = doc("shakespeare", "training and evaluation corpus")
+    runs: str = doc("runs", "folder for the models")
+    results: str = doc("results", "folder for the records")
+    report: str = doc("report", "folder for the report")
+    seed: int = doc(0, "seed of everything")
+    progress: bool = doc(True, "show progress bars")
+
+
+def paths(cfg: ReproduceConfig) -> dict:
+    return {"runs": Path(cfg.runs) / cfg.preset, "records": Path(cfg.results) / f"{cfg.preset}.jsonl",
+            "report": Path(cfg.report) / cfg.preset}
+
+
+def reproduce(cfg: ReproduceConfig, log=print) -> dict:
+    from .analysis import AnalyzeConfig, analyze
+    from .data import DataError
+    from .evaluate import EvalConfig, evaluate, read_records, write_records
+    from .report import write_report
+
+    if cfg.preset not in PRESETS:
+        raise DataError(f"unknown preset {cfg.preset!r}; choose smoke, quick or paper")
+    p = PRESETS[cfg.preset]
+    where = paths(cfg)
+    t0 = time.perf_counter()
+    models = []
+    for name, attention in MODELS.items():
+        out = where["runs"] / name
+        finished = (out / "model.safetensors").exists()
+        if not finished:
+            log(f"== training {name} ({attention}) -> {out}")
+            train(TrainConfig(out=str(out), corpus=cfg.corpus, preset=p.model_preset, attention=attention,
+                              steps=p.steps, batch_size=p.batch_size, warmup_steps=p.warmup_steps, seed=cfg.seed,
+                              eval_every=max(p.steps // 5, 1), save_every=max(p.steps // 10, 1),
+                              resume=(out / "train_config.json").exists(), progress=cfg.progress))
+        models.append(str(out))
+    t_train = time.perf_counter() - t0
+    log(f"== evaluating {len(models)} models x {len(p.methods)} methods x {len(p.lengths)} lengths x 2 settings")
+    evaluate(EvalConfig(models=models, methods=list(p.methods), lengths=list(p.lengths), protocol="strided",
+                        predictions=p.predictions, windows=p.windows, out=str(where["records"]), seed=cfg.seed,
+                        progress=cfg.progress), log=log)
+    # the paper's protocol (each position masked alone) next to the strided one, on the softmax model
+    evaluate(EvalConfig(models=[models[0]], methods=["softmax", "infoscale"], lengths=list(p.compare_lengths),
+                        protocol="exact", predictions=p.compare_predictions, windows=1,
+                        out=str(where["records"]), seed=cfg.seed, progress=cfg.progress), log=log)
+    t_eval = time.perf_counter() - t0 - t_train
+    log("== analysing attention (entropy, dilution, CosScale vs window)")
+    analysis_file = where["records"].with_name(f"{cfg.preset}-analysis.jsonl")
+    if not analysis_file.exists():
+        recs = []
+        for i, m in enumerate([models[0], models[1]]):  # softmax and CosScale models, synthetic once
+            recs += analyze(AnalyzeConfig(model=m, methods=["softmax", "infoscale", "logn"],
+                                          lengths=list(p.analysis_lengths), windows=p.analysis_windows,
+                                          synthetic=i == 0, seed=cfg.seed))
+        write_records(analysis_file, recs)
+    records = read_records(where["records"])
+    report = write_report(records + read_records(analysis_file), where["report"])
+    timing = {"preset": cfg.preset, "train_s": t_train, "eval_s": t_eval, "total_s": time.perf_counter() - t0}
+    (where["report"] / "timing.json").write_text(json.dumps(timing, indent=1))
+    log(f"== done in {timing['total_s'] / 60:.1f} min: {report}")
+    return {"records": where["records"], "analysis": analysis_file, "report": report, "models": models, **timing}
+
+
+def add_arguments(parser) -> None:
+    from .cli import add_dataclass_flags
+
+    add_dataclass_flags(parser, ReproduceConfig)
+
+
+def run(args) -> int:
+    from .cli import dataclass_from_args
+
+    reproduce(dataclass_from_args(ReproduceConfig, args))
+    return 0
+
+
+__all__ = ["reproduce", "ReproduceConfig", "PRESETS", "MODELS", "METHODS"]

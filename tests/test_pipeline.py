@@ -1,0 +1,227 @@
+"""Evaluation, records, report, analysis and the smoke reproduction, end to end on real (small) runs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from infoscale import analysis, data
+from infoscale.cli import main as cli
+from infoscale.evaluate import EvalConfig, cluster_ci, evaluate, make_windows, mask_groups, read_records
+
+from .test_model_train import TINY
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    """A tiny softmax model trained for a few seconds on six real documents."""
+    root = tmp_path_factory.mktemp("pipeline")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for d in data.shakespeare()[:6]:
+        (corpus / (d.name.replace("/", "_") + ".txt")).write_text(d.text[:9000], encoding="utf-8")
+    out = root / "run"
+    assert cli(["train", "--out", str(out), "--corpus", str(corpus), "--steps", "30", *TINY]) == 0
+    return out
+
+
+def test_windows_and_masks():
+    tok = data.CharTokenizer(data.SPECIALS + list("abcdefgh"))
+    docs = data.TokenDocs([data.Document("a", "abcdefgh" * 40)], tok)
+    rep = make_windows(docs, 100, "repeated", 3, 8, 4, seed=0)
+    for w in rep:
+        m = next(p for p in range(8, 17) if np.array_equal(w[p:], w[:-p]))  # the tiled span's length
+        assert m % 4 != 0  # strided masks never hit a copy of a masked token
+    con = make_windows(docs, 50, "contiguous", 2, 8, None, seed=0)
+    assert all(len(w) == 50 for w in con)
+    with pytest.raises(data.DataError, match="no held-out document has 1000 tokens"):
+        make_windows(docs, 1000, "contiguous", 1, 8, None, seed=0)
+    cfg = EvalConfig(models=["x"], samples=5, stride=4)
+    rng = np.random.default_rng(0)
+    assert [g.tolist() for g in mask_groups(6, "exact", cfg, rng)] == [[i] for i in range(6)]
+    s = mask_groups(20, "sampled", cfg, rng)
+    assert len(s) == 5 and len({int(g[0]) for g in s}) == 5
+    (st,) = mask_groups(20, "strided", cfg, rng)
+    assert np.all(np.diff(st) == 4) and st[0] < 4
+
+
+def test_cluster_ci_widens_with_between_window_spread():
+    same = [np.array([1, 0] * 50), np.array([1, 0] * 50)]
+    spread = [np.ones(100), np.zeros(100)]
+    lo1, hi1 = cluster_ci(same)
+    lo2, hi2 = cluster_ci(spread)
+    assert lo1 < 0.5 < hi1 and hi2 - lo2 > hi1 - lo1
+    lo, hi = cluster_ci([np.array([1] * 30 + [0] * 70)])  # one window: Wilson
+    assert lo == pytest.approx(0.2189, abs=1e-3) and hi == pytest.approx(0.3958, abs=1e-3)
+
+
+def test_exact_protocol_matches_a_plain_loop(tiny_run, tmp_path):
+    """The batched exact protocol equals masking each position by hand, one forward pass each."""
+    out = tmp_path / "r.jsonl"
+    cfg = EvalConfig(models=[str(tiny_run)], methods=["softmax"], lengths=[40], settings=["contiguous"],
+                     protocol="exact", windows=1, predictions=1, out=str(out), bf16="off", progress=False)
+    (rec,) = evaluate(cfg, log=lambda s: None)
+    from infoscale.evaluate import heldout_docs, load_model
+
+    model, tok, tcfg = load_model(tiny_run)
+    (w,) = make_windows(heldout_docs(tiny_run, tok, tcfg), 40, "contiguous", 1, 32, None, 0)
+    hits = []
+    with torch.no_grad():
+        for i in range(40):
+            x = torch.from_numpy(w.copy())[None]
+            x[0, i] = data.MASK
+            hits.append(int(model(x).logits[0, i].argmax()) == int(w[i]))
+    assert rec["n_predictions"] == 40
+    assert rec["accuracy"] == pytest.approx(np.mean(hits))
+
+
+def test_inapplicable_methods_are_skipped_with_a_reason(tiny_run, tmp_path):
+    logs = []
+    cfg = EvalConfig(models=[str(tiny_run)], methods=["cosscale", "infoscale"], lengths=[32], out=str(tmp_path / "r"),
+                     progress=False, predictions=16)
+    new = evaluate(cfg, log=logs.append)
+    assert {r["method"] for r in new} == {"infoscale"}
+    assert any("skip cosscale" in s and "train-time method" in s for s in logs)
+
+
+def test_bad_model_directories(tmp_path, capsys, tiny_run):
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (tmp_path / "foreign" / "model.safetensors").write_bytes(b"x")
+    (tmp_path / "broken").mkdir()
+    for f in ("config.json", "vocab.txt", "split.json", "train_config.json"):
+        (tmp_path / "broken" / f).write_bytes((tiny_run / f).read_bytes())
+    (tmp_path / "broken" / "model.safetensors").write_bytes((tiny_run / "model.safetensors").read_bytes()[:100])
+    for d, msg in [("missing", "is not a directory"), ("foreign", "holds a 'bert' model"),
+                   ("broken", "cannot load the model")]:
+        assert cli(["eval", "--models", str(tmp_path / d), "--out", str(tmp_path / "r.jsonl")]) == 2
+        err = capsys.readouterr().err
+        assert msg in err and "Traceback" not in err, err
+
+
+def test_interrupted_sweep_resumes_without_duplicates(tiny_run, tmp_path):
+    args = [sys.executable, "-m", "infoscale.cli", "eval", "--models", str(tiny_run), "--methods", "softmax",
+            "infoscale", "rerope", "--lengths", "32", "64", "128", "256", "--predictions", "64", "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ref = subprocess.run([*args, "--out", str(tmp_path / "ref.jsonl")], capture_output=True, text=True, env=env)
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "cut.jsonl"
+    proc = subprocess.Popen([*args, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not out.exists() or len(read_records(out)) < 3):
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = read_records(out)
+    want = read_records(tmp_path / "ref.jsonl")
+    assert 3 <= len(partial) < len(want) == 24
+    again = subprocess.run([*args, "--out", str(out)], capture_output=True, text=True, env=env)
+    assert again.returncode == 0, again.stderr
+    got = read_records(out)
+    assert len(got) == len({r["key"] for r in got}) == len(want)
+    by_key = {r["key"]: r for r in want}
+    for r in got:
+        assert r["accuracy"] == by_key[r["key"]]["accuracy"] and r["loss"] == by_key[r["key"]]["loss"]
+    # a third run adds nothing
+    third = subprocess.run([*args, "--out", str(out)], capture_output=True, text=True, env=env)
+    assert "0 new records" in third.stdout and len(read_records(out)) == len(want)
+
+
+def test_report_from_records(tiny_run, tmp_path):
+    res = tmp_path / "r.jsonl"
+    evaluate(EvalConfig(models=[str(tiny_run)], methods=["softmax", "window"], lengths=[32, 64], out=str(res),
+                        predictions=32, progress=False), log=lambda s: None)
+    assert cli(["report", str(res), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert md.count("| `softmax` |") == 2 and md.count("| `window` |") == 2  # one table per setting
+    assert "**" in md
+    for s in ("contiguous", "repeated"):
+        png = tmp_path / "rep" / f"accuracy_{s}_strided.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+# ---------------------------------------------------------------------------------------------
+# the analysis: synthetic facts
+# ---------------------------------------------------------------------------------------------
+
+
+def test_synthetic_entropy_infoscale_holds_softmax_drifts():
+    cfg = analysis.AnalyzeConfig(methods=["softmax", "infoscale"], lengths=[64, 4096], windows=1)
+    recs = {(r["method"], r["length"]): r for r in analysis.entropy_dilution_records(cfg) if r["kind"] == "entropy"}
+    info = recs["infoscale", 4096]["H_norm"] / recs["infoscale", 64]["H_norm"]
+    soft = recs["softmax", 4096]["H_norm"] / recs["softmax", 64]["H_norm"]
+    assert abs(info - 1) < 0.02
+    assert soft - 1 > 0.03
+
+
+def test_cosscale_mass_outside_window_decreases_with_s():
+    cfg = analysis.AnalyzeConfig(lengths=[512], scales=[4.0, 16.0, 64.0, 256.0], windows=2)
+    recs = sorted(analysis.cos_window_records(cfg), key=lambda r: r["s"])
+    mass = [r["outside_mass"] for r in recs]
+    js = [r["js"] for r in recs]
+    assert all(a > b for a, b in zip(mass, mass[1:], strict=False))
+    assert all(a > b for a, b in zip(js, js[1:], strict=False))
+    assert mass[0] > 0.5 and mass[-1] < 0.05
+
+
+def test_window_distance_zero_for_a_window():
+    logits = torch.full((10, 10), -1e9)
+    for i in range(10):
+        for j in range(max(0, i - 2), min(10, i + 3)):
+            logits[i, j] = float(i * j % 3)
+    d = analysis.window_distance(logits, 2)
+    assert d["outside_mass"] < 1e-6 and d["js"] < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# the smoke reproduction (the same pipeline as `make reproduce`, small)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_reproduce_smoke(tmp_path):
+    from infoscale.reproduce import MODELS, PRESETS, ReproduceConfig, reproduce
+
+    cfg = ReproduceConfig(preset="smoke", runs=str(tmp_path / "runs"), results=str(tmp_path / "results"),
+                          report=str(tmp_path / "report"), progress=False)
+    res = reproduce(cfg, log=lambda s: None)
+    recs = read_records(res["records"])
+    p = PRESETS["smoke"]
+    strided = [r for r in recs if r["protocol"] == "strided"]
+    cells = Counter((r["model_name"], r["method"], r["setting"], r["length"]) for r in strided)
+    assert max(cells.values()) == 1  # no duplicates
+    for name in MODELS:
+        for m in p.methods:
+            if name == "alibi" and m in ("yarn", "rerope+infoscale"):
+                continue  # RoPE methods do not apply to ALiBi
+            for s in ("contiguous", "repeated"):
+                for n in p.lengths:
+                    assert (name, m, s, n) in cells, (name, m, s, n)
+    assert len(cells) == 4 * 2 * len(p.lengths) * len(p.methods) - 2 * 2 * len(p.lengths)
+    for r in recs:
+        assert math.isfinite(r["accuracy"]) and math.isfinite(r["loss"]) and r["n_predictions"] > 0
+        assert r["ci_low"] <= r["accuracy"] <= r["ci_high"]
+    # above the majority-class baseline at the training length, for every model
+    from infoscale.evaluate import heldout_docs, load_model
+
+    _, tok, tcfg = load_model(res["models"][0])
+    tokens = np.concatenate(heldout_docs(Path(res["models"][0]), tok, tcfg).arrays)
+    majority = Counter(tokens.tolist()).most_common(1)[0][1] / len(tokens)
+    for name in MODELS:
+        acc = next(r["accuracy"] for r in strided if r["model_name"] == name and r["method"] == "softmax"
+                   and r["length"] == 64 and r["setting"] == "contiguous")
+        assert acc > majority + 0.05, (name, acc, majority)
+    assert any(r["protocol"] == "exact" for r in recs)
+    md = Path(res["report"]).read_text()
+    assert "### softmax: contiguous, strided protocol" in md and "Protocols compared" in md
+    assert (Path(res["report"]).parent / "cos_window.png").exists()
