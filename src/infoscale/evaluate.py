@@ -140,6 +140,8 @@ def make_windows(docs: TokenDocs, n: int, setting: str, count: int, train_len: i
             if not stride or m % stride:
                 break
         cands = [a for a in docs.arrays if len(a) >= m]
+        if not cands:
+            raise DataError(f"no held-out document has {m} tokens for a repeated span; use longer documents")
         a = cands[rng.integers(len(cands))]
         s = int(rng.integers(0, len(a) - m + 1))
         span = a[s:s + m]
@@ -190,7 +192,8 @@ def score_windows(model, windows: list[np.ndarray], groups: list[list[np.ndarray
 
 
 def cluster_ci(correct_per_window: list[np.ndarray]) -> tuple[float, float]:
-    """95% CI of the pooled accuracy, windows as clusters (ratio estimator); Wilson for one window."""
+    """95% CI of the pooled accuracy: windows as clusters (ratio estimator), floored at the binomial
+    standard error; Wilson's interval for a single window."""
     counts = np.array([len(c) for c in correct_per_window], float)
     hits = np.array([c.sum() for c in correct_per_window], float)
     n, acc = counts.sum(), hits.sum() / counts.sum()
@@ -201,6 +204,9 @@ def cluster_ci(correct_per_window: list[np.ndarray]) -> tuple[float, float]:
         half = z * math.sqrt(acc * (1 - acc) / n + z * z / (4 * n * n)) / (1 + z * z / n)
         return max(0.0, centre - half), min(1.0, centre + half)
     se = math.sqrt(w / (w - 1) * float(((hits - acc * counts) ** 2).sum())) / n
+    # never narrower than independent predictions would give: with few windows the cluster estimate
+    # can come out near zero by chance
+    se = max(se, math.sqrt(acc * (1 - acc) / n))
     return max(0.0, acc - 1.96 * se), min(1.0, acc + 1.96 * se)
 
 

@@ -48,6 +48,7 @@ class Preset:
     steps: int
     batch_size: int
     warmup_steps: int
+    lr: float
     lengths: tuple
     methods: tuple
     predictions: int
@@ -60,14 +61,14 @@ class Preset:
 
 PRESETS = {
     # CI: tiny models, a few methods, lengths to 16x; about two minutes
-    "smoke": Preset("tiny", 300, 32, 30, (64, 128, 256, 1024), ("softmax", "infoscale", "rerope+infoscale",
+    "smoke": Preset("tiny", 300, 32, 30, 3e-3, (64, 256, 1024), ("softmax", "infoscale", "rerope+infoscale",
                                                                   "window", "yarn"),
                     256, 2, (64,), 128, (64, 256), 1),
     # a laptop: small models, every method, lengths to 64x; about 40 minutes on two cores
-    "quick": Preset("small", 1000, 64, 100, (64, 128, 256, 512, 1024, 2048, 4096), tuple(METHODS),
+    "quick": Preset("small", 1000, 64, 100, 2e-3, (64, 128, 256, 512, 1024, 2048, 4096), tuple(METHODS),
                     1024, 4, (64, 1024), 1024, (64, 256, 1024, 4096), 2),
     # a GPU: the official fine-tuning shape (6 layers, hidden 768, key 128)
-    "paper": Preset("paper", 20000, 128, 2000, (64, 128, 256, 512, 1024, 2048, 4096), tuple(METHODS),
+    "paper": Preset("paper", 20000, 128, 2000, 1e-3, (64, 128, 256, 512, 1024, 2048, 4096), tuple(METHODS),
                     8192, 10, (64, 1024, 4096), 4096, (64, 256, 1024, 4096), 8),
 }
 
@@ -106,7 +107,7 @@ def reproduce(cfg: ReproduceConfig, log=print) -> dict:
         if not finished:
             log(f"== training {name} ({attention}) -> {out}")
             train(TrainConfig(out=str(out), corpus=cfg.corpus, preset=p.model_preset, attention=attention,
-                              steps=p.steps, batch_size=p.batch_size, warmup_steps=p.warmup_steps, seed=cfg.seed,
+                              steps=p.steps, batch_size=p.batch_size, warmup_steps=p.warmup_steps, lr=p.lr, seed=cfg.seed,
                               eval_every=max(p.steps // 5, 1), save_every=max(p.steps // 10, 1),
                               resume=(out / "train_config.json").exists(), progress=cfg.progress))
         models.append(str(out))
