@@ -107,7 +107,8 @@ def reproduce(cfg: ReproduceConfig, log=print) -> dict:
         if not finished:
             log(f"== training {name} ({attention}) -> {out}")
             train(TrainConfig(out=str(out), corpus=cfg.corpus, preset=p.model_preset, attention=attention,
-                              steps=p.steps, batch_size=p.batch_size, warmup_steps=p.warmup_steps, lr=p.lr, seed=cfg.seed,
+                              steps=p.steps, batch_size=p.batch_size, warmup_steps=p.warmup_steps, lr=p.lr,
+                              seed=cfg.seed,
                               eval_every=max(p.steps // 5, 1), save_every=max(p.steps // 10, 1),
                               resume=(out / "train_config.json").exists(), progress=cfg.progress))
         models.append(str(out))
