@@ -256,10 +256,13 @@ def plot_analysis(records: list[dict], out: Path) -> list[Path]:
     recs = [r for r in records if r["kind"] == "cos_window"]
     if recs:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-        for i, (src, n) in enumerate(dict.fromkeys((r["source"], r["length"]) for r in recs)):
+        lengths = sorted({r["length"] for r in recs})
+        sources = list(dict.fromkeys(r["source"] for r in recs))
+        for src, n in dict.fromkeys((r["source"], r["length"]) for r in recs):
             pts = sorted((r["s"], r) for r in recs if r["source"] == src and r["length"] == n)
-            kw = dict(marker="o", ms=3, label=f"{src}, n={n}", color=plt.get_cmap("tab20")(i % 20),
-                      ls="-" if src == "synthetic" else "--")
+            kw = dict(marker="os^v"[sources.index(src) % 4], ms=3, label=f"{src}, n={n}",
+                      color=plt.get_cmap("viridis")(lengths.index(n) / max(len(lengths) - 1, 1) * 0.9),
+                      ls=["-", "--", ":", "-."][sources.index(src) % 4])
             axes[0].plot([p[0] for p in pts], [p[1]["outside_mass"] for p in pts], **kw)
             axes[1].plot([p[0] for p in pts], [p[1]["js"] for p in pts], **kw)
         w = recs[0]["width"]
