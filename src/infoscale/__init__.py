@@ -22,7 +22,18 @@ from .methods import (
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):  # the model pulls in transformers: import it only when asked for
+    if name in ("GAUForMaskedLM", "GAUConfig"):
+        from . import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'infoscale' has no attribute {name!r}")
+
+
 __all__ = [
+    "GAUConfig",
+    "GAUForMaskedLM",
     "REGISTRY",
     "MethodError",
     "alibi_slopes",
