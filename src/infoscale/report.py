@@ -10,6 +10,7 @@ plots. Nothing here computes a metric: it only reads, groups and draws.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from pathlib import Path
 
@@ -112,12 +113,14 @@ def plot_eval(records: list[dict], out: Path) -> list[Path]:
         by_setting[(r["protocol"], r["setting"])].append(r)
     for (protocol, setting), recs in sorted(by_setting.items()):
         models = list(dict.fromkeys(r["model_name"] for r in recs))
-        fig, axes = plt.subplots(2, len(models), figsize=(4.6 * len(models), 7.5), squeeze=False, sharex=True)
+        all_methods = list(dict.fromkeys(_label(r) for r in recs))  # one colour per method in every panel
+        cmap = plt.get_cmap("tab20" if len(all_methods) > 10 else "tab10")
+        fig, axes = plt.subplots(2, len(models), figsize=(4.6 * len(models), 8.5), squeeze=False, sharex=True)
         for j, model in enumerate(models):
             mrecs = [r for r in recs if r["model_name"] == model]
             methods = list(dict.fromkeys(_label(r) for r in mrecs))
-            cmap = plt.get_cmap("tab20" if len(methods) > 10 else "tab10")
-            for i, m in enumerate(methods):
+            for m in methods:
+                i = all_methods.index(m)
                 pts = sorted((r["length"], r) for r in mrecs if _label(r) == m)
                 xs = [n for n, _ in pts]
                 style = "-" if "infoscale" in m else "--"
@@ -135,11 +138,16 @@ def plot_eval(records: list[dict], out: Path) -> list[Path]:
                 if L:
                     ax.axvline(L, color="grey", lw=0.8, ls=":")
             axes[1, j].set_xlabel("sequence length n (log₂)")
-            axes[0, j].legend(fontsize=7, loc="lower left")
         axes[0, 0].set_ylabel("masked-token accuracy (%)")
         axes[1, 0].set_ylabel("cross-entropy")
-        fig.suptitle(f"{setting} text, {protocol} protocol", fontsize=11)
-        fig.tight_layout()
+        handles = {}
+        for ax in axes[0]:
+            for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+                handles.setdefault(lab, h)
+        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 7), fontsize=8,
+                   frameon=False)
+        fig.suptitle(f"{setting} text, {protocol} protocol (solid: with InfoScale; shading: 95% CI)", fontsize=11)
+        fig.tight_layout(rect=(0, 0.04 + 0.022 * math.ceil(len(handles) / 7), 1, 1))
         path = out / f"accuracy_{setting}_{protocol}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
