@@ -50,7 +50,10 @@ def eval_tables(records: list[dict]) -> list[str]:
     by = defaultdict(list)
     for r in records:
         by[(r["protocol"], r["setting"], r["model_name"])].append(r)
-    for (protocol, setting, model), recs in sorted(by.items()):
+    models = list(dict.fromkeys(r["model_name"] for r in records))
+    order = {"strided": 0, "sampled": 1, "exact": 2}
+    for (protocol, setting, model), recs in sorted(by.items(), key=lambda kv: (order.get(kv[0][0], 3), kv[0][1],
+                                                                                models.index(kv[0][2]))):
         lengths = sorted({r["length"] for r in recs})
         methods = list(dict.fromkeys(_label(r) for r in recs))
         cell = {(_label(r), r["length"]): r for r in recs}
