@@ -16,6 +16,7 @@ in place, never installed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.resources
 import json
@@ -168,9 +169,15 @@ def user_corpus(path: str | Path) -> list[Document]:
 CORPORA = {"shakespeare": shakespeare, "sanguo": sanguo, "peoples-daily": peoples_daily}
 
 
+@functools.lru_cache(maxsize=4)
+def _named_corpus(name: str) -> tuple[Document, ...]:
+    return tuple(CORPORA[name]())
+
+
 def load_corpus(name: str) -> list[Document]:
-    """A named corpus or a path (see the module docstring)."""
-    return CORPORA[name]() if name in CORPORA else user_corpus(name)
+    """A named corpus or a path (see the module docstring). Named corpora are read once per process
+    (a sweep over several models reads its corpus once); paths are read every time."""
+    return list(_named_corpus(name)) if name in CORPORA else user_corpus(name)
 
 
 # --------------------------------------------------------------------------------------------

@@ -300,7 +300,7 @@ def train(cfg: TrainConfig) -> int:
         x, y = b.input_ids[shard].to(device), b.labels[shard].to(device)
         pos = b.positions[shard].to(device) if b.positions is not None else None
         n_global = int((b.labels != -100).sum())
-        torch.manual_seed(int(step_generator(cfg.seed, step, 3).initial_seed() % (2**31)) + rank)  # dropout
+        torch.manual_seed(step_generator(cfg.seed, step, 3).initial_seed() % 2**31 + rank)  # dropout of this step
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             res = net(x, position_ids=pos, labels=y)
         n_local = int((y != -100).sum())
