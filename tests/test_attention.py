@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import infoscale
-from infoscale.methods import REGISTRY
+from infoscale.attn.methods import REGISTRY
 
 from .naive import naive_attention
 

@@ -11,9 +11,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import infoscale
-from infoscale import rope
+from infoscale.attn import rope
+from infoscale.attn.methods import REGISTRY, MethodError, merge_with_training, parse_method
 from infoscale.cli import main as cli_main
-from infoscale.methods import REGISTRY, MethodError, merge_with_training, parse_method
 
 # ---------------------------------------------------------------------------------------------
 # golden values (computed by hand from the printed formulas)

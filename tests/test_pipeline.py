@@ -18,22 +18,12 @@ import torch
 
 from infoscale import analysis, data
 from infoscale.cli import main as cli
-from infoscale.evaluate import EvalConfig, cluster_ci, evaluate, make_windows, mask_groups, read_records
-
-from .test_model_train import TINY
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> Path:
-    """A tiny softmax model trained for a few seconds on six real documents."""
-    root = tmp_path_factory.mktemp("pipeline")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for d in data.shakespeare()[:6]:
-        (corpus / (d.name.replace("/", "_") + ".txt")).write_text(d.text[:9000], encoding="utf-8")
-    out = root / "run"
-    assert cli(["train", "--out", str(out), "--corpus", str(corpus), "--steps", "30", *TINY]) == 0
-    return out
+from infoscale.data import make_windows
+from infoscale.errors import DataError
+from infoscale.evaluate import EvalConfig, evaluate
+from infoscale.io import read_records
+from infoscale.stats import cluster_ci
+from infoscale.tasks.mlm import mask_groups
 
 
 def test_windows_and_masks():
@@ -45,14 +35,13 @@ def test_windows_and_masks():
         assert m % 4 != 0  # strided masks never hit a copy of a masked token
     con = make_windows(docs, 50, "contiguous", 2, 8, None, seed=0)
     assert all(len(w) == 50 for w in con)
-    with pytest.raises(data.DataError, match="no held-out document has 1000 tokens"):
+    with pytest.raises(DataError, match="no held-out document has 1000 tokens"):
         make_windows(docs, 1000, "contiguous", 1, 8, None, seed=0)
-    cfg = EvalConfig(models=["x"], samples=5, stride=4)
     rng = np.random.default_rng(0)
-    assert [g.tolist() for g in mask_groups(6, "exact", cfg, rng)] == [[i] for i in range(6)]
-    s = mask_groups(20, "sampled", cfg, rng)
+    assert [g.tolist() for g in mask_groups(6, "exact", rng)] == [[i] for i in range(6)]
+    s = mask_groups(20, "sampled", rng, samples=5)
     assert len(s) == 5 and len({int(g[0]) for g in s}) == 5
-    (st,) = mask_groups(20, "strided", cfg, rng)
+    (st,) = mask_groups(20, "strided", rng, stride=4)
     assert np.all(np.diff(st) == 4) and st[0] < 4
 
 
@@ -71,19 +60,20 @@ def test_exact_protocol_matches_a_plain_loop(tiny_run, tmp_path):
     out = tmp_path / "r.jsonl"
     cfg = EvalConfig(models=[str(tiny_run)], methods=["softmax"], lengths=[40], settings=["contiguous"],
                      protocol="exact", windows=1, predictions=1, out=str(out), bf16="off", progress=False)
-    (rec,) = evaluate(cfg, log=lambda s: None)
-    from infoscale.evaluate import heldout_docs, load_model
+    recs = {r["metric"]: r for r in evaluate(cfg, log=lambda s: None)}
+    from infoscale.rundir import load_run
 
-    model, tok, tcfg = load_model(tiny_run)
-    (w,) = make_windows(heldout_docs(tiny_run, tok, tcfg), 40, "contiguous", 1, 32, None, 0)
+    run = load_run(tiny_run)
+    model = run.model
+    (w,) = make_windows(run.heldout_docs(), 40, "contiguous", 1, 32, None, 0)
     hits = []
     with torch.no_grad():
         for i in range(40):
             x = torch.from_numpy(w.copy())[None]
             x[0, i] = data.MASK
             hits.append(int(model(x).logits[0, i].argmax()) == int(w[i]))
-    assert rec["n_predictions"] == 40
-    assert rec["accuracy"] == pytest.approx(np.mean(hits))
+    assert recs["accuracy"]["n_predictions"] == 40
+    assert recs["accuracy"]["value"] == pytest.approx(np.mean(hits))
 
 
 def test_inapplicable_methods_are_skipped_with_a_reason(tiny_run, tmp_path):
@@ -103,7 +93,7 @@ def test_bad_model_directories(tmp_path, capsys, tiny_run):
     for f in ("config.json", "vocab.txt", "split.json", "train_config.json"):
         (tmp_path / "broken" / f).write_bytes((tiny_run / f).read_bytes())
     (tmp_path / "broken" / "model.safetensors").write_bytes((tiny_run / "model.safetensors").read_bytes()[:100])
-    for d, msg in [("missing", "is not a directory"), ("foreign", "holds a 'bert' model"),
+    for d, msg in [("missing", "is not a directory"), ("foreign", "model_type 'bert' is not an infoscale model"),
                    ("broken", "cannot load the model")]:
         assert cli(["eval", "--models", str(tmp_path / d), "--out", str(tmp_path / "r.jsonl")]) == 2
         err = capsys.readouterr().err
@@ -125,17 +115,18 @@ def test_interrupted_sweep_resumes_without_duplicates(tiny_run, tmp_path):
     proc.wait()
     partial = read_records(out)
     want = read_records(tmp_path / "ref.jsonl")
-    assert 3 <= len(partial) < len(want) == 24
+    assert 3 <= len(partial) < len(want) == 48
     again = subprocess.run([*args, "--out", str(out)], capture_output=True, text=True, env=env)
     assert again.returncode == 0, again.stderr
     got = read_records(out)
-    assert len(got) == len({r["key"] for r in got}) == len(want)
-    by_key = {r["key"]: r for r in want}
+    assert len(got) == len({(r["key"], r["metric"]) for r in got}) == len(want)
+    assert len({r["key"] for r in got}) == 24
+    by_key = {(r["key"], r["metric"]): r for r in want}
     for r in got:
-        assert r["accuracy"] == by_key[r["key"]]["accuracy"] and r["loss"] == by_key[r["key"]]["loss"]
+        assert r["value"] == by_key[r["key"], r["metric"]]["value"]
     # a third run adds nothing
     third = subprocess.run([*args, "--out", str(out)], capture_output=True, text=True, env=env)
-    assert "0 new records" in third.stdout and len(read_records(out)) == len(want)
+    assert "0 new cells" in third.stdout and len(read_records(out)) == len(want)
 
 
 def test_report_from_records(tiny_run, tmp_path):
@@ -144,7 +135,7 @@ def test_report_from_records(tiny_run, tmp_path):
                         predictions=32, progress=False), log=lambda s: None)
     assert cli(["report", str(res), "--out", str(tmp_path / "rep")]) == 0
     md = (tmp_path / "rep" / "report.md").read_text()
-    assert md.count("| `softmax` |") == 2 and md.count("| `window` |") == 2  # one table per setting
+    assert md.count("| `softmax` |") == 4 and md.count("| `window` |") == 4  # one table per setting and metric
     assert "**" in md
     for s in ("contiguous", "repeated"):
         png = tmp_path / "rep" / f"accuracy_{s}_strided.png"
@@ -191,7 +182,7 @@ def test_window_distance_zero_for_a_window():
 
 @pytest.mark.parametrize("preset", ["smoke", pytest.param("quick", marks=pytest.mark.slow)])
 def test_reproduce(tmp_path, preset):
-    from infoscale.methods import MethodError, merge_with_training
+    from infoscale.attn.methods import MethodError, merge_with_training
     from infoscale.reproduce import MODELS, PRESETS, ReproduceConfig, reproduce
 
     cfg = ReproduceConfig(preset=preset, runs=str(tmp_path / "runs"), results=str(tmp_path / "results"),
@@ -199,7 +190,7 @@ def test_reproduce(tmp_path, preset):
     res = reproduce(cfg, log=lambda s: None)
     recs = read_records(res["records"])
     p = PRESETS[preset]
-    strided = [r for r in recs if r["protocol"] == "strided"]
+    strided = [r for r in recs if r["protocol"] == "strided" and r["metric"] == "accuracy"]
     cells = Counter((r["model_name"], r["method"], r["setting"], r["length"]) for r in strided)
     assert max(cells.values()) == 1  # no duplicates
     expected = set()
@@ -213,16 +204,18 @@ def test_reproduce(tmp_path, preset):
     assert set(cells) == expected
     assert sum(1 for c in expected if c[0] == "alibi") < sum(1 for c in expected if c[0] == "softmax")
     for r in recs:
-        assert math.isfinite(r["accuracy"]) and math.isfinite(r["loss"]) and r["n_predictions"] > 0
-        assert r["ci_low"] <= r["accuracy"] <= r["ci_high"]
+        assert math.isfinite(r["value"]) and r["n_predictions"] > 0
+        if r["metric"] == "accuracy":
+            assert r["ci_low"] <= r["value"] <= r["ci_high"]
     # at the training length every model beats chance (a uniform guess) fivefold, and the softmax
     # model beats always answering the most frequent token
-    from infoscale.evaluate import heldout_docs, load_model
+    from infoscale.rundir import load_run
 
-    _, tok, tcfg = load_model(res["models"][0])
-    tokens = np.concatenate(heldout_docs(Path(res["models"][0]), tok, tcfg).arrays)
+    run = load_run(res["models"][0])
+    tok = run.tokenizer
+    tokens = np.concatenate(run.heldout_docs().arrays)
     majority = Counter(tokens.tolist()).most_common(1)[0][1] / len(tokens)
-    acc = {r["model_name"]: r["accuracy"] for r in strided
+    acc = {r["model_name"]: r["value"] for r in strided
            if r["method"] == "softmax" and r["length"] == 64 and r["setting"] == "contiguous"}
     for name in MODELS:
         assert acc[name] > 5 / len(tok), (name, acc[name])

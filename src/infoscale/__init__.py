@@ -1,17 +1,15 @@
 """infoscale: length extrapolation of attention (InfoScale, CosScale and their baselines)."""
 
-from .attention import (
+from .attn import (
+    REGISTRY,
+    InfoscaleError,
+    MethodError,
+    alibi_slopes,
     attention,
     attention_fast,
     attention_logits,
     attention_reference,
-    bf16_supported,
     build_plan,
-)
-from .methods import (
-    REGISTRY,
-    MethodError,
-    alibi_slopes,
     infoscale_factor,
     logn_factor,
     merge_with_training,
@@ -19,29 +17,33 @@ from .methods import (
     softmax_plus_factor,
     yarn_attention_factor,
 )
+from .errors import ConfigError, DataError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
-def __getattr__(name):  # the model pulls in transformers: import it only when asked for
-    if name in ("GAUForMaskedLM", "GAUConfig"):
-        from . import model
+def __getattr__(name):  # the models pull in transformers: import them only when asked for
+    if name in ("GAUForMaskedLM", "GAUConfig", "GAUModel"):
+        from .models import gau
 
-        return getattr(model, name)
+        return getattr(gau, name)
     raise AttributeError(f"module 'infoscale' has no attribute {name!r}")
 
 
 __all__ = [
     "GAUConfig",
     "GAUForMaskedLM",
+    "GAUModel",
     "REGISTRY",
+    "InfoscaleError",
     "MethodError",
+    "DataError",
+    "ConfigError",
     "alibi_slopes",
     "attention",
     "attention_fast",
     "attention_logits",
     "attention_reference",
-    "bf16_supported",
     "build_plan",
     "infoscale_factor",
     "logn_factor",

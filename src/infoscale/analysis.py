@@ -27,22 +27,24 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .attention import attention_logits
-from .train import doc
+from .attn import attention_logits
+from .data import make_windows
+from .errors import MethodError
+from .options import add_flags, from_args, option
 
 HELP = "attention entropy, dilution and CosScale-vs-window measurements (records + plots)"
 
 
 @dataclass
 class AnalyzeConfig:
-    model: str = doc("", "run directory of a trained model (empty: synthetic q, k only)")
-    methods: list[str] = doc(("softmax", "infoscale", "logn"), "methods for entropy and dilution")
-    lengths: list[int] = doc((64, 256, 1024, 4096), "sequence lengths")
-    scales: list[float] = doc((4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0), "CosScale values s")
-    windows: int = doc(2, "held-out windows (or synthetic draws) per length")
-    synthetic: bool = doc(True, "also measure on synthetic q, k")
-    out: str = doc("report", "folder: analysis.jsonl and the plots")
-    seed: int = doc(0, "seed of windows and synthetic draws")
+    model: str = option("", "run directory of a trained model (empty: synthetic q, k only)")
+    methods: list[str] = option(("softmax", "infoscale", "logn"), "methods for entropy and dilution")
+    lengths: list[int] = option((64, 256, 1024, 4096), "sequence lengths")
+    scales: list[float] = option((4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0), "CosScale values s")
+    windows: int = option(2, "held-out windows (or synthetic draws) per length")
+    synthetic: bool = option(True, "also measure on synthetic q, k")
+    out: str = option("report", "folder: analysis.jsonl and the plots")
+    seed: int = option(0, "seed of windows and synthetic draws")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,23 +99,6 @@ def synthetic_local(n: int, d: int = 128, noise: float = 1.0, seed: int = 0):
     return u + noise * torch.randn(1, 1, n, d, generator=g), u + noise * torch.randn(1, 1, n, d, generator=g)
 
 
-@torch.no_grad()
-def model_qk(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per layer, the (q, k) GAU-α forms from its input (before RoPE), running the model's method."""
-    from .model import rms_norm
-
-    x = model.word_embeddings(ids) + model.token_type_embeddings(torch.zeros_like(ids))
-    x = rms_norm(x, model.config.layer_norm_eps)
-    method = model.method
-    out = []
-    for layer in model.layers:
-        gau = layer.gau
-        z = F.silu(gau.i_dense(x))[..., -gau.s:]
-        out.append(((z * gau.q_scaleoffset)[:, None], (z * gau.k_scaleoffset)[:, None]))
-        x = layer(x, method, None, None, model.attn_options)
-    return out
-
-
 # ---------------------------------------------------------------------------------------------
 # measurements
 # ---------------------------------------------------------------------------------------------
@@ -121,20 +106,17 @@ def model_qk(model, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]
 
 def entropy_dilution_records(cfg: AnalyzeConfig, model=None, docs=None, name="synthetic") -> list[dict]:
     """Records of kinds ``entropy`` and ``dilution`` for each method, length and layer."""
-    from .evaluate import make_windows
+    from .models.gau import attention_inputs
 
     recs = []
     train_len = model.config.train_len if model is not None else 64
     for m in cfg.methods:
         if model is not None:
-            from .methods import MethodError
-
             try:
-                model.set_attention(m)
+                method = model.resolve_method(m)
             except MethodError as e:
                 print(f"skip {m}: {e}", file=sys.stderr)
                 continue
-            method = model.method
         else:
             method = m
         for n in cfg.lengths:
@@ -144,25 +126,23 @@ def entropy_dilution_records(cfg: AnalyzeConfig, model=None, docs=None, name="sy
                     layers = [synthetic_isotropic(n, seed=cfg.seed + w)]
                 else:
                     ids = make_windows(docs, n, "contiguous", cfg.windows, train_len, None, cfg.seed)[w]
-                    layers = model_qk(model, torch.from_numpy(ids)[None])
+                    layers = attention_inputs(model, torch.from_numpy(ids)[None], method)
                 for li, (q, k) in enumerate(layers):
                     z = attention_logits(q, k, method, train_len=train_len)
                     acc.setdefault(li, []).append(row_stats(z, train_len))
             for li, stats in acc.items():
                 mean = {k: float(np.mean([s[k] for s in stats])) for k in stats[0]}
-                base = {"source": name, "method": m, "method_resolved": method, "length": n, "layer": li,
+                base = {"source": name, "method": m, "method_resolved": str(method), "length": n, "layer": li,
                         "train_len": train_len}
                 recs.append({"kind": "entropy", **base, "H": mean["H"], "H_norm": mean["H_norm"]})
                 recs.append({"kind": "dilution", **base, "near_share": mean["near_share"]})
-    if model is not None:
-        model.set_attention(None)
     return recs
 
 
 def cos_window_records(cfg: AnalyzeConfig, model=None, docs=None, name="synthetic") -> list[dict]:
     """Records of kind ``cos_window``: CosScale attention vs windowed attention, against s."""
-    from .evaluate import make_windows
-    from .rope import rope_inv_freq, rotate
+    from .attn.rope import rope_inv_freq, rotate
+    from .models.gau import attention_inputs
 
     recs = []
     train_len = model.config.train_len if model is not None else 64
@@ -174,7 +154,7 @@ def cos_window_records(cfg: AnalyzeConfig, model=None, docs=None, name="syntheti
                 samples.append(synthetic_local(n, seed=cfg.seed + w))
             else:
                 ids = make_windows(docs, n, "contiguous", cfg.windows, train_len, None, cfg.seed)[w]
-                samples += model_qk(model, torch.from_numpy(ids)[None])
+                samples += attention_inputs(model, torch.from_numpy(ids)[None])
         for s in cfg.scales:
             vals = []
             for q, k in samples:
@@ -196,104 +176,24 @@ def analyze(cfg: AnalyzeConfig) -> list[dict]:
         recs += entropy_dilution_records(cfg)
         recs += cos_window_records(cfg)
     if cfg.model:
-        from .evaluate import heldout_docs, load_model
+        from .rundir import load_run
 
-        model, tok, tcfg = load_model(cfg.model)
-        docs = heldout_docs(Path(cfg.model), tok, tcfg)
-        name = Path(cfg.model).name
-        recs += entropy_dilution_records(cfg, model, docs, name)
-        recs += cos_window_records(cfg, model, docs, name)
+        run = load_run(cfg.model)
+        docs = run.heldout_docs()
+        recs += entropy_dilution_records(cfg, run.model, docs, run.name)
+        recs += cos_window_records(cfg, run.model, docs, run.name)
     return recs
 
 
-# ---------------------------------------------------------------------------------------------
-# plots (pure readers of the records)
-# ---------------------------------------------------------------------------------------------
-
-
-def plot_analysis(records: list[dict], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    paths = []
-    for kind, keys in (("entropy", ("H", "H_norm")), ("dilution", ("near_share",))):
-        recs = [r for r in records if r["kind"] == kind]
-        sources = list(dict.fromkeys(r["source"] for r in recs))
-        for src in sources:
-            rs = [r for r in recs if r["source"] == src]
-            layers = sorted({r["layer"] for r in rs})
-            fig, axes = plt.subplots(len(keys), len(layers), figsize=(3.6 * len(layers) + 0.8, 3.2 * len(keys)),
-                                     squeeze=False, sharex=True)
-            methods = list(dict.fromkeys(r["method"] for r in rs))
-            for j, layer in enumerate(layers):
-                for a, key in enumerate(keys):
-                    ax = axes[a, j]
-                    for i, m in enumerate(methods):
-                        pts = sorted((r["length"], r[key]) for r in rs if r["method"] == m and r["layer"] == layer)
-                        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=m,
-                                color=plt.get_cmap("tab10")(i))
-                    L = rs[0]["train_len"]
-                    ref = [r[key] for r in rs if r["layer"] == layer and r["length"] == L and r["method"] == methods[0]]
-                    if ref:
-                        ax.axhline(ref[0], color="grey", lw=0.8, ls=":", label=f"{methods[0]} at L={L}")
-                    ax.axvline(L, color="grey", lw=0.6, ls="--")
-                    ax.set_xscale("log", base=2)
-                    ax.grid(alpha=0.3)
-                    if j == 0:
-                        ax.set_ylabel({"H": "entropy H (nats)", "H_norm": "H / ln l",
-                                       "near_share": f"attention on |i−j| ≤ {L // 2}"}[key])
-                axes[0, j].set_title(f"layer {layer}" if len(layers) > 1 else src, fontsize=9)
-                axes[-1, j].set_xlabel("length n (log₂)")
-            axes[0, 0].legend(fontsize=7)
-            fig.suptitle(f"{kind}: {src}", fontsize=11)
-            fig.tight_layout()
-            path = out / f"{kind}_{src}.png"
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            paths.append(path)
-    recs = [r for r in records if r["kind"] == "cos_window"]
-    if recs:
-        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-        lengths = sorted({r["length"] for r in recs})
-        sources = list(dict.fromkeys(r["source"] for r in recs))
-        for src, n in dict.fromkeys((r["source"], r["length"]) for r in recs):
-            pts = sorted((r["s"], r) for r in recs if r["source"] == src and r["length"] == n)
-            kw = dict(marker="os^v"[sources.index(src) % 4], ms=3, label=f"{src}, n={n}",
-                      color=plt.get_cmap("viridis")(lengths.index(n) / max(len(lengths) - 1, 1) * 0.9),
-                      ls=["-", "--", ":", "-."][sources.index(src) % 4])
-            axes[0].plot([p[0] for p in pts], [p[1]["outside_mass"] for p in pts], **kw)
-            axes[1].plot([p[0] for p in pts], [p[1]["js"] for p in pts], **kw)
-        w = recs[0]["width"]
-        axes[0].set_ylabel(f"attention mass outside |i−j| ≤ {w}")
-        axes[1].set_ylabel("JS(CosScale ‖ window) (nats)")
-        for ax in axes:
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("CosScale s (log₂)")
-            ax.grid(alpha=0.3)
-        axes[1].legend(fontsize=7)
-        fig.suptitle("CosScale approaches windowed attention as s grows", fontsize=11)
-        fig.tight_layout()
-        path = out / "cos_window.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
-    return paths
-
-
 def add_arguments(parser) -> None:
-    from .cli import add_dataclass_flags
-
-    add_dataclass_flags(parser, AnalyzeConfig)
+    add_flags(parser, AnalyzeConfig)
 
 
 def run(args) -> int:
-    from .cli import dataclass_from_args
-    from .evaluate import write_records
+    from .io import write_records
     from .report import write_report
 
-    cfg = dataclass_from_args(AnalyzeConfig, args)
+    cfg = from_args(AnalyzeConfig, args)
     recs = analyze(cfg)
     out = Path(cfg.out)
     write_records(out / "analysis.jsonl", recs)

@@ -14,8 +14,8 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from .evaluate import read_records
-from .train import atomic_write_bytes
+from .errors import DataError
+from .io import atomic_write_bytes, read_records
 
 HELP = "markdown tables and PNG plots from result records"
 
@@ -28,65 +28,95 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     records = [r for f in args.records for r in read_records(f)]
     if not records:
-        from .data import DataError
-
         raise DataError(f"no records in {' '.join(args.records)}")
     path = write_report(records, args.out)
     print(f"wrote {path}")
     return 0
 
 
-def _fmt_pct(x: float) -> str:
-    return f"{100 * x:.1f}"
+# Metrics and how to show them: (higher is better, shown in %).
+METRICS = {"accuracy": (True, True), "loss": (False, False), "nll": (False, False), "ppl": (False, False),
+           "copy_accuracy": (True, True), "passkey_accuracy": (True, True)}
+
+
+def _fmt(metric: str, x: float) -> str:
+    return f"{100 * x:.1f}" if METRICS.get(metric, (True, False))[1] else f"{x:.3f}"
 
 
 def _label(rec: dict) -> str:
-    return rec["method"]
+    """The method as it ran (inherited train-time parts included), short form."""
+    return rec.get("method_label") or rec["method"]
+
+
+def _cells(recs: list[dict]) -> dict:
+    """(label, length) -> (value, ci_low, ci_high, count); duplicate cells (two seeds, a rerun at other
+    settings) are averaged and counted."""
+    acc = defaultdict(list)
+    for r in recs:
+        acc[(_label(r), r["length"])].append(r)
+    out = {}
+    for k, rs in acc.items():
+        vals = [r["value"] for r in rs]
+        lows = [r["ci_low"] for r in rs if r.get("ci_low") is not None]
+        highs = [r["ci_high"] for r in rs if r.get("ci_high") is not None]
+        out[k] = (sum(vals) / len(vals), min(lows) if lows else None, max(highs) if highs else None, len(rs))
+    return out
 
 
 def eval_tables(records: list[dict]) -> list[str]:
-    """Markdown lines: one table per (protocol, setting, model)."""
+    """Markdown lines: one table per (protocol, setting, model, metric)."""
     lines: list[str] = []
     by = defaultdict(list)
     for r in records:
-        by[(r["protocol"], r["setting"], r["model_name"])].append(r)
+        by[(r["protocol"], r["setting"], r["model_name"], r["metric"])].append(r)
     models = list(dict.fromkeys(r["model_name"] for r in records))
+    metrics = list(dict.fromkeys(r["metric"] for r in records))
     order = {"strided": 0, "sampled": 1, "exact": 2}
-    for (protocol, setting, model), recs in sorted(by.items(), key=lambda kv: (order.get(kv[0][0], 3), kv[0][1],
-                                                                                models.index(kv[0][2]))):
+    for (protocol, setting, model, metric), recs in sorted(
+            by.items(), key=lambda kv: (order.get(kv[0][0], 3), kv[0][1], models.index(kv[0][2]),
+                                        metrics.index(kv[0][3]))):
+        higher, pct = METRICS.get(metric, (True, False))
         lengths = sorted({r["length"] for r in recs})
         methods = list(dict.fromkeys(_label(r) for r in recs))
-        cell = {(_label(r), r["length"]): r for r in recs}
-        best = {n: max((cell[m, n]["accuracy"] for m in methods if (m, n) in cell), default=None) for n in lengths}
-        train = recs[0]["train"]
-        lines += [f"### {model}: {setting}, {protocol} protocol",
+        cell = _cells(recs)
+        pick = max if higher else min
+        best = {n: pick((cell[m, n][0] for m in methods if (m, n) in cell), default=None) for n in lengths}
+        train = recs[0].get("train", {})
+        dup = any(c[3] > 1 for c in cell.values())
+        lines += [f"### {model}: {setting}, {protocol} protocol, {metric}",
                   "",
                   f"Trained with `{train.get('attention')}` at L = {train.get('train_len')} on {train.get('corpus')} "
-                  f"({train.get('steps')} steps). Masked-token accuracy (%) ± 95% CI half-width; best per length in "
-                  "bold.",
+                  f"({train.get('steps')} steps). {metric.replace('_', ' ').capitalize()}{' (%)' if pct else ''}"
+                  f"{' ± 95% CI half-width' if any(c[1] is not None for c in cell.values()) else ''}; best per "
+                  f"length in bold{'; † = mean of several records' if dup else ''}.",
                   "",
                   "| method | " + " | ".join(str(n) for n in lengths) + " |",
                   "|---|" + "---:|" * len(lengths)]
         for m in methods:
             row = []
             for n in lengths:
-                r = cell.get((m, n))
-                if r is None:
+                c = cell.get((m, n))
+                if c is None:
                     row.append("–")
                     continue
-                half = (r["ci_high"] - r["ci_low"]) / 2
-                txt = f"{_fmt_pct(r['accuracy'])} ± {_fmt_pct(half)}"
-                row.append(f"**{txt}**" if best[n] is not None and r["accuracy"] >= best[n] - 1e-12 else txt)
+                value, lo, hi, count = c
+                txt = _fmt(metric, value)
+                if lo is not None and hi is not None:
+                    txt += f" ± {_fmt(metric, (hi - lo) / 2)}"
+                if count > 1:
+                    txt += "†"
+                row.append(f"**{txt}**" if best[n] is not None and value == best[n] else txt)
             lines.append(f"| `{m}` | " + " | ".join(row) + " |")
         lines.append("")
     return lines
 
 
 def protocol_comparison(records: list[dict]) -> list[str]:
-    """Cells measured with more than one protocol: their accuracies side by side."""
+    """Cells measured with more than one protocol: their values side by side (accuracy only)."""
     by = defaultdict(dict)
     for r in records:
-        by[(r["model_name"], r["method"], r["setting"], r["length"])][r["protocol"]] = r
+        if r["metric"] == "accuracy":
+            by[(r["model_name"], _label(r), r["setting"], r["length"])][r["protocol"]] = r
     rows = [(k, v) for k, v in sorted(by.items()) if len(v) > 1]
     if not rows:
         return []
@@ -96,15 +126,17 @@ def protocol_comparison(records: list[dict]) -> list[str]:
              "| model | method | setting | n | " + " | ".join(protos) + " | max difference |",
              "|---|---|---|---:|" + "---:|" * (len(protos) + 1)]
     for (model, method, setting, n), v in rows:
-        accs = [v[p]["accuracy"] for p in protos if p in v]
-        cells = [f"{_fmt_pct(v[p]['accuracy'])} ({v[p]['n_predictions']})" if p in v else "–" for p in protos]
+        vals = [v[p]["value"] for p in protos if p in v]
+        cells = [f"{_fmt('accuracy', v[p]['value'])} ({v[p].get('n_predictions')})" if p in v else "–"
+                 for p in protos]
         lines.append(f"| {model} | `{method}` | {setting} | {n} | " + " | ".join(cells)
-                     + f" | {_fmt_pct(max(accs) - min(accs))} |")
+                     + f" | {_fmt('accuracy', max(vals) - min(vals))} |")
     lines.append("")
     return lines
 
 
 def plot_eval(records: list[dict], out: Path) -> list[Path]:
+    """One figure per (protocol, setting): a row per metric, a panel per model, a line per method."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,23 +148,29 @@ def plot_eval(records: list[dict], out: Path) -> list[Path]:
         by_setting[(r["protocol"], r["setting"])].append(r)
     for (protocol, setting), recs in sorted(by_setting.items()):
         models = list(dict.fromkeys(r["model_name"] for r in recs))
+        metrics = list(dict.fromkeys(r["metric"] for r in recs))
         all_methods = list(dict.fromkeys(_label(r) for r in recs))  # one colour per method in every panel
         cmap = plt.get_cmap("tab20" if len(all_methods) > 10 else "tab10")
-        fig, axes = plt.subplots(2, len(models), figsize=(4.6 * len(models), 8.5), squeeze=False, sharex=True)
+        fig, axes = plt.subplots(len(metrics), len(models), figsize=(4.6 * len(models), 4.25 * len(metrics)),
+                                 squeeze=False, sharex=True)
         for j, model in enumerate(models):
             mrecs = [r for r in recs if r["model_name"] == model]
-            methods = list(dict.fromkeys(_label(r) for r in mrecs))
-            for m in methods:
-                i = all_methods.index(m)
-                pts = sorted((r["length"], r) for r in mrecs if _label(r) == m)
-                xs = [n for n, _ in pts]
-                style = "-" if "infoscale" in m else "--"
-                kw = dict(marker="o", ms=3, lw=1.4, ls=style, color=cmap(i % cmap.N), label=m)
-                axes[0, j].plot(xs, [100 * r["accuracy"] for _, r in pts], **kw)
-                axes[0, j].fill_between(xs, [100 * r["ci_low"] for _, r in pts], [100 * r["ci_high"] for _, r in pts],
-                                        color=cmap(i % cmap.N), alpha=0.12, lw=0)
-                axes[1, j].plot(xs, [r["loss"] for _, r in pts], **kw)
-            train = mrecs[0]["train"]
+            for a, metric in enumerate(metrics):
+                scale = 100 if METRICS.get(metric, (True, False))[1] else 1
+                cell = _cells([r for r in mrecs if r["metric"] == metric])
+                for m in dict.fromkeys(k[0] for k in cell):
+                    i = all_methods.index(m)
+                    pts = sorted((n, c) for (mm, n), c in cell.items() if mm == m)
+                    xs = [n for n, _ in pts]
+                    style = "-" if "infoscale" in m else "--"
+                    axes[a, j].plot(xs, [scale * c[0] for _, c in pts], marker="o", ms=3, lw=1.4, ls=style,
+                                    color=cmap(i % cmap.N), label=m)
+                    if all(c[1] is not None for _, c in pts):
+                        axes[a, j].fill_between(xs, [scale * c[1] for _, c in pts], [scale * c[2] for _, c in pts],
+                                                color=cmap(i % cmap.N), alpha=0.12, lw=0)
+                if j == 0:
+                    axes[a, 0].set_ylabel(metric.replace("_", " ") + (" (%)" if scale == 100 else ""))
+            train = mrecs[0].get("train", {})
             axes[0, j].set_title(f"{model}\ntrained: {train.get('attention')}, L={train.get('train_len')}", fontsize=9)
             for ax in axes[:, j]:
                 ax.set_xscale("log", base=2)
@@ -140,18 +178,16 @@ def plot_eval(records: list[dict], out: Path) -> list[Path]:
                 L = train.get("train_len")
                 if L:
                     ax.axvline(L, color="grey", lw=0.8, ls=":")
-            axes[1, j].set_xlabel("sequence length n (log₂)")
-        axes[0, 0].set_ylabel("masked-token accuracy (%)")
-        axes[1, 0].set_ylabel("cross-entropy")
+            axes[-1, j].set_xlabel("sequence length n (log₂)")
         handles = {}
-        for ax in axes[0]:
+        for ax in axes.flat:
             for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
                 handles.setdefault(lab, h)
         fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 7), fontsize=8,
                    frameon=False)
         fig.suptitle(f"{setting} text, {protocol} protocol (solid: with InfoScale; shading: 95% CI)", fontsize=11)
         fig.tight_layout(rect=(0, 0.04 + 0.022 * math.ceil(len(handles) / 7), 1, 1))
-        path = out / f"accuracy_{setting}_{protocol}.png"
+        path = out / f"{'accuracy' if 'accuracy' in metrics else metrics[0]}_{setting}_{protocol}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
@@ -161,7 +197,7 @@ def plot_eval(records: list[dict], out: Path) -> list[Path]:
 def write_report(records: list[dict], out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    evals = [r for r in records if r.get("kind", "eval") == "eval" and "accuracy" in r]
+    evals = [r for r in records if r.get("kind", "eval") == "eval" and "metric" in r]
     analyses = [r for r in records if r.get("kind") in ("entropy", "dilution", "cos_window")]
     lines = ["# infoscale report", ""]
     if evals:
@@ -169,8 +205,6 @@ def write_report(records: list[dict], out_dir: str | Path) -> Path:
         for p in plot_eval(evals, out):
             lines += [f"![{p.stem}]({p.name})", ""]
     if analyses:
-        from .analysis import plot_analysis
-
         lines += ["## Attention analysis", ""]
         for p in plot_analysis(analyses, out):
             lines += [f"![{p.stem}]({p.name})", ""]
@@ -178,3 +212,78 @@ def write_report(records: list[dict], out_dir: str | Path) -> Path:
     atomic_write_bytes(path, "\n".join(lines).encode("utf-8"))
     return path
 
+
+# ---------------------------------------------------------------------------------------------
+# plots (pure readers of the records)
+# ---------------------------------------------------------------------------------------------
+
+
+def plot_analysis(records: list[dict], out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    for kind, keys in (("entropy", ("H", "H_norm")), ("dilution", ("near_share",))):
+        recs = [r for r in records if r["kind"] == kind]
+        sources = list(dict.fromkeys(r["source"] for r in recs))
+        for src in sources:
+            rs = [r for r in recs if r["source"] == src]
+            layers = sorted({r["layer"] for r in rs})
+            fig, axes = plt.subplots(len(keys), len(layers), figsize=(3.6 * len(layers) + 0.8, 3.2 * len(keys)),
+                                     squeeze=False, sharex=True)
+            methods = list(dict.fromkeys(r["method"] for r in rs))
+            for j, layer in enumerate(layers):
+                for a, key in enumerate(keys):
+                    ax = axes[a, j]
+                    for i, m in enumerate(methods):
+                        pts = sorted((r["length"], r[key]) for r in rs if r["method"] == m and r["layer"] == layer)
+                        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=m,
+                                color=plt.get_cmap("tab10")(i))
+                    L = rs[0]["train_len"]
+                    ref = [r[key] for r in rs if r["layer"] == layer and r["length"] == L and r["method"] == methods[0]]
+                    if ref:
+                        ax.axhline(ref[0], color="grey", lw=0.8, ls=":", label=f"{methods[0]} at L={L}")
+                    ax.axvline(L, color="grey", lw=0.6, ls="--")
+                    ax.set_xscale("log", base=2)
+                    ax.grid(alpha=0.3)
+                    if j == 0:
+                        ax.set_ylabel({"H": "entropy H (nats)", "H_norm": "H / ln l",
+                                       "near_share": f"attention on |i−j| ≤ {L // 2}"}[key])
+                axes[0, j].set_title(f"layer {layer}" if len(layers) > 1 else src, fontsize=9)
+                axes[-1, j].set_xlabel("length n (log₂)")
+            axes[0, 0].legend(fontsize=7)
+            fig.suptitle(f"{kind}: {src}", fontsize=11)
+            fig.tight_layout()
+            path = out / f"{kind}_{src}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            paths.append(path)
+    recs = [r for r in records if r["kind"] == "cos_window"]
+    if recs:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        lengths = sorted({r["length"] for r in recs})
+        sources = list(dict.fromkeys(r["source"] for r in recs))
+        for src, n in dict.fromkeys((r["source"], r["length"]) for r in recs):
+            pts = sorted((r["s"], r) for r in recs if r["source"] == src and r["length"] == n)
+            kw = dict(marker="os^v"[sources.index(src) % 4], ms=3, label=f"{src}, n={n}",
+                      color=plt.get_cmap("viridis")(lengths.index(n) / max(len(lengths) - 1, 1) * 0.9),
+                      ls=["-", "--", ":", "-."][sources.index(src) % 4])
+            axes[0].plot([p[0] for p in pts], [p[1]["outside_mass"] for p in pts], **kw)
+            axes[1].plot([p[0] for p in pts], [p[1]["js"] for p in pts], **kw)
+        w = recs[0]["width"]
+        axes[0].set_ylabel(f"attention mass outside |i−j| ≤ {w}")
+        axes[1].set_ylabel("JS(CosScale ‖ window) (nats)")
+        for ax in axes:
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("CosScale s (log₂)")
+            ax.grid(alpha=0.3)
+        axes[1].legend(fontsize=7)
+        fig.suptitle("CosScale approaches windowed attention as s grows", fontsize=11)
+        fig.tight_layout()
+        path = out / "cos_window.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths

@@ -18,7 +18,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .train import TrainConfig, doc, train
+from .errors import ConfigError
+from .io import read_records, write_records
+from .options import add_flags, from_args, option
+from .train import TrainConfig, train
 
 HELP = "train the four models, evaluate every method to 64x, write records, report and plots"
 
@@ -75,13 +78,13 @@ PRESETS = {
 
 @dataclass
 class ReproduceConfig:
-    preset: str = doc("quick", "smoke | quick | paper")
-    corpus: str = doc("shakespeare", "training and evaluation corpus")
-    runs: str = doc("runs", "folder for the models")
-    results: str = doc("results", "folder for the records")
-    report: str = doc("report", "folder for the report")
-    seed: int = doc(0, "seed of everything")
-    progress: bool = doc(True, "show progress bars")
+    preset: str = option("quick", "smoke | quick | paper")
+    corpus: str = option("shakespeare", "training and evaluation corpus")
+    runs: str = option("runs", "folder for the models")
+    results: str = option("results", "folder for the records")
+    report: str = option("report", "folder for the report")
+    seed: int = option(0, "seed of everything")
+    progress: bool = option(True, "show progress bars")
 
 
 def paths(cfg: ReproduceConfig) -> dict:
@@ -91,12 +94,11 @@ def paths(cfg: ReproduceConfig) -> dict:
 
 def reproduce(cfg: ReproduceConfig, log=print) -> dict:
     from .analysis import AnalyzeConfig, analyze
-    from .data import DataError
-    from .evaluate import EvalConfig, evaluate, read_records, write_records
+    from .evaluate import EvalConfig, evaluate
     from .report import write_report
 
     if cfg.preset not in PRESETS:
-        raise DataError(f"unknown preset {cfg.preset!r}; choose smoke, quick or paper")
+        raise ConfigError(f"unknown preset {cfg.preset!r}; choose smoke, quick or paper")
     p = PRESETS[cfg.preset]
     where = paths(cfg)
     t0 = time.perf_counter()
@@ -140,15 +142,11 @@ def reproduce(cfg: ReproduceConfig, log=print) -> dict:
 
 
 def add_arguments(parser) -> None:
-    from .cli import add_dataclass_flags
-
-    add_dataclass_flags(parser, ReproduceConfig)
+    add_flags(parser, ReproduceConfig)
 
 
 def run(args) -> int:
-    from .cli import dataclass_from_args
-
-    reproduce(dataclass_from_args(ReproduceConfig, args))
+    reproduce(from_args(ReproduceConfig, args))
     return 0
 
 

@@ -19,91 +19,77 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .attention import bf16_supported
-from .data import CharTokenizer, DataError, TokenDocs, load_corpus, mask_tokens, pose_positions, split_documents
-from .methods import MethodError, parse_method
-from .model import PRESETS, GAUForMaskedLM, build_config
+from .attn import REGISTRY, parse_method
+from .data import CharTokenizer, TokenDocs, load_corpus, split_documents
+from .errors import ConfigError, DataError, MethodError
+from .io import atomic_write_bytes, atomic_write_json
+from .options import add_flags, from_args, option
+from .runtime import dist_info, resolve_device, step_generator, use_bf16
+from .tasks import mlm
+
+MODEL_PRESETS = ("tiny", "small", "paper")
 
 HELP = "train a GAU-α masked language model (resumable; torchrun for several processes)"
 
 
-def doc(default, text: str, **kw):
-    return field(default=default, metadata={"doc": text, **kw})
-
-
 @dataclass
 class TrainConfig:
-    out: str = doc("", "run directory to create (or continue with --resume)")
-    corpus: str = doc("shakespeare", "shakespeare | sanguo | peoples-daily | a .txt file, folder or .jsonl")
-    preset: str = doc("small", "model size: " + ", ".join(PRESETS))
-    attention: str = doc("softmax", "training method: softmax, cosscale(s=..), alibi, pose(target=..)")
-    train_len: int = doc(64, "training length L (tokens per window)")
-    steps: int = doc(1600, "optimizer steps (the small preset: about 8 minutes on two CPU cores)")
-    batch_size: int = doc(64, "global batch (windows per step), split over processes")
-    lr: float = doc(2e-3, "peak learning rate (AdamW)")
-    warmup_steps: int = doc(150, "linear warm-up steps; then linear decay to 10% of the peak")
-    weight_decay: float = doc(0.01, "AdamW weight decay on matrices and embeddings")
-    dropout: float = doc(0.0, "hidden and attention dropout (GAU-α used 0.1; short CPU runs underfit)")
-    mask_prob: float = doc(0.15, "share of tokens chosen for MLM (80% [MASK], 10% random, 10% kept)")
-    min_count: int = doc(3, "least count for a character to enter the vocabulary")
-    eval_docs: int = doc(4, "documents held out for evaluation")
-    val_windows: int = doc(256, "held-out windows for the periodic accuracy at the training length")
-    eval_every: int = doc(400, "steps between held-out evaluations")
-    save_every: int = doc(400, "steps between checkpoints")
-    seed: int = doc(0, "seed of the split, init, data order, masking and dropout")
-    bf16: str = doc("auto", "bf16 autocast: auto (when the device supports it), on, off")
-    cosscale_init: str = doc("apart", "CosScale init of γ_q, γ_k: apart (random signs) or ones (GAU-α)")
-    device: str = doc("auto", "auto | cpu | cuda")
-    resume: bool = doc(False, "continue the run in --out from its last checkpoint")
-    progress: bool = doc(True, "show a progress bar")
+    out: str = option("", "run directory to create (or continue with --resume)")
+    corpus: str = option("shakespeare", "shakespeare | sanguo | peoples-daily | a .txt file, folder or .jsonl")
+    preset: str = option("small", "model size: " + ", ".join(MODEL_PRESETS))
+    attention: str = option("softmax", "training method: softmax, cosscale(s=..), alibi, pose(target=..)")
+    train_len: int = option(64, "training length L (tokens per window)")
+    steps: int = option(1600, "optimizer steps (the small preset: about 8 minutes on two CPU cores)")
+    batch_size: int = option(64, "global batch (windows per step), split over processes")
+    lr: float = option(2e-3, "peak learning rate (AdamW)")
+    warmup_steps: int = option(150, "linear warm-up steps; then linear decay to 10% of the peak")
+    weight_decay: float = option(0.01, "AdamW weight decay on matrices and embeddings")
+    dropout: float = option(0.0, "hidden and attention dropout (GAU-α used 0.1; short CPU runs underfit)")
+    mask_prob: float = option(0.15, "share of tokens chosen for MLM (80% [MASK], 10% random, 10% kept)")
+    min_count: int = option(3, "least count for a character to enter the vocabulary")
+    eval_docs: int = option(4, "documents held out for evaluation")
+    val_windows: int = option(256, "held-out windows for the periodic accuracy at the training length")
+    eval_every: int = option(400, "steps between held-out evaluations")
+    save_every: int = option(400, "steps between checkpoints")
+    seed: int = option(0, "seed of the split, init, data order, masking and dropout")
+    bf16: str = option("auto", "bf16 autocast: auto (when the device supports it), on, off")
+    cosscale_init: str = option("apart", "CosScale init of γ_q, γ_k: apart (random signs) or ones (GAU-α)")
+    device: str = option("auto", "auto | cpu | cuda")
+    resume: bool = option(False, "continue the run in --out from its last checkpoint")
+    progress: bool = option(True, "show a progress bar")
 
-
-# ---------------------------------------------------------------------------------------------
-# helpers
-# ---------------------------------------------------------------------------------------------
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
-    """The RNG of one (step, purpose): independent of anything that happened before."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 8 + stream) % (2**63))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DataError("--device cuda asked for, but no CUDA device is available; use --device cpu")
-    return torch.device(name)
-
-
-def use_bf16(flag: str, device: torch.device) -> bool:
-    if flag not in ("auto", "on", "off"):
-        raise DataError(f"--bf16 must be auto, on or off, got {flag!r}")
-    return flag == "on" or (flag == "auto" and bf16_supported(device))
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "eval_every", "save_every", "val_windows", "eval_docs", "min_count"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {v!r}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"--warmup-steps must be >= 0, got {self.warmup_steps}")
+        if not isinstance(self.train_len, int) or self.train_len < 2:
+            raise ConfigError(f"--train-len must be an integer >= 2, got {self.train_len!r}")
+        if not 0 < self.mask_prob < 1:
+            raise ConfigError(f"--mask-prob must be between 0 and 1 (exclusive), got {self.mask_prob}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"--dropout must be in [0, 1), got {self.dropout}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ConfigError(f"--lr must be a positive number, got {self.lr}")
+        if self.preset not in MODEL_PRESETS:
+            raise ConfigError(f"unknown --preset {self.preset!r}; choose from {', '.join(MODEL_PRESETS)}")
+        if self.bf16 not in ("auto", "on", "off"):
+            raise ConfigError(f"--bf16 must be auto, on or off, got {self.bf16!r}")
+        if self.cosscale_init not in ("apart", "ones"):
+            raise ConfigError(f"--cosscale-init must be apart or ones, got {self.cosscale_init!r}")
+        pm = parse_method(self.attention, self.train_len)
+        for c in pm.components:
+            if not c.method.trainable:
+                trainable = ", ".join(n for n, m in REGISTRY.items() if m.trainable)
+                raise MethodError(f"{c.name} is an evaluation method; train with one of {trainable} and give "
+                                  f"{c.name} to `infoscale eval`")
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -122,77 +108,47 @@ def make_optimizer(model, cfg: TrainConfig):
     return opt, sched
 
 
-@dataclass
-class Batch:
-    input_ids: torch.Tensor
-    labels: torch.Tensor
-    positions: torch.Tensor | None
+def atomic_torch_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
 
 
-def make_batch(docs: TokenDocs, cfg: TrainConfig, vocab_size: int, step: int) -> Batch:
-    """The global batch of ``step`` (every process builds the same one and keeps its shard)."""
-    ids = docs.windows(step_generator(cfg.seed, step, 0), cfg.batch_size, cfg.train_len)
-    inputs, labels = mask_tokens(ids, step_generator(cfg.seed, step, 1), vocab_size, cfg.mask_prob)
-    pose = parse_method(cfg.attention).resolved(cfg.train_len).get("pose")
-    positions = None
-    if pose is not None:
-        positions = pose_positions(step_generator(cfg.seed, step, 2), cfg.batch_size, cfg.train_len, pose.target,
-                                   pose.chunks)
-    return Batch(inputs, labels, positions)
+# Fields that may change when a run is resumed (they do not change the trajectory of the weights).
+RESUMABLE_CHANGES = ("out", "resume", "progress", "steps", "eval_every", "save_every", "device")
 
 
-@torch.no_grad()
-def heldout_accuracy(model, docs: TokenDocs, cfg: TrainConfig, vocab_size: int, device, bf16: bool) -> dict:
-    """Masked accuracy and loss on fixed held-out windows at the training length (15% masking)."""
-    gen = torch.Generator().manual_seed(cfg.seed + 7)
-    ids = docs.windows(gen, cfg.val_windows, cfg.train_len)
-    inputs, labels = mask_tokens(ids, gen, vocab_size, cfg.mask_prob)
-    was = model.training
-    model.eval()
-    correct = total = 0
-    loss_sum = 0.0
-    for i in range(0, len(inputs), 128):
-        x, y = inputs[i:i + 128].to(device), labels[i:i + 128].to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(x, labels=y)
-        sel = y[y != -100]
-        correct += int((out.logits.argmax(-1) == sel).sum())
-        loss_sum += float(out.loss) * sel.numel()
-        total += sel.numel()
-    model.train(was)
-    return {"val_acc": correct / max(total, 1), "val_loss": loss_sum / max(total, 1), "val_n": total}
-
-
-# ---------------------------------------------------------------------------------------------
-# the run directory
-# ---------------------------------------------------------------------------------------------
+def load_checkpoint(path: Path) -> dict:
+    """The training state; tensors and plain containers only (``weights_only``: no code from the file)."""
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("step"), int) or ckpt["step"] < 0:
+            raise ValueError("no step")
+        ckpt["model"], ckpt["optimizer"], ckpt["scheduler"]  # noqa: B018 - checks the keys exist
+    except Exception as e:  # a truncated, foreign or unsafe file
+        raise DataError(f"{path} is unreadable or not an infoscale checkpoint ({type(e).__name__}); delete it to "
+                        "restart the run from step 0") from None
+    return ckpt
 
 
 def prepare_run(cfg: TrainConfig, rank: int):
     """Create (or reopen with --resume) the run directory; returns (tokenizer, train docs, eval docs, ckpt)."""
     out = Path(cfg.out)
     if not cfg.out:
-        raise DataError("--out is required: the run directory to create")
+        raise ConfigError("--out is required: the run directory to create")
     saved_cfg = out / "train_config.json"
     if cfg.resume:
         if not saved_cfg.exists():
             raise DataError(f"--resume: {out} has no train_config.json; start a new run without --resume")
         old = json.loads(saved_cfg.read_text())
         diff = {k: (old.get(k), v) for k, v in dataclasses.asdict(cfg).items()
-                if k not in ("resume", "progress", "steps", "eval_every", "save_every", "device") and old.get(k) != v}
+                if k not in RESUMABLE_CHANGES and old.get(k) != v}
         if diff:
             detail = ", ".join(f"{k}: run has {a!r}, asked {b!r}" for k, (a, b) in diff.items())
             raise DataError(f"--resume: the settings differ from the run in {out} ({detail})")
     elif out.exists() and any(out.iterdir()):
         raise DataError(f"{out} already exists and is not empty; add --resume to continue that run, or choose "
                         "another --out (nothing was overwritten)")
-    parse_method(cfg.attention, cfg.train_len)
-    for c in parse_method(cfg.attention).components:
-        if c.name not in ("cosscale", "alibi", "pose"):
-            raise MethodError(f"{c.name} is an evaluation method; train with softmax, cosscale(s=..), alibi or "
-                              f"pose(target=..), and give {c.name} to `infoscale eval`")
-    if cfg.cosscale_init not in ("apart", "ones"):
-        raise DataError("--cosscale-init must be apart or ones")
 
     docs = load_corpus(cfg.corpus)
     if cfg.resume:
@@ -213,35 +169,25 @@ def prepare_run(cfg: TrainConfig, rank: int):
         raise DataError(f"the corpus no longer has documents {missing[:3]} named in {out / 'split.json'}")
     train_docs = TokenDocs([by_name[n] for n in split["train"]], tok)
     eval_docs = TokenDocs([by_name[n] for n in split["eval"]], tok)
-    ckpt = None
-    if cfg.resume and (out / "checkpoint.pt").exists():
-        try:
-            ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
-            ckpt["step"], ckpt["model"], ckpt["optimizer"]  # noqa: B018 - checks the keys exist
-        except Exception as e:  # a truncated or foreign file
-            raise DataError(f"{out / 'checkpoint.pt'} is unreadable or not an infoscale checkpoint "
-                            f"({type(e).__name__}); delete it to restart the run from step 0") from None
+    ckpt = load_checkpoint(out / "checkpoint.pt") if cfg.resume and (out / "checkpoint.pt").exists() else None
     return tok, train_docs, eval_docs, ckpt
 
 
 def run(args) -> int:
-    from .cli import dataclass_from_args
-
-    return train(dataclass_from_args(TrainConfig, args))
+    return train(from_args(TrainConfig, args))
 
 
 def add_arguments(parser) -> None:
-    from .cli import add_dataclass_flags
-
-    add_dataclass_flags(parser, TrainConfig)
+    add_flags(parser, TrainConfig)
 
 
 def train(cfg: TrainConfig) -> int:
     """Train (or resume) one run; returns 0. Works alone or under torchrun."""
     from tqdm import tqdm
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    from .models.gau import GAUForMaskedLM, build_config
+
+    rank, world = dist_info()
     device = resolve_device(cfg.device)
     if world > 1:
         import torch.distributed as dist
@@ -252,7 +198,7 @@ def train(cfg: TrainConfig) -> int:
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if cfg.batch_size % world:
-            raise DataError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
+            raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
     bf16 = use_bf16(cfg.bf16, device)
     tok, train_docs, eval_docs, ckpt = prepare_run(cfg, rank)
     out = Path(cfg.out)
@@ -278,24 +224,32 @@ def train(cfg: TrainConfig) -> int:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                         else None)
     model.train()
+    positions = parse_method(cfg.attention, cfg.train_len).training_positions(cfg.train_len)
+    kill_at = int(os.environ.get("INFOSCALE_TEST_KILL_AFTER_SAVE", "0"))  # fault injection for the resume test
 
     def save_checkpoint(step: int) -> None:
         if rank == 0:
             atomic_torch_save({"step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
                                "scheduler": sched.state_dict(), "format": "infoscale-train-1"}, out / "checkpoint.pt")
+            if kill_at and step == kill_at:
+                os.kill(os.getpid(), 9)
 
     def log(rec: dict) -> None:
         if rank == 0:
             with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(rec) + "\n")
 
-    if rank == 0 and start == 0:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+    if rank == 0:
+        keep_metrics_until(out / "metrics.jsonl", start)
+        if ckpt is not None and ckpt["step"] < cfg.steps:  # a resume may ask for more steps: record the new count
+            atomic_write_json(out / "train_config.json", dataclasses.asdict(cfg) | {"resume": False})
     bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress or rank != 0, dynamic_ncols=True,
                mininterval=2.0, desc=f"train {cfg.attention}")
     t0, tokens = time.perf_counter(), 0
     for step in range(start, cfg.steps):
-        b = make_batch(train_docs, cfg, len(tok), step)
+        gens = [step_generator(cfg.seed, step, i) for i in range(3)]
+        b = mlm.train_batch(train_docs, gens, batch_size=cfg.batch_size, train_len=cfg.train_len,
+                            vocab_size=len(tok), mask_prob=cfg.mask_prob, positions=positions)
         shard = slice(rank, None, world)
         x, y = b.input_ids[shard].to(device), b.labels[shard].to(device)
         pos = b.positions[shard].to(device) if b.positions is not None else None
@@ -317,12 +271,15 @@ def train(cfg: TrainConfig) -> int:
         if not math.isfinite(loss_value):
             raise DataError(f"the loss became {loss_value} at step {done}; lower --lr")
         if done % 20 == 0 or done == cfg.steps:
-            acc = float((res.logits.detach().argmax(-1) == y[y != -100]).float().mean())
+            sel = y != -100
+            acc = float((res.logits.detach()[sel].argmax(-1) == y[sel]).float().mean())
             rate = tokens / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{acc:.3f}", tok_s=f"{rate:,.0f}")
             log({"step": done, "loss": loss_value, "acc": acc, "lr": sched.get_last_lr()[0], "tok_s": rate})
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            rec = {"step": done, **heldout_accuracy(model, eval_docs, cfg, len(tok), device, bf16)}
+            rec = {"step": done, **mlm.heldout_accuracy(model, eval_docs, seed=cfg.seed, windows=cfg.val_windows,
+                                                       train_len=cfg.train_len, vocab_size=len(tok),
+                                                       mask_prob=cfg.mask_prob, device=device, bf16=bf16)}
             log(rec)
             bar.write(f"step {done}: held-out masked accuracy at L={cfg.train_len}: {rec['val_acc']:.4f} "
                       f"(loss {rec['val_loss']:.3f}, {rec['val_n']} predictions)")
@@ -337,10 +294,22 @@ def train(cfg: TrainConfig) -> int:
         for f in tmp.iterdir():
             os.replace(f, out / f.name)
         tmp.rmdir()
-        print(f"saved {out} (GAUForMaskedLM.from_pretrained('{out}'))")
+        print(f"saved {out} (AutoModelForMaskedLM.from_pretrained('{out}') after `import infoscale`)")
     if world > 1:
         import torch.distributed as dist
 
         dist.barrier()
         dist.destroy_process_group()
     return 0
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop the metrics logged after ``step`` (a resume from an earlier checkpoint replays those steps)."""
+    if not path.exists():
+        return
+    if step == 0:
+        path.unlink()
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode("utf-8"))

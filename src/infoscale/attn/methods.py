@@ -46,9 +46,7 @@ __all__ = [
 ]
 
 
-class MethodError(ValueError):
-    """A method string, parameter or combination that cannot be used (the message says why)."""
-
+from .errors import MethodError  # noqa: E402
 
 # --------------------------------------------------------------------------------------------
 # Pure formulas
@@ -238,6 +236,7 @@ class Method:
     source: str
     train_time: bool = False
     validate: Callable | None = None
+    trainable: bool = False
 
 
 @dataclass(frozen=True)
@@ -291,7 +290,8 @@ REGISTRY: dict[str, Method] = {
     m.name: m
     for m in [
         Method("softmax", (), NoParams,
-               "logits q·k/sqrt(d) with RoPE (the identity method)", "Vaswani et al. 2017; Su et al. 2021"),
+               "logits q·k/sqrt(d) with RoPE (the identity method)", "Vaswani et al. 2017; Su et al. 2021",
+               trainable=True),
         Method("infoscale", ("temperature",), InfoScaleParams,
                "logits × sqrt(1 − l^(−2/d)) / sqrt(1 − L^(−2/d)); training-free",
                "Li et al. 2025, arXiv 2501.08570"),
@@ -299,10 +299,10 @@ REGISTRY: dict[str, Method] = {
                "logits × max(1, log l / log L)", "Su 2021, kexue.fm/archives/8823, 9444"),
         Method("softmax_plus", ("temperature",), SoftmaxPlusParams,
                "logits × log l / log base (GAU-α's pretraining scale)",
-               "Su 2021, kexue.fm/archives/8823; bert4keras"),
+               "Su 2021, kexue.fm/archives/8823; bert4keras", trainable=True),
         Method("cosscale", ("normalize",), CosScaleParams,
                "q, k L2-normalised; logits = s · cos(q, k); must be trained with",
-               "Li et al. 2025, arXiv 2501.08570", train_time=True, validate=_v_positive(s=1)),
+               "Li et al. 2025, arXiv 2501.08570", train_time=True, validate=_v_positive(s=1), trainable=True),
         Method("pi", ("positions",), FactorParams,
                "RoPE positions × 1/s for s > 1", "Chen et al. 2023, arXiv 2306.15595",
                validate=_v_positive(factor=1)),
@@ -320,10 +320,11 @@ REGISTRY: dict[str, Method] = {
                "Su 2023, kexue.fm/archives/9708", validate=_v_leaky),
         Method("alibi", ("positions",), AlibiParams,
                "no RoPE; bias −m·|i − j| with geometric slopes m", "Press et al. 2022, arXiv 2108.12409",
-               train_time=True, validate=_v_positive(max_bias=1)),
+               train_time=True, validate=_v_positive(max_bias=1), trainable=True),
         Method("pose", ("training",), PoseParams,
                "positional skip-wise training toward target; plain RoPE at evaluation",
-               "Zhu et al. 2023, arXiv 2309.10400", train_time=True, validate=_v_positive(target=1, chunks=1)),
+               "Zhu et al. 2023, arXiv 2309.10400", train_time=True, validate=_v_positive(target=1, chunks=1),
+               trainable=True),
         Method("window", ("mask",), WindowParams,
                "mask |i − j| <= width", "Su 2023, kexue.fm/archives/9431 (local attention baseline)",
                validate=_v_positive(width=1)),
@@ -439,6 +440,15 @@ class ParsedMethod:
         """The same method with every None default replaced by its value at this training length."""
         return ParsedMethod(tuple(Component(c.name, resolve_params(c, train_len)) for c in self.components))
 
+    def training_positions(self, train_len: int):
+        """``f(gen, batch, length) -> positions`` for training (PoSE), or None for 0..L−1."""
+        from .rope import pose_positions
+
+        p = self.resolved(train_len).get("pose")
+        if p is None:
+            return None
+        return lambda gen, batch, length: pose_positions(gen, batch, length, p.target, p.chunks)
+
     def __str__(self) -> str:
         return "+".join(str(c) for c in self.components) or "softmax"
 
@@ -500,15 +510,17 @@ def parse_method(spec: str | ParsedMethod, train_len: int | None = None) -> Pars
     return pm
 
 
-def merge_with_training(train_method: str | ParsedMethod, eval_method: str | ParsedMethod) -> ParsedMethod:
+def merge_with_training(train_method: str | ParsedMethod, eval_method: str | ParsedMethod,
+                        train_len: int | None = None) -> ParsedMethod:
     """The method to evaluate a model trained with ``train_method``.
 
-    The model's train-time components that change the function it computes (cosscale, alibi) are
-    kept unless the evaluation method restates them identically; PoSE is dropped (it only changes
-    training positions). Asking for a train-time method the model was not trained with is refused.
+    Everything of the training method that changes the function the model computes is inherited:
+    CosScale, ALiBi, a length temperature (``softmax_plus``); PoSE only changes training positions
+    and is dropped. The evaluation method adds to it; a slot filled by both must hold the same
+    component (a model trained with ``softmax_plus`` keeps it: adding ``infoscale`` would scale twice).
+    Asking for a train-time method the model was not trained with is refused.
     """
-    tm, em = parse_method(train_method), parse_method(eval_method)
-    inherited = [c for c in tm.components if c.name in ("cosscale", "alibi")]
+    tm, em = parse_method(train_method, train_len), parse_method(eval_method, train_len)
     for c in em.train_time:
         if c.name == "pose":
             continue
@@ -519,9 +531,16 @@ def merge_with_training(train_method: str | ParsedMethod, eval_method: str | Par
                 f"evaluate it with a training-free method or train a model with {c.name}")
         if mine != c.params:
             raise MethodError(f"this model was trained with {Component(c.name, mine)}, not {c}")
-    if tm.get("alibi") is not None and em.slot("positions") not in (None,) and em.get("alibi") is None:
+    if tm.get("alibi") is not None and em.slot("positions") is not None and em.get("alibi") is None:
         pos = em.slot("positions")
         raise MethodError(f"{pos.name} changes RoPE, but this model uses ALiBi (no RoPE); it does not apply")
+    inherited = [c for c in tm.components if "training" not in c.method.slots]
+    for c in inherited:
+        for slot in c.method.slots:
+            other = em.slot(slot)
+            if other is not None and other != c:
+                raise MethodError(f"this model was trained with {c}, which sets the attention {slot}; "
+                                  f"{other} would replace it, so it does not apply to this model")
     comps = [c for c in inherited if em.get(c.name) is None]
     comps += [c for c in em.components if c.name != "pose"]
-    return parse_method("+".join(str(c) for c in comps) or "softmax")
+    return parse_method("+".join(str(c) for c in comps) or "softmax", train_len)

@@ -36,23 +36,12 @@ from .methods import (
 )
 
 __all__ = [
-    "attention", "attention_reference", "attention_fast", "attention_logits", "Plan", "build_plan", "bf16_supported",
+    "attention", "attention_reference", "attention_fast", "attention_logits", "Plan", "build_plan",
 ]
 
 # Query rows per chunk: ~256 × n fp32 scores (16 MB at n = 16384) measured fastest here; bf16 scores
 # are half the bytes, so twice the rows.
 DEFAULT_CHUNK = 256
-
-
-def bf16_supported(device: torch.device | str = "cpu") -> bool:
-    """Whether bf16 matmuls are native here (CUDA with bf16, or a CPU with AVX512-BF16/AMX)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
 
 
 @dataclass

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-__all__ = ["rope_inv_freq", "pi_inv_freq", "ntk_inv_freq", "yarn_inv_freq", "rotate"]
+__all__ = ["rope_inv_freq", "pi_inv_freq", "ntk_inv_freq", "yarn_inv_freq", "rotate", "pose_positions"]
 
 
 def rope_inv_freq(dim: int, base: float = 10000.0) -> torch.Tensor:
@@ -61,3 +61,21 @@ def rotate(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     x0, x1 = x[..., 0::2], x[..., 1::2]
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
     return out.flatten(-2)
+
+
+def pose_positions(gen: torch.Generator, batch: int, length: int, target: int, chunks: int = 2) -> torch.Tensor:
+    """PoSE position ids (Zhu et al. 2023): each window of ``length`` tokens is cut into ``chunks``
+    contiguous pieces at uniform random points; piece c is shifted by a skip u_c, with
+    0 <= u_1 <= ... <= u_{c} <= target − length drawn uniformly and sorted, so positions stay increasing
+    and the last one stays below ``target``. The first piece starts at 0."""
+    span = max(target - length, 0)
+    out = torch.empty(batch, length, dtype=torch.long)
+    base = torch.arange(length)
+    for b in range(batch):
+        cuts = torch.randperm(length - 1, generator=gen)[: chunks - 1].add(1).sort().values if chunks > 1 else []
+        skips = torch.randint(0, span + 1, (max(chunks - 1, 0),), generator=gen).sort().values
+        shift = torch.zeros(length, dtype=torch.long)
+        for c, u in zip(cuts, skips, strict=True):
+            shift[int(c):] = int(u)
+        out[b] = base + shift
+    return out

@@ -1,0 +1,91 @@
+"""The run directory: written by ``infoscale train``, read by ``eval``, ``analyze`` and ``calibrate``.
+
+    train_config.json   the training options          split.json     held-out document names
+    vocab.txt (+ tokenizer_config.json)                 metrics.jsonl  training curve
+    checkpoint.pt       resumable training state      config.json + model.safetensors: the model
+
+The model family comes from ``config.json``'s ``model_type``; the run loads with transformers'
+``from_pretrained`` (and the Auto classes once ``infoscale`` is imported).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .data import CharTokenizer, TokenDocs, load_corpus
+from .errors import DataError
+from .models import family
+
+__all__ = ["Run", "load_run"]
+
+
+@dataclass
+class Run:
+    path: Path
+    model: torch.nn.Module
+    tokenizer: CharTokenizer
+    train_config: dict
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def task(self) -> str:
+        return family(self.model.config.model_type).task
+
+    @property
+    def train_len(self) -> int:
+        return int(self.model.config.train_len)
+
+    def heldout_docs(self) -> TokenDocs:
+        """The held-out documents named in ``split.json``, tokenized."""
+        split_file = self.path / "split.json"
+        if not split_file.exists():
+            raise DataError(f"{self.path} has no split.json, so its held-out documents are unknown; evaluate a run "
+                            "directory written by `infoscale train`")
+        split = _read_json(split_file)
+        corpus = self.train_config.get("corpus")
+        if not corpus:
+            raise DataError(f"{self.path / 'train_config.json'} names no corpus; evaluate a run written by "
+                            "`infoscale train`")
+        docs = {d.name: d for d in load_corpus(corpus)}
+        missing = [n for n in split.get("eval", []) if n not in docs]
+        if missing:
+            raise DataError(f"the corpus {corpus!r} no longer has the held-out documents {missing[:3]} named in "
+                            f"{split_file}")
+        return TokenDocs([docs[n] for n in split["eval"]], self.tokenizer)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DataError(f"{path} is not valid JSON; the run directory is damaged") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path} does not hold a JSON object; the run directory is damaged")
+    return obj
+
+
+def load_run(path: str | Path, device="cpu") -> Run:
+    """(model in eval mode, tokenizer, training options) of a run directory, one clear error per problem."""
+    p = Path(path)
+    if not p.is_dir():
+        raise DataError(f"model {str(path)!r} is not a directory; give a run directory written by `infoscale train`")
+    cfg_file = p / "config.json"
+    if not cfg_file.exists() or not (p / "model.safetensors").exists():
+        hint = " (training is not finished: rerun it with --resume)" if (p / "checkpoint.pt").exists() else ""
+        raise DataError(f"{p} has no config.json + model.safetensors{hint}")
+    fam = family(_read_json(cfg_file).get("model_type"))
+    cls = fam.load_class()
+    try:
+        model = cls.from_pretrained(p).to(device).eval()
+    except Exception as e:  # truncated safetensors, wrong shapes
+        raise DataError(f"cannot load the model in {p}: {type(e).__name__}: {str(e)[:200]}") from None
+    tok = CharTokenizer.load(p)
+    tcfg = _read_json(p / "train_config.json") if (p / "train_config.json").exists() else {}
+    return Run(p, model, tok, tcfg)
