@@ -41,7 +41,7 @@ def yarn_theta(d, s, L, beta_fast=32.0, beta_slow=1.0):
 def naive_attention(q, k, v, method: dict, L: int, causal=False, pad=None, positions=None):
     """q, k: (B, H, n, d), v: (B, H, n, e) numpy; ``method`` is a dict of plain settings:
 
-    temp: None|'infoscale'|'infoscale_noclamp'|'logn'|'softmax_plus'; cos_s: CosScale s or None;
+    temp: None|'infoscale'|'infoscale_noclamp'|'logn'|'softmax_plus'|'llama4' (beta, floor); cos_s: CosScale s or None;
     pos: None|'pi'|'ntk'|'yarn'|'rerope'|'leaky'|'lminf'|'alibi' with w, k, cap, factor;
     mask: None|'window'|'sinks' with w, sinks.
     Returns (out, weights).
@@ -120,6 +120,9 @@ def naive_attention(q, k, v, method: dict, L: int, causal=False, pad=None, posit
                     t = max(1.0, math.log(l) / math.log(L))
                 elif temp == "softmax_plus":
                     t = math.log(l) / math.log(512)
+                elif temp == "llama4":  # 1 + β ln(1 + floor(l / F)), defaults β = 0.1, F = L
+                    beta, floor = method.get("beta", 0.1), method.get("floor", L)
+                    t = 1 + beta * math.log(1 + math.floor(l / floor))
                 logits = logits * t
                 if l == 0:
                     continue

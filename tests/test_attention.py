@@ -26,6 +26,8 @@ CASES = {
     "infoscale": {"temp": "infoscale"},
     "logn": {"temp": "logn"},
     "softmax_plus": {"temp": "softmax_plus"},
+    "llama4": {"temp": "llama4"},
+    "llama4(beta=0.5, floor=4)+rerope(window=3)": {"temp": "llama4", "beta": 0.5, "floor": 4, "pos": "rerope", "w": 3},
     "cosscale": {"cos_s": 128.0},
     "pi": {"pos": "pi"},
     "ntk": {"pos": "ntk"},

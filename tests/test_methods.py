@@ -87,9 +87,12 @@ def test_yarn_frequency_snapshot():
 
 
 def test_ntk_lowest_frequency_interpolates_highest_extrapolates():
-    f, base = rope.ntk_inv_freq(128, 8.0), rope.rope_inv_freq(128)
+    base = rope.rope_inv_freq(128)
+    f = rope.ntk_inv_freq(base, 8.0)
     assert float(f[0]) == pytest.approx(float(base[0]))
     assert float(f[-1]) == pytest.approx(float(base[-1]) / 8, rel=1e-9)
+    # the per-frequency form equals NTK's base change base' = base · s^(d/(d−2))
+    assert torch.allclose(f, rope.rope_inv_freq(128, 10000.0 * 8.0 ** (128 / 126)), rtol=1e-12)
 
 
 def test_alibi_slopes():
@@ -153,11 +156,13 @@ def test_roundtrip_string(name, data):
         if "bool" in typ:
             kw[f.name] = data.draw(st.booleans())
         elif "int" in typ:
-            kw[f.name] = data.draw(st.integers(1, 5000))
+            kw[f.name] = data.draw(st.integers(2, 5000))
         else:
             kw[f.name] = data.draw(st.floats(1.0, 1000.0, allow_nan=False))
     if name == "yarn":
         kw["beta_fast"] = kw["beta_slow"] + 1.0
+    if name == "pose":  # a target below L or more chunks than tokens are refused (tested below)
+        kw["target"], kw["chunks"] = data.draw(st.integers(64, 5000)), data.draw(st.integers(1, 64))
     text = name + ("(" + ", ".join(f"{k}={v!r}" for k, v in kw.items()) + ")" if kw else "")
     pm = parse_method(text, 64)
     assert parse_method(str(pm), 64) == pm
@@ -169,7 +174,7 @@ ERRORS = [
     ("rerope(window=2.5)", "rerope: parameter window must be int or None, got 2.5"),
     ("infoscale(clamp=1)", "infoscale: parameter clamp must be bool, got 1"),
     ("cosscale(s='big')", "cosscale: parameter s must be float, got 'big'"),
-    ("cosscale(s=-1)", "cosscale: s must be positive"),
+    ("cosscale(s=-1)", "cosscale: s must be a positive finite number"),
     ("rerope(3)", "rerope: parameters must be given as key=value"),
     ("rerope(window=x)", "rerope: parameter window must be a literal"),
     ("pi+yarn", "pi and yarn both set the attention positions and do not compose"),
@@ -185,11 +190,30 @@ ERRORS = [
 ]
 
 
+ERRORS += [
+    ("softmax_plus(base=1)", "softmax_plus: base must be an integer >= 2"),
+    ("pose(chunks=100)", "pose: chunks (100) cannot exceed the training length (64)"),
+    ("pi(factor=1e-320)", "pi: parameter factor = 1e-320 is out of range"),
+    ("cosscale(s=1e999)", "cosscale: parameter s = inf is out of range"),
+    ("rerope(window=" + "9" * 1500 + ")", "rerope: parameter window = 9999"),
+    ("rerope(window=" + "9" * 5000 + ")", "too long"),
+    ("rerope(window=" + "-" * 1900 + "1)", "rerope: parameter window must be a literal"),
+    ("rerope(window=3, window=4)", "rerope: parameter window is given twice"),
+]
+
+
 @pytest.mark.parametrize("spec,message", ERRORS)
 def test_error_messages(spec, message):
     with pytest.raises(MethodError) as e:
         parse_method(spec, 64)
     assert message in str(e.value)
+
+
+def test_values_are_checked_without_a_training_length():
+    """A bad value is refused at parse time, not only once the training length is known."""
+    for spec in ("cosscale(s=-1)", "rerope(window=-3)", "yarn(factor=0)", "pi(factor=-1)", "softmax_plus(base=1)"):
+        with pytest.raises(MethodError):
+            parse_method(spec)
 
 
 def test_attention_input_errors():
@@ -214,8 +238,12 @@ def test_merge_with_training():
         merge_with_training("softmax", "cosscale")
     with pytest.raises(MethodError, match="trained with cosscale"):
         merge_with_training("cosscale(s=32)", "cosscale(s=128)")
-    with pytest.raises(MethodError, match="ALiBi"):
+    with pytest.raises(MethodError, match="trained with alibi"):
         merge_with_training("alibi", "yarn")
+    # a length temperature used in training is inherited, and a second one is refused
+    assert str(merge_with_training("softmax_plus", "rerope", 64)) == "softmax_plus(base=512)+rerope(window=None)"
+    with pytest.raises(MethodError, match="trained with softmax_plus"):
+        merge_with_training("softmax_plus", "infoscale")
 
 
 def test_cli_methods_lists_everything(capsys):

@@ -195,9 +195,9 @@ def test_existing_output_without_resume_is_refused(tmp_path, capsys, corpus):
 
 
 def test_train_only_methods_and_resume_mismatch(tmp_path, capsys, corpus):
-    assert cli(["train", "--out", str(tmp_path / "r"), "--corpus", str(corpus), "--attention", "infoscale",
+    assert cli(["train", "--out", str(tmp_path / "r"), "--corpus", str(corpus), "--attention", "rerope",
                 *TINY]) == 2
-    assert "infoscale is an evaluation method" in capsys.readouterr().err
+    assert "rerope is an evaluation method" in capsys.readouterr().err
     assert cli(["train", "--out", str(tmp_path / "r2"), "--corpus", str(corpus), "--steps", "2", *TINY]) == 0
     capsys.readouterr()
     assert cli(["train", "--out", str(tmp_path / "r2"), "--corpus", str(corpus), "--steps", "4", "--resume",

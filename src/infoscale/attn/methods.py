@@ -3,23 +3,26 @@
 A *method string* is one or more registered names joined with ``+``, each with optional keyword
 parameters: ``"rerope(window=32)+infoscale"``, ``"cosscale(s=128)"``, ``"yarn+infoscale(clamp=False)"``.
 
-Each method contributes to one or more *slots* of the attention computation; two methods that fill
-the same slot do not compose and are refused:
+Each method contributes to one or more *slots* of the attention computation, through the functions
+it registers; two methods that fill the same slot do not compose and are refused:
 
 =============  ==========================================================================
-slot           what it changes
+slot           what its function gives (see :class:`Method`)
 =============  ==========================================================================
-normalize      q, k are L2-normalised and the dot-product scale 1/sqrt(d) becomes s (CosScale)
-temperature    a per-row factor on the logits that depends on l, the keys a query attends
-positions      RoPE frequencies/positions (PI, NTK, YaRN), piecewise relative positions
-               (ReRoPE, Leaky ReRoPE, LM-Infinite's distance cap) or ALiBi (replaces RoPE)
-mask           which keys a query may attend (window, StreamingLLM, LM-Infinite)
-training       a training-time recipe with no effect at evaluation (PoSE)
+normalize      ``normalize(p)``: q, k are L2-normalised and the logit scale becomes s (CosScale)
+temperature    ``temperature(p, l, ctx)``: a per-row factor on the logits from l, the keys a query attends
+positions      ``positions(p, ctx)``: RoPE frequencies (PI, NTK, YaRN), piecewise relative positions
+               (ReRoPE, Leaky ReRoPE, LM-Infinite's distance cap) or ALiBi slopes (no RoPE)
+mask           ``mask(p)``: a band |Δ| <= window plus sink tokens (window, StreamingLLM, LM-Infinite)
+training       ``training(p, L)``: training-time positions (PoSE); nothing at evaluation
 =============  ==========================================================================
 
-Notation (as in DESIGN.md): L = training length, n = sequence length, s = n / L, l = number of keys
-a query may attend after all masks, d = head dim. Every function here is pure; the tensors are
-assembled in :mod:`infoscale.attention`.
+``defaults(p, L)`` fills parameters whose default depends on the training length. The plan that
+:func:`infoscale.attention` runs (:mod:`infoscale.attn.plan`) folds these functions and never names
+a method, so a new method is one registry entry (plus its naive formula in the tests).
+
+Notation: L = training length, n = sequence length, s = n / L, l = number of keys a query may attend
+after all masks, d = head dim.
 """
 
 from __future__ import annotations
@@ -31,100 +34,13 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-__all__ = [
-    "MethodError",
-    "Component",
-    "Method",
-    "REGISTRY",
-    "parse_method",
-    "infoscale_factor",
-    "logn_factor",
-    "softmax_plus_factor",
-    "yarn_attention_factor",
-    "alibi_slopes",
-    "merge_with_training",
-]
+import torch
 
+from . import rope, scales
+from .errors import MethodError
 
-from .errors import MethodError  # noqa: E402
-
-# --------------------------------------------------------------------------------------------
-# Pure formulas
-# --------------------------------------------------------------------------------------------
-
-
-def infoscale_factor(n, train_len: int, head_dim: int, clamp: bool = True):
-    """InfoScale logit multiplier sqrt(1 - l^(-2/d)) / sqrt(1 - L^(-2/d)) (arXiv 2501.08570).
-
-    ``n`` is l, the number of keys attended (a number or a tensor). With ``clamp`` the factor is 1
-    for l <= L so that nothing changes inside the training length; ``clamp=False`` is the official
-    code's form (below 1 for l < L). Golden values: (4096, 64, 128) -> 1.392, (512, 64, 128) -> 1.215.
-    """
-    _check_positive(train_len=train_len, head_dim=head_dim)
-    denom = math.sqrt(1.0 - train_len ** (-2.0 / head_dim))
-    if _is_tensor(n):
-        l = n.double().clamp(min=1.0)
-        if clamp:
-            l = l.clamp(min=float(train_len))
-        return (1.0 - l ** (-2.0 / head_dim)).sqrt() / denom
-    if n < 1:
-        raise MethodError(f"infoscale_factor needs n >= 1 keys, got {n}")
-    l = max(n, train_len) if clamp else n
-    return math.sqrt(1.0 - l ** (-2.0 / head_dim)) / denom
-
-
-def logn_factor(n, train_len: int, clamp: bool = True):
-    """Log-n scale log(l) / log(L) (Su 2021, kexue.fm/archives/8823; normalised to the training length
-    as in kexue.fm/archives/9444). With ``clamp`` it is max(1, .), the training-free form of
-    bojone/rerope's patches."""
-    _check_positive(train_len=train_len)
-    if train_len < 2:
-        raise MethodError("logn needs train_len >= 2 (log 1 = 0)")
-    if _is_tensor(n):
-        f = n.double().clamp(min=1.0).log() / math.log(train_len)
-        return f.clamp(min=1.0) if clamp else f
-    f = math.log(max(n, 1)) / math.log(train_len)
-    return max(1.0, f) if clamp else f
-
-
-def softmax_plus_factor(n, base: int = 512):
-    """GAU-α's ``softmax_plus``: log(l) / log(base), base 512 (its pretraining length; Su 2021,
-    kexue.fm/archives/8823, and the official InfoScale code). Not normalised to the training length,
-    so it is 2/3 at l = 64."""
-    if _is_tensor(n):
-        return n.double().clamp(min=1.0).log() / math.log(base)
-    return math.log(max(n, 1)) / math.log(base)
-
-
-def yarn_attention_factor(scale: float) -> float:
-    """YaRN's mscale 0.1 ln s + 1 (Peng et al. 2023). It multiplies both q and k (cos and sin), so the
-    logits grow by its square; 1 for s <= 1."""
-    return 0.1 * math.log(scale) + 1.0 if scale > 1 else 1.0
-
-
-def alibi_slopes(num_heads: int, max_bias: float = 8.0) -> list[float]:
-    """ALiBi head slopes m_h = 2^(-max_bias * h / H), h = 1..H (Press et al. 2022). For H not a power
-    of two: the slopes of the nearest lower power of two H', then every other slope of 2H'."""
-
-    def powers(h: int) -> list[float]:
-        return [2.0 ** (-max_bias * (i + 1) / h) for i in range(h)]
-
-    if num_heads < 1:
-        raise MethodError(f"alibi needs at least one head, got {num_heads}")
-    p = 2 ** int(math.floor(math.log2(num_heads)))
-    if p == num_heads:
-        return powers(num_heads)
-    return powers(p) + powers(2 * p)[0::2][: num_heads - p]
-
-
-def _is_tensor(x) -> bool:
-    return hasattr(x, "dtype") and hasattr(x, "shape")
-
-
-def _check_positive(**kw):
-    for k, v in kw.items():
-        if not isinstance(v, int) or v < 1:
-            raise MethodError(f"{k} must be a positive integer, got {v!r}")
+__all__ = ["MethodError", "Component", "Method", "ParsedMethod", "REGISTRY", "parse_method", "merge_with_training",
+           "PositionEffect", "Region", "Context"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -195,6 +111,13 @@ class AlibiParams:
 
 
 @dataclass(frozen=True)
+class Llama4Params:
+    beta: float = param(0.1, "β: temperature step per doubling is about β·ln 2 (Llama 4's attn_scale 0.1)")
+    floor: int | None = param(None, "F: the factor is 1 for l < F; None = L (Ministral 3 uses the original "
+                                    "context; Llama 4 uses 8192)")
+
+
+@dataclass(frozen=True)
 class PoseParams:
     target: int | None = param(None, "simulated length L_t; None = 64 * L (the paper's 64x)")
     chunks: int = param(2, "position chunks per training window (PoSE code default)")
@@ -221,48 +144,154 @@ class LMInfiniteParams:
 
 
 # --------------------------------------------------------------------------------------------
-# The registry
+# What a method's functions receive and return
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class Method:
-    """A registered method: its slots, parameter class, formula and source."""
+class Context:
+    """What a call knows: L, the q·k dim d, the heads, the model's RoPE and each row's length n
+    (number of real keys, or what the caller fixed, e.g. the prompt length when decoding)."""
 
-    name: str
-    slots: tuple[str, ...]
-    params: type
-    formula: str
-    source: str
-    train_time: bool = False
-    validate: Callable | None = None
-    trainable: bool = False
+    train_len: int
+    head_dim: int
+    heads: int
+    rope: rope.Rope | None
+    seq_len: torch.Tensor  # (B or 1,) float64
 
 
-@dataclass(frozen=True)
-class Component:
-    """One parsed ``name(params)`` term of a method string."""
+@dataclass
+class Region:
+    """A set of (i, j) pairs scored with q rotated at qa·p_i + qb and k at ka·p_j (per batch row)."""
 
-    name: str
-    params: object
+    select: str  # "all" | "near" (|Δ| <= w) | "right" (Δ > w) | "left" (Δ < −w), Δ = p_j − p_i
+    width: float
+    qa: torch.Tensor  # (B or 1, 1) float64
+    qb: torch.Tensor
+    ka: torch.Tensor
 
-    @property
-    def method(self) -> Method:
-        return REGISTRY[self.name]
+    def mask(self, rel: torch.Tensor) -> torch.Tensor | None:
+        if self.select == "near":
+            return rel.abs() <= self.width
+        if self.select == "right":
+            return rel > self.width
+        if self.select == "left":
+            return rel < -self.width
+        return None
 
-    def __str__(self) -> str:
-        kv = dataclasses.asdict(self.params)
-        if not kv:
-            return self.name
-        return f"{self.name}(" + ", ".join(f"{k}={v!r}" for k, v in kv.items()) + ")"
+
+@dataclass
+class PositionEffect:
+    """A positions method's contribution: new frequencies (B or 1, d/2), a factor on the logits (B or 1,),
+    piecewise regions, or ALiBi slopes (H,) in place of RoPE."""
+
+    inv_freq: torch.Tensor | None = None
+    logit_factor: torch.Tensor | None = None
+    regions: list[Region] | None = None
+    slopes: torch.Tensor | None = None
+
+
+# --------------------------------------------------------------------------------------------
+# The functions methods register
+# --------------------------------------------------------------------------------------------
+
+
+def _scale(p, ctx: Context) -> torch.Tensor:
+    """s per row: the fixed factor, or n / L (at least 1) when dynamic."""
+    if p.factor is not None:
+        return torch.full_like(ctx.seq_len, float(p.factor))
+    return (ctx.seq_len / ctx.train_len).clamp(min=1.0)
+
+
+def _plain_theta(name: str, ctx: Context) -> torch.Tensor:
+    if ctx.rope is None:
+        raise MethodError(f"{name} changes RoPE, but this attention has no RoPE; it does not apply")
+    return ctx.rope.frequencies()
+
+
+def _pi(p, ctx):
+    theta = _plain_theta("pi", ctx)
+    return PositionEffect(inv_freq=torch.stack([rope.pi_inv_freq(theta, float(s)) for s in _scale(p, ctx)]))
+
+
+def _ntk(p, ctx):
+    theta = _plain_theta("ntk", ctx)
+    return PositionEffect(inv_freq=torch.stack([rope.ntk_inv_freq(theta, float(s)) for s in _scale(p, ctx)]))
+
+
+def _yarn(p, ctx):
+    _plain_theta("yarn", ctx)
+    if not ctx.rope.geometric:
+        raise MethodError("yarn is defined on plain RoPE frequencies base^(-2i/d); this model's RoPE has its own")
+    s = _scale(p, ctx)
+    freqs = torch.stack([rope.yarn_inv_freq(ctx.rope.dim, float(v), ctx.train_len, p.beta_fast, p.beta_slow,
+                                            ctx.rope.base) for v in s])
+    m = torch.tensor([scales.yarn_attention_factor(float(v)) for v in s], dtype=torch.float64)
+    return PositionEffect(inv_freq=freqs, logit_factor=m**2)  # m on q and on k: m² on the logits
+
+
+def _piecewise(w: float, k: torch.Tensor) -> list[Region]:
+    """Relative position Δ for |Δ| <= w, else sign(Δ)·(w + (|Δ| − w)/k); k = ∞ caps at w (ReRoPE)."""
+    rows = k.shape[0]
+    ones = torch.ones(rows, 1, dtype=torch.float64)
+    a = (1.0 / k)[:, None]
+    shift = w * (1.0 - a)
+    return [Region("near", w, ones, 0 * ones, ones),
+            Region("right", w, a, -shift, a),  # Δ' = w + (Δ − w)/k
+            Region("left", w, a, shift, a)]  # Δ' = −w + (Δ + w)/k
+
+
+def _rerope(p, ctx):
+    _plain_theta("rerope", ctx)
+    return PositionEffect(regions=_piecewise(float(p.window), torch.full_like(ctx.seq_len, math.inf)))
+
+
+def _leaky(p, ctx):
+    _plain_theta("leaky_rerope", ctx)
+    w = float(p.window)
+    if p.k is not None:
+        k = torch.full_like(ctx.seq_len, float(p.k))
+    else:  # the smallest slope that keeps the longest distance within L − 1
+        k = ((ctx.seq_len - 1 - w) / max(ctx.train_len - 1 - w, 1.0)).clamp(min=1.0)
+    return PositionEffect(regions=_piecewise(w, k))
+
+
+def _lm_infinite_positions(p, ctx):
+    _plain_theta("lm_infinite", ctx)
+    return PositionEffect(regions=_piecewise(float(p.cap), torch.full_like(ctx.seq_len, math.inf)))
+
+
+def _alibi(p, ctx):
+    return PositionEffect(slopes=torch.tensor(scales.alibi_slopes(ctx.heads, p.max_bias), dtype=torch.float32))
+
+
+def _pose_training(p, train_len: int):
+    return lambda gen, batch, length: rope.pose_positions(gen, batch, length, p.target, p.chunks)
+
+
+def _fill(**defaults: Callable[[int], object]):
+    """defaults(p, L): replace each None field named here by its value at training length L."""
+    def fill(p, train_len):
+        new = {k: f(train_len) for k, f in defaults.items() if getattr(p, k) is None}
+        return dataclasses.replace(p, **new) if new else p
+    return fill
+
+
+def _half(L):
+    return max(1, L // 2)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------------------------
 
 
 def _v_positive(**names):
     def check(p, train_len):
         for k in names:
             v = getattr(p, k)
-            if v is not None and v <= 0:
-                raise MethodError(f"{k} must be positive, got {v!r}")
+            if v is not None and not (v > 0 and math.isfinite(v)):
+                raise MethodError(f"{k} must be a positive finite number, got {v!r}")
     return check
 
 
@@ -281,9 +310,54 @@ def _v_yarn(p, train_len):
 def _v_sinks(p, train_len):
     if p.sinks < 0:
         raise MethodError(f"sinks must be >= 0, got {p.sinks}")
-    _v_positive(window=1)(p, train_len)
-    if getattr(p, "cap", None) is not None and p.cap <= 0:
-        raise MethodError(f"cap must be positive, got {p.cap}")
+    _v_positive(window=1, cap=1)(p, train_len) if hasattr(p, "cap") else _v_positive(window=1)(p, train_len)
+
+
+def _v_softmax_plus(p, train_len):
+    if p.base < 2:
+        raise MethodError(f"softmax_plus: base must be an integer >= 2 (log 1 = 0), got {p.base}")
+
+
+def _v_pose(p, train_len):
+    _v_positive(target=1, chunks=1)(p, train_len)
+    if train_len is None:
+        return
+    if p.chunks > train_len:
+        raise MethodError(f"pose: chunks ({p.chunks}) cannot exceed the training length ({train_len})")
+    if p.target is not None and p.target < train_len:
+        raise MethodError(f"pose: target ({p.target}) must be at least the training length ({train_len})")
+
+
+def _v_llama4(p, train_len):
+    _v_positive(floor=1)(p, train_len)
+    if not (p.beta >= 0 and math.isfinite(p.beta)):
+        raise MethodError(f"llama4: beta must be a finite number >= 0, got {p.beta}")
+
+
+# --------------------------------------------------------------------------------------------
+# The registry
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered method: its slots, parameter class, formula, source and the functions that fill
+    its slots (see the module docstring)."""
+
+    name: str
+    slots: tuple[str, ...]
+    params: type
+    formula: str
+    source: str
+    train_time: bool = False  # the model must have been trained with it (it changes what the weights mean)
+    trainable: bool = False  # `infoscale train --attention` accepts it
+    validate: Callable | None = None  # (params, L) -> None, raises MethodError
+    defaults: Callable | None = None  # (params, L) -> params
+    normalize: Callable | None = None  # params -> s
+    temperature: Callable | None = None  # (params, l, ctx) -> factor tensor
+    positions: Callable | None = None  # (params, ctx) -> PositionEffect
+    mask: Callable | None = None  # params -> (window, sinks)
+    training: Callable | None = None  # (params, L) -> f(gen, batch, length) -> positions
 
 
 REGISTRY: dict[str, Method] = {
@@ -294,48 +368,89 @@ REGISTRY: dict[str, Method] = {
                trainable=True),
         Method("infoscale", ("temperature",), InfoScaleParams,
                "logits × sqrt(1 − l^(−2/d)) / sqrt(1 − L^(−2/d)); training-free",
-               "Li et al. 2025, arXiv 2501.08570"),
+               "Li et al. 2025, arXiv 2501.08570", trainable=True,
+               temperature=lambda p, l, c: scales.infoscale_factor(l, c.train_len, c.head_dim, clamp=p.clamp)),
         Method("logn", ("temperature",), LognParams,
-               "logits × max(1, log l / log L)", "Su 2021, kexue.fm/archives/8823, 9444"),
+               "logits × max(1, log l / log L)", "Su 2021, kexue.fm/archives/8823, 9444", trainable=True,
+               temperature=lambda p, l, c: scales.logn_factor(l, c.train_len, clamp=p.clamp)),
         Method("softmax_plus", ("temperature",), SoftmaxPlusParams,
                "logits × log l / log base (GAU-α's pretraining scale)",
-               "Su 2021, kexue.fm/archives/8823; bert4keras", trainable=True),
+               "Su 2021, kexue.fm/archives/8823; bert4keras", trainable=True, validate=_v_softmax_plus,
+               temperature=lambda p, l, c: scales.softmax_plus_factor(l, p.base)),
+        Method("llama4", ("temperature",), Llama4Params,
+               "logits × (1 + β·ln(1 + floor(l / F))); 1 for l < F",
+               "Meta Llama 4 attn_temperature_tuning; Mistral Ministral 3 llama_4_scaling_beta",
+               validate=_v_llama4, defaults=_fill(floor=lambda L: L),
+               temperature=lambda p, l, c: scales.llama4_factor(l, p.beta, p.floor)),
         Method("cosscale", ("normalize",), CosScaleParams,
                "q, k L2-normalised; logits = s · cos(q, k); must be trained with",
-               "Li et al. 2025, arXiv 2501.08570", train_time=True, validate=_v_positive(s=1), trainable=True),
+               "Li et al. 2025, arXiv 2501.08570", train_time=True, trainable=True, validate=_v_positive(s=1),
+               normalize=lambda p: float(p.s)),
         Method("pi", ("positions",), FactorParams,
                "RoPE positions × 1/s for s > 1", "Chen et al. 2023, arXiv 2306.15595",
-               validate=_v_positive(factor=1)),
+               validate=_v_positive(factor=1), positions=_pi),
         Method("ntk", ("positions",), FactorParams,
                "RoPE base × s^(d/(d−2)) for s > 1", "bloc97 2023 (NTK-aware scaled RoPE)",
-               validate=_v_positive(factor=1)),
+               validate=_v_positive(factor=1), positions=_ntk),
         Method("yarn", ("positions",), YarnParams,
                "NTK-by-parts ramp on the original L (β_fast, β_slow); q and k × (0.1 ln s + 1)",
-               "Peng et al. 2023, arXiv 2309.00071", validate=_v_yarn),
+               "Peng et al. 2023, arXiv 2309.00071", validate=_v_yarn, positions=_yarn),
         Method("rerope", ("positions",), ReRoPEParams,
                "relative position sign(Δ)·min(|Δ|, w)", "Su 2023, kexue.fm/archives/9708",
-               validate=_v_positive(window=1)),
+               validate=_v_positive(window=1), defaults=_fill(window=_half), positions=_rerope),
         Method("leaky_rerope", ("positions",), LeakyReRoPEParams,
                "relative position Δ for |Δ| <= w, else sign(Δ)·(w + (|Δ| − w)/k)",
-               "Su 2023, kexue.fm/archives/9708", validate=_v_leaky),
+               "Su 2023, kexue.fm/archives/9708", validate=_v_leaky, defaults=_fill(window=_half),
+               positions=_leaky),
         Method("alibi", ("positions",), AlibiParams,
                "no RoPE; bias −m·|i − j| with geometric slopes m", "Press et al. 2022, arXiv 2108.12409",
-               train_time=True, validate=_v_positive(max_bias=1), trainable=True),
+               train_time=True, trainable=True, validate=_v_positive(max_bias=1), positions=_alibi),
         Method("pose", ("training",), PoseParams,
                "positional skip-wise training toward target; plain RoPE at evaluation",
-               "Zhu et al. 2023, arXiv 2309.10400", train_time=True, validate=_v_positive(target=1, chunks=1),
-               trainable=True),
+               "Zhu et al. 2023, arXiv 2309.10400", train_time=True, trainable=True, validate=_v_pose,
+               defaults=_fill(target=lambda L: 64 * L), training=_pose_training),
         Method("window", ("mask",), WindowParams,
                "mask |i − j| <= width", "Su 2023, kexue.fm/archives/9431 (local attention baseline)",
-               validate=_v_positive(width=1)),
+               validate=_v_positive(width=1), defaults=_fill(width=_half), mask=lambda p: (p.width, 0)),
         Method("streamingllm", ("mask",), StreamingParams,
                "mask |i − j| <= window, or i < sinks, or j < sinks",
-               "Xiao et al. 2023, arXiv 2309.17453", validate=_v_sinks),
+               "Xiao et al. 2023, arXiv 2309.17453", validate=_v_sinks, defaults=_fill(window=_half),
+               mask=lambda p: (p.window, p.sinks)),
         Method("lm_infinite", ("mask", "positions"), LMInfiniteParams,
                "Λ-mask (|i − j| <= window or sink row/column) and relative position "
-               "sign(Δ)·min(|Δ|, cap)", "Han et al. 2023, arXiv 2308.16137", validate=_v_sinks),
+               "sign(Δ)·min(|Δ|, cap)", "Han et al. 2023, arXiv 2308.16137", validate=_v_sinks,
+               defaults=_fill(window=lambda L: max(1, L - 1), cap=lambda L: L),
+               mask=lambda p: (p.window, p.sinks), positions=_lm_infinite_positions),
     ]
 }
+
+
+@dataclass(frozen=True)
+class Component:
+    """One parsed ``name(params)`` term of a method string."""
+
+    name: str
+    params: object
+
+    @property
+    def method(self) -> Method:
+        return REGISTRY[self.name]
+
+    def resolved(self, train_len: int) -> Component:
+        d = self.method.defaults
+        return Component(self.name, d(self.params, train_len)) if d else self
+
+    def __str__(self) -> str:
+        kv = dataclasses.asdict(self.params)
+        if not kv:
+            return self.name
+        return f"{self.name}(" + ", ".join(f"{k}={v!r}" for k, v in kv.items()) + ")"
+
+    def short(self) -> str:
+        """Only the parameters that differ from their defaults."""
+        defaults = self.method.params()
+        kv = {k: v for k, v in dataclasses.asdict(self.params).items() if getattr(defaults, k) != v}
+        return self.name + ("(" + ", ".join(f"{k}={v!r}" for k, v in kv.items()) + ")" if kv else "")
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,6 +477,9 @@ def _split_plus(text: str) -> list[str]:
     return parts
 
 
+_MAX_VALUE = 1e9  # parameters are lengths, scales and slopes: anything beyond is a typo or an attack
+
+
 def _coerce(method: str, name: str, value, typ) -> object:
     """Check a literal against a dataclass field's annotation (int, float, bool, or X | None)."""
     allowed = [t.strip() for t in str(typ).split("|")]
@@ -369,6 +487,11 @@ def _coerce(method: str, name: str, value, typ) -> object:
         if "None" in allowed:
             return None
         raise MethodError(f"{method}: parameter {name} may not be None")
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and (
+            abs(value) > _MAX_VALUE or not math.isfinite(value) or 0 < abs(value) < 1 / _MAX_VALUE):
+        shown = repr(value) if len(repr(value)) < 40 else repr(value)[:30] + "…"
+        raise MethodError(f"{method}: parameter {name} = {shown} is out of range (|value| between "
+                          f"{1 / _MAX_VALUE:g} and {_MAX_VALUE:g}, or 0)")
     if "bool" in allowed:
         if isinstance(value, bool):
             return value
@@ -398,6 +521,11 @@ def _parse_term(text: str) -> Component:
             call = ast.parse(f"f({args})", mode="eval").body
         except SyntaxError as e:
             raise MethodError(f"{name}: cannot parse parameters {args!r}: {e.msg}") from None
+        except (RecursionError, MemoryError, ValueError, OverflowError):  # absurdly nested or huge literals
+            raise MethodError(f"{name}: cannot parse parameters {args[:40]!r}...: too deeply nested or too large"
+                              ) from None
+        if not isinstance(call, ast.Call):
+            raise MethodError(f"{name}: cannot parse parameters {args!r}; expected key=value, ...")
         if call.args:
             raise MethodError(f"{name}: parameters must be given as key=value, got {args!r}")
         fields = {f.name: f for f in dataclasses.fields(meth.params)}
@@ -405,9 +533,11 @@ def _parse_term(text: str) -> Component:
             if kw.arg not in fields:
                 ok = ", ".join(fields) or "none"
                 raise MethodError(f"{name}: unknown parameter {kw.arg!r}; its parameters: {ok}")
+            if kw.arg in kwargs:
+                raise MethodError(f"{name}: parameter {kw.arg} is given twice")
             try:
                 value = ast.literal_eval(kw.value)
-            except ValueError:
+            except (ValueError, TypeError, SyntaxError, RecursionError, MemoryError, OverflowError):
                 raise MethodError(f"{name}: parameter {kw.arg} must be a literal number, bool or None") from None
             kwargs[kw.arg] = _coerce(name, kw.arg, value, fields[kw.arg].type)
     return Component(name, meth.params(**kwargs))
@@ -415,7 +545,8 @@ def _parse_term(text: str) -> Component:
 
 @dataclass(frozen=True)
 class ParsedMethod:
-    """A validated combination of components, at most one per slot."""
+    """A validated combination of components, at most one per slot. Frozen and hashable: parse once
+    at the edge and pass this around."""
 
     components: tuple[Component, ...]
 
@@ -437,54 +568,41 @@ class ParsedMethod:
         return tuple(c for c in self.components if c.method.train_time)
 
     def resolved(self, train_len: int) -> ParsedMethod:
-        """The same method with every None default replaced by its value at this training length."""
-        return ParsedMethod(tuple(Component(c.name, resolve_params(c, train_len)) for c in self.components))
+        """The same method with every length-dependent default filled in for this training length."""
+        return ParsedMethod(tuple(c.resolved(train_len) for c in self.components))
 
     def training_positions(self, train_len: int):
         """``f(gen, batch, length) -> positions`` for training (PoSE), or None for 0..L−1."""
-        from .rope import pose_positions
+        for c in self.resolved(train_len).components:
+            if c.method.training is not None:
+                return c.method.training(c.params, train_len)
+        return None
 
-        p = self.resolved(train_len).get("pose")
-        if p is None:
-            return None
-        return lambda gen, batch, length: pose_positions(gen, batch, length, p.target, p.chunks)
+    def short(self) -> str:
+        """A label: names with only their non-default parameters (``cosscale(s=32.0)+rerope``)."""
+        return "+".join(c.short() for c in self.components) or "softmax"
 
     def __str__(self) -> str:
         return "+".join(str(c) for c in self.components) or "softmax"
 
 
-def resolve_params(c: Component, train_len: int):
-    """Fill length-dependent defaults (window = L // 2, ...). ``factor``/``k`` stay None: they depend
-    on n and are resolved per call."""
-    p, L = c.params, train_len
-    fill = {}
-    if c.name in ("rerope", "leaky_rerope") and p.window is None:
-        fill["window"] = max(1, L // 2)
-    if c.name == "window" and p.width is None:
-        fill["width"] = max(1, L // 2)
-    if c.name == "streamingllm" and p.window is None:
-        fill["window"] = max(1, L // 2)
-    if c.name == "lm_infinite":
-        if p.window is None:
-            fill["window"] = max(1, L - 1)
-        if p.cap is None:
-            fill["cap"] = L
-    if c.name == "pose" and p.target is None:
-        fill["target"] = 64 * L
-    return dataclasses.replace(p, **fill) if fill else p
+_MAX_SPEC = 2000  # characters: a method string is short; longer input is refused before parsing
 
 
 def parse_method(spec: str | ParsedMethod, train_len: int | None = None) -> ParsedMethod:
     """Parse ``"name(k=v)+name2"`` into a validated :class:`ParsedMethod`.
 
     ``softmax`` is the identity and is dropped when combined. Raises :class:`MethodError` for unknown
-    names or parameters, ill-typed values and two methods that fill the same slot.
+    names or parameters, ill-typed or out-of-range values and two methods that fill the same slot;
+    with ``train_len``, also for values that do not fit that training length.
     """
     if isinstance(spec, ParsedMethod):
         pm = spec
     else:
         if not isinstance(spec, str) or not spec.strip():
             raise MethodError(f"a method must be a non-empty string such as 'infoscale', got {spec!r}")
+        if len(spec) > _MAX_SPEC:
+            raise MethodError(f"a method string of {len(spec)} characters is too long (at most {_MAX_SPEC})")
         comps = [_parse_term(t) for t in _split_plus(spec)]
         comps = [c for c in comps if c.name != "softmax"]
         seen: dict[str, str] = {}
@@ -499,14 +617,13 @@ def parse_method(spec: str | ParsedMethod, train_len: int | None = None) -> Pars
                         f"logits twice; choose one")
                 seen[slot] = c.name
         pm = ParsedMethod(tuple(comps))
-    if train_len is not None:
-        for c in pm.components:
-            if c.method.validate:
-                try:
-                    c.method.validate(c.params, train_len)
-                except MethodError as e:
-                    msg = str(e)
-                    raise MethodError(msg if msg.startswith(c.name) else f"{c.name}: {msg}") from None
+    for c in pm.components:
+        if c.method.validate:
+            try:
+                c.method.validate(c.params, train_len)
+            except MethodError as e:
+                msg = str(e)
+                raise MethodError(msg if msg.startswith(c.name) else f"{c.name}: {msg}") from None
     return pm
 
 
@@ -515,14 +632,14 @@ def merge_with_training(train_method: str | ParsedMethod, eval_method: str | Par
     """The method to evaluate a model trained with ``train_method``.
 
     Everything of the training method that changes the function the model computes is inherited:
-    CosScale, ALiBi, a length temperature (``softmax_plus``); PoSE only changes training positions
-    and is dropped. The evaluation method adds to it; a slot filled by both must hold the same
-    component (a model trained with ``softmax_plus`` keeps it: adding ``infoscale`` would scale twice).
-    Asking for a train-time method the model was not trained with is refused.
+    CosScale, ALiBi, a length temperature (``softmax_plus``); a training-only recipe (PoSE) is
+    dropped. The evaluation method adds to it; a slot filled by both must hold the same component
+    (a model trained with ``softmax_plus`` keeps it: adding ``infoscale`` would scale twice). Asking
+    for a train-time method the model was not trained with is refused.
     """
     tm, em = parse_method(train_method, train_len), parse_method(eval_method, train_len)
     for c in em.train_time:
-        if c.name == "pose":
+        if c.method.training is not None:
             continue
         mine = tm.get(c.name)
         if mine is None:
@@ -531,16 +648,16 @@ def merge_with_training(train_method: str | ParsedMethod, eval_method: str | Par
                 f"evaluate it with a training-free method or train a model with {c.name}")
         if mine != c.params:
             raise MethodError(f"this model was trained with {Component(c.name, mine)}, not {c}")
-    if tm.get("alibi") is not None and em.slot("positions") is not None and em.get("alibi") is None:
-        pos = em.slot("positions")
-        raise MethodError(f"{pos.name} changes RoPE, but this model uses ALiBi (no RoPE); it does not apply")
-    inherited = [c for c in tm.components if "training" not in c.method.slots]
+    inherited = [c for c in tm.components if c.method.training is None]
     for c in inherited:
         for slot in c.method.slots:
             other = em.slot(slot)
             if other is not None and other != c:
+                if c.method.train_time and slot == "positions":
+                    raise MethodError(f"{other.name} changes the positions, but this model was trained with {c} "
+                                      f"(no RoPE); it does not apply")
                 raise MethodError(f"this model was trained with {c}, which sets the attention {slot}; "
                                   f"{other} would replace it, so it does not apply to this model")
     comps = [c for c in inherited if em.get(c.name) is None]
-    comps += [c for c in em.components if c.name != "pose"]
-    return parse_method("+".join(str(c) for c in comps) or "softmax", train_len)
+    comps += [c for c in em.components if c.method.training is None]
+    return parse_method(ParsedMethod(tuple(comps)), train_len)

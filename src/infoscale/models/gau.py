@@ -29,7 +29,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, PreTrained
 from transformers import initialization as hf_init
 from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
 
-from ..attn import attention, merge_with_training, parse_method
+from ..attn import attention, build_plan, merge_with_training, parse_method
 from ..attn.methods import ParsedMethod
 from ..errors import ConfigError
 
@@ -109,10 +109,9 @@ class GatedAttentionUnit(nn.Module):
         u, v, z = torch.split(F.silu(self.i_dense(x)), [self.e, self.e, self.s], dim=-1)
         return u, v, z * self.q_scaleoffset, z * self.k_scaleoffset
 
-    def forward(self, x, method, key_padding_mask=None, positions=None, attn_options=None):
+    def forward(self, x, plan, attn_options=None):
         u, v, q, k = self.qkv(x)
-        a = attention(q[:, None], k[:, None], v[:, None], method, train_len=self.config.train_len,
-                      key_padding_mask=key_padding_mask, positions=positions,
+        a = attention(q[:, None], k[:, None], v[:, None], plan.method, train_len=self.config.train_len, plan=plan,
                       dropout_p=self.config.attention_probs_dropout_prob, training=self.training,
                       **(attn_options or {}))
         return self.o_dense(u * a[:, 0].to(u.dtype))
@@ -125,8 +124,8 @@ class GAULayer(nn.Module):
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
         self.eps = config.layer_norm_eps
 
-    def forward(self, x, method, key_padding_mask=None, positions=None, attn_options=None):
-        return rms_norm(x + self.dropout(self.gau(x, method, key_padding_mask, positions, attn_options)), self.eps)
+    def forward(self, x, plan, attn_options=None):
+        return rms_norm(x + self.dropout(self.gau(x, plan, attn_options)), self.eps)
 
 
 class GAUPreTrainedModel(PreTrainedModel):
@@ -216,10 +215,14 @@ class GAUModel(GAUPreTrainedModel):
         """``attention_mask``: (B, n), 1 for real tokens. ``position_ids``: RoPE positions (PoSE training).
         ``method``: evaluate this forward with another method (merged with the training one)."""
         pm = self.resolve_method(method)
+        cfg = self.config
+        b, n = input_ids.shape
+        plan = build_plan(pm, n=n, batch=b, heads=1, head_dim=cfg.attention_key_size, train_len=cfg.train_len,
+                          key_padding_mask=attention_mask, positions=position_ids, device=input_ids.device)
         x = self.embeddings(input_ids, token_type_ids)
         hidden = (x,) if output_hidden_states else None
-        for layer in self.encoder.layer:
-            x = layer(x, pm, attention_mask, position_ids, attn_options)
+        for layer in self.encoder.layer:  # one plan for all layers: same method, shapes and masks
+            x = layer(x, plan, attn_options)
             if output_hidden_states:
                 hidden = hidden + (x,)
         return BaseModelOutput(last_hidden_state=x, hidden_states=hidden)
