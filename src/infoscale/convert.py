@@ -313,7 +313,7 @@ def map_state_dict(sd: dict[str, torch.Tensor], layers: int) -> tuple[dict[str, 
     if DECODER in sd:
         emb = sd.get("gau_alpha.embeddings.word_embeddings.weight")
         dec = sd[DECODER]
-        if emb is None or dec.shape != emb.shape or not torch.equal(dec, emb):
+        if emb is None or dec.shape != emb.shape or not torch.allclose(dec, emb, rtol=0, atol=0, equal_nan=True):
             diff = (f"max |difference| {(dec.float() - emb.float()).abs().max().item():.3g}"
                     if emb is not None and dec.shape == emb.shape else
                     f"shape {tuple(dec.shape)} vs {tuple(emb.shape) if emb is not None else 'missing'}")
