@@ -199,6 +199,21 @@ def test_bare_encoder_names_and_layer_subset(tmp_path):
     assert (our_logits(c.model, c.permutation, ids) - ref).abs().max() < 1e-4 * ref.abs().max()
 
 
+def test_vocab_from_elsewhere(tmp_path):
+    """A fine-tuned checkpoint saved without its tokenizer takes the base model's vocab.txt (--vocab)."""
+    sd = port_state_dict(seed=6)
+    src = write_checkpoint(tmp_path / "src", PORT_CONFIG, sd)
+    (src / "vocab.txt").rename(tmp_path / "base-vocab.txt")
+    with pytest.raises(DataError, match="--vocab"):
+        conv.convert(src)
+    c = conv.convert(src, vocab=tmp_path / "base-vocab.txt")
+    ids = sample_ids(1, 16)
+    ref = port_forward(sd, PORT_CONFIG, ids)
+    assert (our_logits(c.model, c.permutation, ids) - ref).abs().max() < 1e-4 * ref.abs().max()
+    with pytest.raises(DataError, match="does not exist"):
+        conv.convert(src, vocab=tmp_path / "nope.txt")
+
+
 def test_vocab_permutation():
     perm = conv.vocab_permutation(VOCAB)
     new = [VOCAB[i] for i in perm]

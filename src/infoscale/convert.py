@@ -334,22 +334,30 @@ class Converted:
     source: dict = field(default_factory=dict)  # provenance for train_config.json
 
 
-def convert(path: str | Path, train_len: int | None = None, layers: int | None = None) -> Converted:
-    """Read a port checkpoint folder; the model uses our vocabulary order (see :func:`vocab_permutation`)."""
+def convert(path: str | Path, train_len: int | None = None, layers: int | None = None,
+            vocab: str | Path | None = None) -> Converted:
+    """Read a port checkpoint folder; the model uses our vocabulary order (see :func:`vocab_permutation`).
+
+    ``vocab``: a vocab.txt to use when the folder has none (a checkpoint saved by a training run that
+    did not save its tokenizer: take the one of the model it was fine-tuned from)."""
     from .models.gau import GAUConfig, GAUForMaskedLM
 
     src = Path(path)
     if not src.is_dir():
         raise DataError(f"{str(path)!r} is not a directory; give a checkpoint folder with config.json, vocab.txt and "
                         "model.safetensors or pytorch_model.bin (e.g. from `huggingface-cli download`)")
-    for name in ("config.json", "vocab.txt"):
-        if not (src / name).exists():
-            raise DataError(f"{src} has no {name}; expected a {PORT} checkpoint folder")
+    if not (src / "config.json").exists():
+        raise DataError(f"{src} has no config.json; expected a {PORT} checkpoint folder")
+    vocab_file = Path(vocab) if vocab is not None else src / "vocab.txt"
+    if not vocab_file.is_file():
+        raise DataError(f"{vocab_file} does not exist" if vocab is not None else
+                        f"{src} has no vocab.txt; expected a {PORT} checkpoint folder (if the checkpoint was saved "
+                        "without its tokenizer, pass the vocab.txt of the model it was fine-tuned from with --vocab)")
     cfg = _read_json(src / "config.json")
     kwargs, notes = map_config(cfg, train_len, layers, where=str(src / "config.json"))
-    vocab = read_vocab(src / "vocab.txt")
+    vocab = read_vocab(vocab_file)
     if len(vocab) != kwargs["vocab_size"]:
-        raise DataError(f"{src / 'vocab.txt'} has {len(vocab)} tokens but config.json says vocab_size = "
+        raise DataError(f"{vocab_file} has {len(vocab)} tokens but config.json says vocab_size = "
                         f"{kwargs['vocab_size']}")
     pad = _field(cfg, "pad_token_id")
     if pad >= len(vocab) or vocab[pad] != "[PAD]":
@@ -387,6 +395,7 @@ def convert(path: str | Path, train_len: int | None = None, layers: int | None =
     tok = CharTokenizer([vocab[i] for i in perm])
     moved = {str(perm[i]): i for i in range(len(perm)) if perm[i] != i}
     source = {"converted_from": str(src.resolve()), "source_layout": PORT, "weights_file": weights_file,
+              "vocab_file": str(vocab_file.resolve()),
               "weights_sha256": _sha256(src / weights_file), **notes, **wnotes,
               "vocab_remap": moved, "source_config": {k: cfg.get(k) for k in (
                   "normalization", "norm_method", "my_info_dict", "max_position_embeddings", "num_hidden_layers",
@@ -394,13 +403,14 @@ def convert(path: str | Path, train_len: int | None = None, layers: int | None =
     return Converted(model, tok, perm, source)
 
 
-def from_official(path: str | Path, train_len: int | None = None, layers: int | None = None):
+def from_official(path: str | Path, train_len: int | None = None, layers: int | None = None,
+                  vocab: str | Path | None = None):
     """GAUForMaskedLM (eval mode) from a checkpoint folder in the GAU-alpha-pytorch layout
     (github.com/JunnYu/GAU-alpha-pytorch; also the checkpoints of arXiv 2501.08570).
 
     Token ids follow infoscale's vocabulary order: ids 1..4 and the ids of [UNK] [CLS] [SEP] [MASK]
     are swapped (see :func:`vocab_permutation`); :func:`convert` also returns the tokenizer."""
-    return convert(path, train_len, layers).model
+    return convert(path, train_len, layers, vocab).model
 
 
 def _sha256(path: Path) -> str:
@@ -443,12 +453,15 @@ def add_arguments(parser) -> None:
     parser.add_argument("--train-len", type=int, default=None,
                         help="training length L used by InfoScale & co. (default: my_info_dict.train_len, "
                              "else max_position_embeddings)")
+    parser.add_argument("--vocab", default=None,
+                        help="vocab.txt to use when SRC has none (e.g. the one of "
+                             "junnyu/chinese_GAU-alpha-char_L-24_H-768)")
     parser.add_argument("--layers", type=int, default=None,
                         help="keep only the first N layers (the paper fine-tuned the first 6 of 24)")
 
 
 def run(args) -> int:
-    conv = convert(args.src, args.train_len, args.layers)
+    conv = convert(args.src, args.train_len, args.layers, args.vocab)
     out = write_run(conv, args.out)
     cfg = conv.model.config
     print(f"wrote {out}: {cfg.num_hidden_layers} layers, attention {cfg.attention}, train_len {cfg.train_len}, "
