@@ -39,6 +39,23 @@ Attention (the port's ``normalization`` plus the paper code's CosScale flag):
     normalization "softmax"       →  softmax
     norm_method "CosScale", my_info_dict.train_norm_method.CosScale_value = s  →  cosscale(s=s)
                                      (combined with the above: cosscale(s=128) for the paper's run)
+
+train_len (L of InfoScale & co.): ``--train-len``, else my_info_dict.train_len (64 for the paper's
+checkpoints), else max_position_embeddings (512, GAU-α's pretraining length). The port only uses
+max_position_embeddings as the size of its RoPE table; ours is computed for any length.
+
+Where the converted model and the port can differ (none of them in ``infoscale eval``'s windows):
+
+- the port builds a key mask from ``ids != pad`` when given none; ours masks only what
+  ``attention_mask`` says, so pass it for padded batches;
+- softmax_plus with one unmasked key: the port multiplies every logit, masked ones included, by
+  log 1 = 0 and attends uniformly to all keys; ours gives that key weight 1;
+- CosScale divides by ``|q| + 1e-9`` in the paper's code and by ``max(|q|, 1e-12)`` here;
+- tokenization: the port's BertTokenizer lower-cases, strips accents and splits Latin words and
+  numbers into the longest WordPiece pieces; :class:`CharTokenizer` does neither and splits every
+  word into characters (``c``, ``##c``; a word with a character outside the vocabulary is one
+  [UNK]). Chinese characters and punctuation are single tokens either way, with the same ids up to
+  the relabelling above.
 """
 
 from __future__ import annotations
