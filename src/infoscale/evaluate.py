@@ -209,10 +209,10 @@ def evaluate(cfg: EvalConfig, log=print) -> list[dict]:
             todo += [(m, resolved, setting, n) for setting in cfg.settings for n in cfg.lengths]
         params = {"samples": cfg.samples} if cfg.protocol == "sampled" else (
             {"stride": cfg.stride} if cfg.protocol == "strided" else {})
-        flops = sum(cell_cost(model.config, cfg, n)[1] for _, _, _, n in todo)
-        if todo:
-            log(f"{run.name}: {len(todo)} cells, estimated {_duration(flops / device_flops(device))} on "
-                f"{device.type} at most (less for cells already in {cfg.out})")
+        seconds = sum(cell_cost(model.config, cfg, n)[1] for _, _, _, n in todo) / device_flops(device)
+        if seconds > 60:  # worth knowing before it starts
+            log(f"{run.name}: {len(todo)} cells, estimated {_duration(seconds)} on {device.type} at most (less for "
+                f"cells already in {cfg.out})")
         bar = tqdm(todo, disable=not cfg.progress, dynamic_ncols=True, mininterval=2.0, desc=run.name)
         for m, resolved, setting, n in bar:
             tcfg = run.train_config
