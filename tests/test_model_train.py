@@ -173,8 +173,10 @@ def test_bad_corpora(tmp_path, capsys):
     cases["latin1.txt"] = "is not UTF-8 (invalid byte at offset 3)"
     (tmp_path / "notext.jsonl").write_text('{"text": "ok"}\n{"body": "x"}\n', encoding="utf-8")
     cases["notext.jsonl"] = "notext.jsonl:2 has no string field 'text'"
-    (tmp_path / "one.txt").write_text("a single document " * 50, encoding="utf-8")
-    cases["one.txt"] = "too few to hold out 4"
+    (tmp_path / "two").mkdir()  # a folder keeps one document per file: two are too few
+    for i in range(2):
+        (tmp_path / "two" / f"{i}.txt").write_text("a document " * 50, encoding="utf-8")
+    cases["two"] = "too few to hold out 4"
     cases["missing.txt"] = "neither a known corpus"
     for name, msg in cases.items():
         code = cli(["train", "--out", str(tmp_path / f"run-{name}"), "--corpus", str(tmp_path / name), *TINY])

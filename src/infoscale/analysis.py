@@ -27,9 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .attn import attention_logits
+from .attn import attention_logits, parse_method
 from .data import make_windows
-from .errors import MethodError
+from .errors import ConfigError, MethodError
 from .options import add_flags, from_args, option
 
 HELP = "attention entropy, dilution and CosScale-vs-window measurements (records + plots)"
@@ -45,6 +45,22 @@ class AnalyzeConfig:
     synthetic: bool = option(True, "also measure on synthetic q, k")
     out: str = option("report", "folder: analysis.jsonl and the plots")
     seed: int = option(0, "seed of windows and synthetic draws")
+    progress: bool = option(True, "show transformers' progress bars while loading the model")
+
+    def __post_init__(self):
+        for name in ("windows",):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        for n in self.lengths:
+            if n < 2:
+                raise ConfigError(f"length {n} is too short; --lengths must be at least 2")
+        for s in self.scales:
+            if not (math.isfinite(s) and s > 0):
+                raise ConfigError(f"--scales must be positive numbers, got {s}")
+        if not self.methods:
+            raise ConfigError("--methods needs at least one method")
+        for m in self.methods:  # an unknown name or a bad parameter is refused, not skipped
+            parse_method(m)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,11 +127,12 @@ def entropy_dilution_records(cfg: AnalyzeConfig, model=None, docs=None, name="sy
     recs = []
     train_len = model.config.train_len if model is not None else 64
     for m in cfg.methods:
+        parse_method(m, train_len)  # a bad value for this training length is an error
         if model is not None:
-            try:
+            try:  # a method that does not apply to this model (RoPE methods on ALiBi, ...) is skipped
                 method = model.resolve_method(m)
             except MethodError as e:
-                print(f"skip {m}: {e}", file=sys.stderr)
+                print(f"skip {m} on {name}: {e}", file=sys.stderr)
                 continue
         else:
             method = m
@@ -170,7 +187,22 @@ def cos_window_records(cfg: AnalyzeConfig, model=None, docs=None, name="syntheti
     return recs
 
 
+def check_finite(recs: list[dict]) -> None:
+    """Refuse records with NaN or infinity, naming the method that produced them."""
+    for r in recs:
+        bad = [k for k, v in r.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            what = f"method {r['method']!r}" if "method" in r else f"CosScale s = {r.get('s')}"
+            raise MethodError(f"{what} gives non-finite {', '.join(bad)} ({r['kind']}, {r['source']}, n={r['length']})"
+                              f": its parameters make attention undefined; choose other parameters (nothing written)")
+
+
 def analyze(cfg: AnalyzeConfig) -> list[dict]:
+    from .runtime import quiet_libraries
+
+    quiet_libraries(cfg.progress)
+    if not cfg.synthetic and not cfg.model:
+        raise ConfigError("nothing to measure: give --model or drop --no-synthetic")
     recs = []
     if cfg.synthetic:
         recs += entropy_dilution_records(cfg)
@@ -182,6 +214,7 @@ def analyze(cfg: AnalyzeConfig) -> list[dict]:
         docs = run.heldout_docs()
         recs += entropy_dilution_records(cfg, run.model, docs, run.name)
         recs += cos_window_records(cfg, run.model, docs, run.name)
+    check_finite(recs)
     return recs
 
 

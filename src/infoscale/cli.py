@@ -43,6 +43,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def interrupt_advice(args) -> str:
+    """What to do after Ctrl-C, for the command that was interrupted (and how far it got)."""
+    if args.command == "train":
+        from pathlib import Path
+
+        if not args.out or not (Path(args.out) / "train_config.json").exists():
+            return "nothing was written; rerun the same command to start"
+        if args.resume:
+            return "rerun the same command to continue from the last checkpoint"
+        extra = " (instead of --overwrite)" if args.overwrite else ""
+        return f"rerun the same command with --resume{extra} to continue from the last checkpoint"
+    if args.command == "eval":
+        return f"finished cells are in {args.out}; rerun the same command to do the rest (they are skipped)"
+    if args.command == "reproduce":
+        return "rerun the same command to continue (finished runs and records are kept)"
+    if args.command == "analyze":
+        return "nothing was written (records are written at the end); rerun the same command"
+    return "rerun the same command"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -55,8 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"infoscale {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"infoscale {args.command}: interrupted; rerun the same command with --resume (train) or as it was "
-              "(eval, reproduce) to continue", file=sys.stderr)
+        print(f"infoscale {args.command}: interrupted; {interrupt_advice(args)}", file=sys.stderr)
         return 130
 
 

@@ -18,15 +18,17 @@ Protocols (the metric is always: mask positions with [MASK], predict them, accur
 
 95% confidence intervals treat windows as clusters (predictions in one window are correlated).
 Records are tidy: one JSON line per (model, method, length, setting, protocol, metric) with
-``metric``, ``value``, ``ci_low``, ``ci_high``. A rerun skips cells already there and the file is
-rewritten atomically after each new cell.
+``metric``, ``value``, ``ci_low``, ``ci_high``. A rerun skips cells already there. Each new cell is
+merged into the file under a lock (:func:`infoscale.io.merge_records`), so several ``eval`` processes
+can share one ``--out`` without losing records. A method whose attention gives NaN or infinity is
+refused, never recorded. Before any work, each length's peak memory is estimated and a length that
+cannot fit in the free memory is refused; the sweep's time is estimated and printed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -38,10 +40,10 @@ from . import __version__
 from .attn import parse_method
 from .data import make_windows
 from .errors import ConfigError, DataError, MethodError
-from .io import git_commit, read_records, record_key, write_records
+from .io import git_commit, merge_records, read_records, record_key
 from .options import add_flags, from_args, option
 from .rundir import load_run
-from .runtime import use_bf16
+from .runtime import available_memory, quiet_libraries, use_bf16
 from .stats import cluster_ci
 from .tasks import mlm
 
@@ -87,18 +89,80 @@ class EvalConfig:
             raise ConfigError(f"--bf16 must be auto, on or off, got {self.bf16!r}")
 
 
-def check_length_fits(config, n: int, tokens_per_batch: int) -> None:
-    """Refuse lengths whose activations would not fit in memory (with a factor 8 of head-room)."""
-    copies = max(1, tokens_per_batch // n)
-    width = 2 * config.intermediate_size + config.attention_key_size + config.hidden_size
-    need = 8 * copies * n * width * 4
-    try:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
+def windows_needed(cfg: EvalConfig, n: int) -> tuple[int, int]:
+    """(windows, masked groups per window) of one cell at length n."""
+    per_window = {"exact": n, "sampled": min(cfg.samples, n), "strided": math.ceil(n / cfg.stride)}[cfg.protocol]
+    count = max(cfg.windows, math.ceil(cfg.predictions / per_window))
+    groups = {"exact": n, "sampled": min(cfg.samples, n), "strided": 1}[cfg.protocol]
+    return count, groups
+
+
+def cell_cost(config, cfg: EvalConfig, n: int) -> tuple[int, float]:
+    """(peak bytes of one forward batch, floating-point operations of one cell) at length n.
+
+    Peak memory: per token the layer activations (input projection u, v, z; q, k; the output) and the
+    logits over the vocabulary; per query chunk the scores, weights and relative positions against
+    all n keys. An upper bound: windowed methods touch fewer keys."""
+    h, e, s, v = config.hidden_size, config.intermediate_size, config.attention_key_size, config.vocab_size
+    layers = config.num_hidden_layers
+    copies = max(1, cfg.tokens_per_batch // n)
+    tokens = copies * n
+    chunk = min(cfg.chunk_size, n)
+    act = 4 * tokens * (4 * h + 3 * (2 * e + s) + 2 * v)
+    attn = copies * chunk * n * (4 * 4 + 8 * 2)
+    peak = int(1.5 * (act + attn))
+    count, groups = windows_needed(cfg, n)
+    per_pass = 2 * n * (layers * (h * (2 * e + s) + e * h + n * (s + e)) + h * v)
+    return peak, float(count * groups * per_pass)
+
+
+def max_length_that_fits(config, cfg: EvalConfig, avail: int) -> int:
+    lo, hi = 1, 1
+    while cell_cost(config, cfg, hi * 2)[0] <= avail and hi < 2**40:
+        hi *= 2
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cell_cost(config, cfg, mid)[0] <= avail else (lo, mid - 1)
+    return lo
+
+
+def check_length_fits(config, cfg: EvalConfig, n: int, device) -> None:
+    """Refuse a length whose forward batch would not fit in the memory free on ``device``, before
+    anything is allocated; the message names the limit and the longest length that fits."""
+    need = cell_cost(config, cfg, n)[0]
+    avail = available_memory(device)
+    if avail is None or need <= avail:
         return
-    if need > avail:
-        raise DataError(f"length {n} needs about {need / 2**30:.1f} GiB for activations but {avail / 2**30:.1f} GiB "
-                        "is free; use shorter lengths or a smaller --tokens-per-batch")
+    fits = max_length_that_fits(config, cfg, avail)
+    fix = ("lower --chunk-size" if max(1, cfg.tokens_per_batch // n) == 1 else "lower --tokens-per-batch")
+    raise DataError(f"length {n} needs about {need / 2**30:.1f} GiB per forward batch but {avail / 2**30:.1f} GiB "
+                    f"is free on {device.type} (the limit); the longest length that fits now is about {fits}: use "
+                    f"shorter --lengths or {fix}")
+
+
+_FLOPS: dict[str, float] = {}
+
+
+def device_flops(device) -> float:
+    """Measured fp32 matmul throughput of ``device`` (operations/s), once per process."""
+    key = str(device)
+    if key not in _FLOPS:
+        a = torch.randn(256, 256, device=device)
+        torch.matmul(a, a)
+        reps, t0 = 8, time.perf_counter()
+        for _ in range(reps):
+            b = torch.matmul(a, a)
+        float(b[0, 0])
+        _FLOPS[key] = reps * 2 * 256**3 / max(time.perf_counter() - t0, 1e-9)
+    return _FLOPS[key]
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def cell_key(rec: dict) -> str:
@@ -111,21 +175,30 @@ def evaluate(cfg: EvalConfig, log=print) -> list[dict]:
     """Run the sweep; returns the new records (all records are in ``cfg.out``)."""
     from tqdm import tqdm
 
+    quiet_libraries(cfg.progress)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = use_bf16(cfg.bf16, device)
-    records = read_records(cfg.out)
-    done = {r["key"] for r in records}
+    done = {r.get("key") for r in read_records(cfg.out)}  # also checks the file is readable, before any work
     new: list[dict] = []
     commit = git_commit()
     runs = [load_run(m, device) for m in cfg.models]
     for m in cfg.methods:  # a bad method or value is an error, before any work
         for run in runs:
             parse_method(m, run.train_len)
+    heldout = {}
+    for run in runs:  # lengths that cannot run are refused before any work
+        for n in cfg.lengths:
+            check_length_fits(run.model.config, cfg, n, device)
+        heldout[run.path] = docs = run.heldout_docs()
+        longest = max((len(a) for a in docs.arrays), default=0)
+        too_long = [n for n in cfg.lengths if n > longest]
+        if "contiguous" in cfg.settings and too_long:
+            raise DataError(f"{run.name}: the longest held-out document has {longest} tokens, so the contiguous "
+                            f"setting cannot run at n={too_long[0]}; use --lengths up to {longest}, "
+                            "--settings repeated, or a corpus with longer documents")
     for run in runs:
         model, L = run.model, run.train_len
-        for n in cfg.lengths:
-            check_length_fits(model.config, n, cfg.tokens_per_batch)
-        docs = run.heldout_docs()
+        docs = heldout[run.path]
         todo = []
         for m in cfg.methods:
             try:  # a method that does not apply to this model (RoPE methods on ALiBi, ...) is skipped
@@ -136,6 +209,10 @@ def evaluate(cfg: EvalConfig, log=print) -> list[dict]:
             todo += [(m, resolved, setting, n) for setting in cfg.settings for n in cfg.lengths]
         params = {"samples": cfg.samples} if cfg.protocol == "sampled" else (
             {"stride": cfg.stride} if cfg.protocol == "strided" else {})
+        seconds = sum(cell_cost(model.config, cfg, n)[1] for _, _, _, n in todo) / device_flops(device)
+        if seconds > 60:  # worth knowing before it starts
+            log(f"{run.name}: {len(todo)} cells, estimated {_duration(seconds)} on {device.type} at most (less for "
+                f"cells already in {cfg.out})")
         bar = tqdm(todo, disable=not cfg.progress, dynamic_ncols=True, mininterval=2.0, desc=run.name)
         for m, resolved, setting, n in bar:
             tcfg = run.train_config
@@ -147,10 +224,12 @@ def evaluate(cfg: EvalConfig, log=print) -> list[dict]:
             rec["key"] = cell_key(rec)
             if rec["key"] in done:
                 continue
+            done |= {r.get("key") for r in read_records(cfg.out)}  # cells another process added meanwhile
+            if rec["key"] in done:
+                continue
             bar.set_postfix_str(f"{m} {setting} n={n}")
             t0 = time.perf_counter()
-            per_window = {"exact": n, "sampled": min(cfg.samples, n), "strided": math.ceil(n / cfg.stride)}
-            count = max(cfg.windows, math.ceil(cfg.predictions / per_window[cfg.protocol]))
+            count, _ = windows_needed(cfg, n)
             wins = make_windows(docs, n, setting, count, L, cfg.stride if cfg.protocol == "strided" else None,
                                 cfg.seed)
             rng = np.random.default_rng([cfg.seed, n, 7])
@@ -159,16 +238,18 @@ def evaluate(cfg: EvalConfig, log=print) -> list[dict]:
                                              method=resolved, attn_options={"chunk_size": cfg.chunk_size,
                                                                             "bf16": bf16})
             allc, alll = np.concatenate(hits), np.concatenate(losses)
+            if not np.isfinite(alll).all():
+                raise MethodError(f"{m} gives non-finite logits (NaN or infinity) on {run.name} at n={n} ({setting}): "
+                                  f"its parameters make attention undefined (resolved: {resolved}); choose other "
+                                  f"parameters (nothing was written for this cell)")
             lo_ci, hi_ci = cluster_ci(hits)
             rec.update({"windows_used": len(wins), "n_predictions": int(allc.size), "tiled": setting == "repeated",
                         "precision": "bf16" if bf16 else "fp32", "version": __version__, "git_commit": commit,
                         "wall_time": time.perf_counter() - t0, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
             cell = [rec | {"metric": "accuracy", "value": float(allc.mean()), "ci_low": lo_ci, "ci_high": hi_ci},
                     rec | {"metric": "loss", "value": float(alll.mean()), "ci_low": None, "ci_high": None}]
-            records += cell
-            new += cell
+            new += merge_records(cfg.out, cell)
             done.add(rec["key"])
-            write_records(cfg.out, records)
     return new
 
 

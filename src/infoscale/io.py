@@ -1,49 +1,164 @@
 """Files that must never be half-written: atomic writes, JSONL record files, the git commit.
 
 Every write goes to a temporary file in the same folder, is flushed to disk and renamed over the
-target, so a reader (or a crash) sees the old file or the new one, never a mix.
+target, so a reader (or a crash) sees the old file or the new one, never a mix. A write that fails
+(a full disk, a Ctrl-C) removes its temporary file and leaves the old file as it was; a full disk
+or another operating-system error becomes a :class:`DataError` naming the file.
+
+Record files (JSONL, one JSON object a line) are shared: several processes may add records to one
+file at once. :func:`merge_records` takes an exclusive lock (``fcntl.flock`` on ``<file>.lock``
+beside it), re-reads the file, adds only the records it does not hold yet and replaces it
+atomically, so no process loses another's records. No record holds NaN or an infinity.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
+import math
 import os
 import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from .errors import DataError
 
-__all__ = ["atomic_write_bytes", "atomic_write_json", "read_records", "write_records", "record_key", "git_commit"]
+__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_json", "read_records", "iter_records",
+           "write_records", "merge_records", "record_identity", "locked", "record_key", "git_commit",
+           "os_error_in", "write_error"]
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()
+
+
+def os_error_in(exc: BaseException) -> OSError | None:
+    """The operating-system error behind ``exc`` (itself, its cause or its context), if any: torch and
+    other libraries wrap a failed ``write`` in their own exceptions."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def write_error(path: str | Path, err: OSError) -> DataError:
+    """One line for a failed write of ``path``."""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return DataError(f"cannot write {path}: no space left on the device; free some space and rerun "
+                         "(the file as it was before is unchanged)")
+    return DataError(f"cannot write {path}: {err.strerror or err}; check the folder exists and is writable, "
+                     "then rerun (the file as it was before is unchanged)")
+
+
+def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    """``write(f)`` into a temporary file beside ``path``, fsync, rename over ``path``. On any failure
+    the temporary file is removed and ``path`` is untouched; operating-system errors (a full disk, a
+    read-only folder) become a :class:`DataError` naming ``path``."""
+    path = Path(path)
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), _FILE_MODE)
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+    except BaseException as e:
+        err = os_error_in(e)
+        if err is not None:
+            raise write_error(path, err) from None
+        raise
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: f.write(data))
+
+
+def _dumps(obj, **kw) -> str:
+    try:
+        return json.dumps(obj, ensure_ascii=False, allow_nan=False, **kw)
+    except ValueError:
+        raise DataError(f"refusing to write a non-finite number (NaN or infinity): {_nonfinite(obj)}") from None
+
+
+def _nonfinite(obj, where: str = "") -> str:
+    """Where the first NaN/infinity sits in ``obj`` (for the message)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return f"{where or 'value'} = {obj}"
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        found = _nonfinite(v, f"{where}.{k}" if where else str(k))
+        if found:
+            return found
+    return ""
 
 
 def atomic_write_json(path: str | Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
+    atomic_write_bytes(path, (_dumps(obj, indent=1) + "\n").encode("utf-8"))
+
+
+def iter_records(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, record) of each JSON object of a JSONL file (tidied; nothing if the file does
+    not exist). A line that is not a JSON object, or a file that is not UTF-8, is a :class:`DataError`
+    naming the line."""
+    p = Path(path)
+    if not p.exists():
+        return
+    if p.is_dir():
+        raise DataError(f"{p} is a folder; give a JSONL record file")
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise DataError(f"cannot read {p}: {e.strerror}") from None
+    for i, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise DataError(f"{p}:{i} is not UTF-8 (invalid byte at column {e.start + 1}); fix or remove that "
+                            "line") from None
+        try:
+            rec = json.loads(line, parse_constant=_reject_constant)
+        except (json.JSONDecodeError, ValueError):
+            raise DataError(f"{p}:{i} is not a JSON record (or holds NaN/Infinity); fix or remove that line") from None
+        if not isinstance(rec, dict):
+            kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(rec), "a number")
+            raise DataError(f"{p}:{i} is {kind}, not a record (a JSON object); fix or remove "
+                            "that line")
+        try:
+            for r in tidy(rec):
+                yield i, r
+        except KeyError as e:
+            raise DataError(f"{p}:{i} is a record of the first format without the field {e.args[0]!r}; fix or "
+                            "remove that line") from None
+
+
+def _reject_constant(name: str):
+    raise ValueError(name)
 
 
 def read_records(path: str | Path) -> list[dict]:
     """The records of a JSONL file (none if it does not exist), records of the first format made tidy."""
-    p = Path(path)
-    if not p.exists():
-        return []
-    out = []
-    for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                out += tidy(json.loads(line))
-            except json.JSONDecodeError:
-                raise DataError(f"{p}:{i} is not a JSON record; fix or remove that line") from None
-    return out
+    return [r for _, r in iter_records(path)]
 
 
 def tidy(rec: dict) -> list[dict]:
@@ -56,10 +171,65 @@ def tidy(rec: dict) -> list[dict]:
             base | {"metric": "loss", "value": rec["loss"], "ci_low": None, "ci_high": None}]
 
 
+def _lines(records: list[dict]) -> str:
+    return "".join(_dumps(r) + "\n" for r in records)
+
+
 def write_records(path: str | Path, records: list[dict]) -> None:
+    """Replace ``path`` with exactly ``records`` (atomically)."""
+    p = Path(path)
+    text = _lines(records)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(p, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def locked(path: str | Path):
+    """An exclusive lock on ``path`` between processes (``fcntl.flock`` on ``<path>.lock``)."""
+    import fcntl
+
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(p, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8"))
+    lock = p.with_name(p.name + ".lock")
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        raise write_error(lock, e) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def record_identity(rec: dict) -> str:
+    """What makes two records the same: (key, metric) for evaluation records, else the whole record."""
+    if "key" in rec:
+        return f"{rec['key']}|{rec.get('metric')}"
+    return json.dumps(rec, sort_keys=True)
+
+
+def merge_records(path: str | Path, records: list[dict]) -> list[dict]:
+    """Add ``records`` to the JSONL file ``path`` under its lock; returns the records that were new.
+
+    The file is re-read under the lock, so records added by another process since are kept; the
+    existing lines are kept byte for byte and the new ones appended; the file is replaced atomically."""
+    p = Path(path)
+    _lines(records)  # refuses NaN before taking the lock
+    with locked(p):
+        have = {record_identity(r) for r in read_records(p)}
+        new = []
+        for r in records:
+            ident = record_identity(r)
+            if ident not in have:
+                have.add(ident)
+                new.append(r)
+        if new:
+            old = p.read_bytes() if p.exists() else b""
+            if old and not old.endswith(b"\n"):
+                old += b"\n"
+            atomic_write_bytes(p, old + _lines(new).encode("utf-8"))
+    return new
 
 
 def record_key(*parts) -> str:

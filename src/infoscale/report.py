@@ -15,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from .errors import DataError
-from .io import atomic_write_bytes, read_records
+from .io import atomic_write_bytes, iter_records, record_identity
 
 HELP = "markdown tables and PNG plots from result records"
 
@@ -26,12 +26,81 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    records = [r for f in args.records for r in read_records(f)]
+    records = load_records(args.records)
     if not records:
         raise DataError(f"no records in {' '.join(args.records)}")
     path = write_report(records, args.out)
     print(f"wrote {path}")
     return 0
+
+
+# The fields each kind of record must have to be drawn: name -> accepted types.
+_NUM = (int, float)
+REQUIRED = {
+    "eval": {"model_name": str, "method": str, "length": int, "setting": str, "protocol": str, "metric": str,
+             "value": _NUM},
+    "entropy": {"source": str, "method": str, "length": int, "layer": int, "train_len": int, "H": _NUM,
+                "H_norm": _NUM},
+    "dilution": {"source": str, "method": str, "length": int, "layer": int, "train_len": int, "near_share": _NUM},
+    "cos_window": {"source": str, "s": _NUM, "length": int, "width": int, "train_len": int, "outside_mass": _NUM,
+                   "js": _NUM},
+}
+
+
+def check_record(rec: dict, where: str) -> None:
+    """Refuse a record ``report`` cannot draw, naming its line and the fields at fault."""
+    kind = rec.get("kind", "eval")
+    if kind not in REQUIRED:
+        raise DataError(f"{where}: a record of kind {kind!r}, which report does not draw (kinds: "
+                        f"{', '.join(REQUIRED)}); remove that line or give only files written by infoscale")
+    bad = [k for k, t in REQUIRED[kind].items()
+           if not isinstance(rec.get(k), t) or isinstance(rec.get(k), bool)
+           or (isinstance(rec.get(k), float) and not math.isfinite(rec[k]))]
+    if kind == "eval":
+        bad += [k for k in ("ci_low", "ci_high") if rec.get(k) is not None
+                and (not isinstance(rec[k], _NUM) or isinstance(rec[k], bool))]
+    if bad:
+        missing = [k for k in bad if k not in rec]
+        wrong = [k for k in bad if k in rec]
+        what = "; ".join(x for x in (f"missing {', '.join(missing)}" if missing else "",
+                                     f"wrong type or value of {', '.join(wrong)}" if wrong else "") if x)
+        raise DataError(f"{where}: incomplete {kind} record ({what}); fix or remove that line")
+
+
+def load_records(files) -> list[dict]:
+    """The records of ``files``, each checked (one clear error naming file:line), the same record
+    given twice (a file named twice) counted once."""
+    out, seen = [], set()
+    for f in files:
+        if not Path(f).exists():
+            raise DataError(f"record file {f} does not exist")
+        for i, rec in iter_records(f):
+            check_record(rec, f"{f}:{i}")
+            ident = record_identity(rec)
+            if ident not in seen:
+                seen.add(ident)
+                out.append(rec)
+    return out
+
+
+def distinct_model_names(records: list[dict]) -> list[dict]:
+    """Records whose ``model_name`` is shared by different run folders (two folders called ``run``)
+    are renamed ``parent/run`` (or the full path if that still clashes), so two models never fall
+    into one table."""
+    paths: dict[str, set] = defaultdict(set)
+    for r in records:
+        if "model_name" in r:
+            paths[r["model_name"]].add(str(r.get("model", r["model_name"])))
+    rename = {}
+    for name, ps in paths.items():
+        if len(ps) > 1:
+            short = {p: f"{Path(p).parent.name}/{Path(p).name}" for p in ps}
+            unique = len(set(short.values())) == len(ps)
+            rename |= {(name, p): (short[p] if unique else p) for p in ps}
+    if not rename:
+        return records
+    return [r | {"model_name": rename[r["model_name"], str(r.get("model", r["model_name"]))]}
+            if (r.get("model_name"), str(r.get("model", r.get("model_name")))) in rename else r for r in records]
 
 
 # Metrics and how to show them: (higher is better, shown in %).
@@ -197,6 +266,7 @@ def plot_eval(records: list[dict], out: Path) -> list[Path]:
 def write_report(records: list[dict], out_dir: str | Path) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    records = distinct_model_names(records)
     evals = [r for r in records if r.get("kind", "eval") == "eval" and "metric" in r]
     analyses = [r for r in records if r.get("kind") in ("entropy", "dilution", "cos_window")]
     lines = ["# infoscale report", ""]

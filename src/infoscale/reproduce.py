@@ -131,7 +131,7 @@ def reproduce(cfg: ReproduceConfig, log=print) -> dict:
         for i, m in enumerate([models[0], models[1]]):  # softmax and CosScale models, synthetic once
             recs += analyze(AnalyzeConfig(model=m, methods=["softmax", "infoscale", "logn"],
                                           lengths=list(p.analysis_lengths), windows=p.analysis_windows,
-                                          synthetic=i == 0, seed=cfg.seed))
+                                          synthetic=i == 0, seed=cfg.seed, progress=cfg.progress))
         write_records(analysis_file, recs)
     records = read_records(where["records"])
     report = write_report(records + read_records(analysis_file), where["report"])

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .data import CharTokenizer, TokenDocs, load_corpus
+from .data import CORPORA, CharTokenizer, TokenDocs, load_corpus
 from .errors import DataError
 from .models import family
 
@@ -50,15 +50,29 @@ class Run:
                             "directory written by `infoscale train`")
         split = _read_json(split_file)
         corpus = self.train_config.get("corpus")
-        if not corpus:
+        if not corpus or not isinstance(corpus, str):
             raise DataError(f"{self.path / 'train_config.json'} names no corpus; evaluate a run written by "
                             "`infoscale train`")
+        corpus = self.corpus_path(corpus)
         docs = {d.name: d for d in load_corpus(corpus)}
         missing = [n for n in split.get("eval", []) if n not in docs]
         if missing:
             raise DataError(f"the corpus {corpus!r} no longer has the held-out documents {missing[:3]} named in "
                             f"{split_file}")
         return TokenDocs([docs[n] for n in split["eval"]], self.tokenizer)
+
+
+    def corpus_path(self, corpus: str) -> str:
+        """The corpus as recorded; a relative path (runs of earlier versions) is looked up from the
+        current folder, then beside the run directory."""
+        if corpus in CORPORA or Path(corpus).is_absolute() or Path(corpus).exists():
+            return corpus
+        for base in (self.path.parent, self.path.resolve().parent):
+            if (base / corpus).exists():
+                return str(base / corpus)
+        raise DataError(f"the corpus {corpus!r} of {self.path} (a relative path) is not found from here nor beside "
+                        "the run; run from the folder it was trained in, or write its absolute path into "
+                        f"{self.path / 'train_config.json'}")
 
 
 def _read_json(path: Path) -> dict:
@@ -87,5 +101,12 @@ def load_run(path: str | Path, device="cpu") -> Run:
     except Exception as e:  # truncated safetensors, wrong shapes
         raise DataError(f"cannot load the model in {p}: {type(e).__name__}: {str(e)[:200]}") from None
     tok = CharTokenizer.load(p)
-    tcfg = _read_json(p / "train_config.json") if (p / "train_config.json").exists() else {}
+    rows = int(model.config.vocab_size)
+    if len(tok) != rows:
+        raise DataError(f"{p / 'vocab.txt'} has {len(tok)} tokens but the model has {rows} embedding rows; the "
+                        "vocabulary does not belong to this model (truncated or replaced): restore it from the run")
+    if not (p / "train_config.json").exists():
+        raise DataError(f"{p} has no train_config.json, so its corpus and training settings are unknown; evaluate a "
+                        "run directory written by `infoscale train` (or restore that file)")
+    tcfg = _read_json(p / "train_config.json")
     return Run(p, model, tok, tcfg)

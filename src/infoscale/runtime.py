@@ -8,7 +8,8 @@ import torch
 
 from .errors import ConfigError
 
-__all__ = ["resolve_device", "bf16_supported", "use_bf16", "step_generator", "dist_info"]
+__all__ = ["resolve_device", "bf16_supported", "use_bf16", "step_generator", "dist_info", "quiet_libraries",
+           "available_memory"]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -54,3 +55,35 @@ def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
 def dist_info() -> tuple[int, int]:
     """(rank, world size) as torchrun sets them; (0, 1) for a single process."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def quiet_libraries(progress: bool) -> None:
+    """With progress off, silence transformers' own progress bars ("Loading weights", "Writing model
+    shards") and its warnings, so ``--no-progress`` output holds only infoscale's lines."""
+    if progress:
+        return
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # transformers is imported only with the models
+        return
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free for tensors on ``device`` now (None if unknown)."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    try:  # MemAvailable counts the page cache the kernel can drop
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None

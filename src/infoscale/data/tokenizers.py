@@ -77,11 +77,15 @@ class CharTokenizer:
 
     MAX_WORD = 100  # WordPiece's max_input_chars_per_word
 
-    def __init__(self, vocab: list[str]):
+    def __init__(self, vocab: list[str], source: str = "vocab.txt"):
         if vocab[:5] != SPECIALS:
-            raise DataError("vocab.txt must start with " + " ".join(SPECIALS))
+            raise DataError(f"{source} must start with the special tokens " + " ".join(SPECIALS)
+                            + "; it is damaged: restore it from the run it came from")
         self.vocab = vocab
         self.ids = {t: i for i, t in enumerate(vocab)}
+        if len(self.ids) != len(vocab):
+            dup = next(t for i, t in enumerate(vocab) if self.ids[t] != i)
+            raise DataError(f"{source} lists {dup!r} twice; it is damaged: restore it from the run it came from")
 
     @staticmethod
     def _pieces(word: str) -> list[str]:
@@ -121,17 +125,23 @@ class CharTokenizer:
         return "".join(out)
 
     def save(self, folder: str | Path) -> None:
+        from ..io import atomic_write_bytes
+
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / "vocab.txt").write_text("".join(t + "\n" for t in self.vocab), encoding="utf-8")
+        atomic_write_bytes(folder / "vocab.txt", "".join(t + "\n" for t in self.vocab).encode("utf-8"))
         cfg = {"tokenizer_class": "BertTokenizerFast", "do_lower_case": False, "tokenize_chinese_chars": True,
                "strip_accents": False, "unk_token": "[UNK]", "pad_token": "[PAD]", "cls_token": "[CLS]",
                "sep_token": "[SEP]", "mask_token": "[MASK]", "model_max_length": 1_000_000}
-        (folder / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1), encoding="utf-8")
+        atomic_write_bytes(folder / "tokenizer_config.json", json.dumps(cfg, indent=1).encode("utf-8"))
 
     @classmethod
     def load(cls, folder: str | Path) -> CharTokenizer:
         path = Path(folder) / "vocab.txt"
         if not path.exists():
             raise DataError(f"{folder} has no vocab.txt; is it a model directory written by `infoscale train`?")
-        return cls(path.read_text(encoding="utf-8").split("\n")[:-1])
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise DataError(f"{path} is not UTF-8; it is damaged: restore it from the run it came from") from None
+        return cls(text.split("\n")[:-1] if text.endswith("\n") else text.split("\n"), str(path))
