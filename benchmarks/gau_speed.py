@@ -245,7 +245,7 @@ def main(argv=None) -> int:
         print(json.dumps(child_memory(p, int(n), int(b), v, bool(int(bf)))))
         return 0
     if args.quick:
-        args.presets, args.lengths, args.repeats, args.train_steps = ["small"], [1024, 4096], 2, 3
+        args.presets, args.lengths, args.repeats, args.train_steps = ["small"], [1024, 4096], 1, 3
 
     from infoscale.runtime import choose_precision
 
