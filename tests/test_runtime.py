@@ -20,7 +20,7 @@ def fresh(monkeypatch):
     calls = []
     fake = {"fp32": 2e-3, "bf16": 1e-3}
 
-    def measure(device, dtypes, repeats=7):
+    def measure(device, dtypes, repeats=9):
         calls.append((str(device), dtypes))
         return {runtime._NAMES[dt]: {"matmul": fake[runtime._NAMES[dt]] / 2,
                                      "attention": fake[runtime._NAMES[dt]] / 2,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -114,27 +113,39 @@ def _probes(device: torch.device, dtype: torch.dtype):
     return {"matmul": matmul, "attention": attention}
 
 
-def _measure(device: torch.device, dtypes: tuple[torch.dtype, ...], repeats: int = 7) -> dict:
-    """Median seconds of each probe in each dtype, repeats interleaved across dtypes so that load from
-    other processes falls on all of them alike. About 50–150 ms on two CPU cores."""
+def _measure(device: torch.device, dtypes: tuple[torch.dtype, ...], repeats: int = 9) -> dict:
+    """Seconds of each probe in each dtype: the fastest of ``repeats`` runs, interleaved across dtypes.
+
+    Other processes only ever add time, so the minimum is the steadiest estimate of a probe's own cost
+    (the advice of Python's ``timeit`` documentation). On CPU the probes run on one thread: the choice
+    is about the core's instructions (AMX, AVX512-BF16 or neither), and on a shared machine a second
+    thread waiting at a barrier for a pre-empted sibling would add scheduler quanta (milliseconds) to
+    sub-millisecond probes. About 0.1–0.3 s in all.
+    """
     probes = {_NAMES[dt]: _probes(device, dt) for dt in dtypes}
     samples = {name: {p: [] for p in fns} for name, fns in probes.items()}
-    with torch.inference_mode():
-        for fns in probes.values():  # warm up: oneDNN builds its kernels on the first call
-            for f in fns.values():
-                f(), f()
-        _sync(device)
-        for _ in range(repeats):
-            for name, fns in probes.items():
-                for p, f in fns.items():
-                    t0 = time.perf_counter()
-                    f()
-                    _sync(device)
-                    samples[name][p].append(time.perf_counter() - t0)
+    threads = torch.get_num_threads()
+    if device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        with torch.inference_mode():
+            for fns in probes.values():  # warm up: oneDNN builds its kernels on the first call
+                for f in fns.values():
+                    f(), f()
+            _sync(device)
+            for _ in range(repeats):
+                for name, fns in probes.items():
+                    for p, f in fns.items():
+                        t0 = time.perf_counter()
+                        f()
+                        _sync(device)
+                        samples[name][p].append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
     out = {}
     for name, per in samples.items():
-        med = {p: statistics.median(ts) for p, ts in per.items()}
-        out[name] = med | {"total": sum(med.values())}
+        best = {p: min(ts) for p, ts in per.items()}
+        out[name] = best | {"total": sum(best.values())}
     return out
 
 
@@ -148,9 +159,10 @@ def _key(device: torch.device) -> str:
 def choose_precision(flag: str, device: torch.device | str) -> Precision:
     """The compute dtype for ``--bf16 flag`` on ``device``.
 
-    ``on``/``off`` force bf16/fp32. ``auto`` times small probes (:func:`_probes`) once per process and
-    device, in fp32 and in the native reduced precision (bf16, or fp16 on a CUDA device without bf16),
-    and picks the reduced one only when it is at least ``MARGIN`` faster: "supported" does not mean
+    ``on``/``off`` force bf16/fp32. ``auto`` times small probes (:func:`_probes`, :func:`_measure`) once
+    per process and device, in fp32 and in the native reduced precision (bf16, or fp16 on a CUDA device
+    without bf16), and picks the reduced one only when the sum of its probe times is at least ``MARGIN``
+    below fp32's: "supported" does not mean
     "faster" (on some CPUs with AVX512-BF16 but no AMX, bf16 matmuls are slower than fp32; with AMX
     they are several times faster). The choice is logged once to stderr with both timings and is
     available from :func:`precision_info`. fp16 needs loss scaling to train; callers that only know
