@@ -320,14 +320,18 @@ def _row_lengths(mask, n_q: int, n_k: int, causal: bool, device) -> torch.Tensor
     return (torch.arange(n_q, dtype=torch.float64, device=device) + q_off + 1).view(1, 1, n_q, 1)
 
 
+@functools.lru_cache(maxsize=64)
+def _temperature(pm, L: int, heads: int, head_dim: int):
+    """The method's row factor t(l) (the core's, from a plan built once per method and shape)."""
+    return build_plan(pm, batch=1, heads=heads, head_dim=head_dim, train_len=L, n_q=1, n_k=1, rope=False).temperature
+
+
 def _fast(pm, L, query, key, value, mask, n_q, n_k, causal, scaling, dropout):
     """Temperatures and masks: t(l_i) folded into q, then torch's SDPA with the model's mask (or its causal flag)."""
     q = query
     if pm.slot("temperature") is not None:
         l = _row_lengths(mask, n_q, n_k, causal, query.device)
-        plan = build_plan(pm, batch=1, heads=query.shape[1], head_dim=query.shape[-1], train_len=L, n_q=n_q,
-                          n_k=n_k, rope=False, device=query.device)
-        t = plan.temperature(l)
+        t = _temperature(pm, L, query.shape[1], query.shape[-1])(l)
         q = (query.float() * t.float()).to(query.dtype)
     gqa = key.shape[1] != query.shape[1]
     out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
