@@ -234,6 +234,28 @@ def test_layers_equal_core(family, method):
         torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4, msg=lambda s, i=i: f"layer {i}: {s}")
 
 
+@pytest.mark.parametrize("method", ["window(width=5)+infoscale", "streamingllm(sinks=3, window=7)+logn",
+                                    "lm_infinite(sinks=2, window=6, cap=4)"])
+@pytest.mark.parametrize("family", ["llama", "modernbert"])
+def test_long_band_equals_core(family, method):
+    """Windows over several query chunks (300 tokens): the band path against the core's full computation."""
+    n = 300
+    m = hf.apply(model_for(family), method)
+    rec, hooks = _capture(m, family)
+    try:
+        logits(m, ids_for(n=n))
+    finally:
+        for h in hooks:
+            h.remove()
+    H = m.config.num_attention_heads
+    for i, r in enumerate(rec):
+        k, v = r["k"].repeat_interleave(H // r["k"].shape[1], 1), r["v"].repeat_interleave(H // r["v"].shape[1], 1)
+        want = infoscale.attention(r["q"], k, v, method, train_len=L, impl="reference",
+                                   **_reference_setup(m, family, i, n))
+        got = r["out"].view(1, n, H, -1).transpose(1, 2)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4, msg=lambda s, i=i: f"layer {i}: {s}")
+
+
 # --------------------------------------------------------------------------------------------
 # Padding, decoding
 # --------------------------------------------------------------------------------------------

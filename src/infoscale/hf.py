@@ -15,13 +15,15 @@ How it plugs in (transformers' "attention interface", docs: huggingface.co/docs/
   ``module.config``; they are saved by ``save_pretrained``, but the attention implementation is not, so a reloaded
   model needs ``apply(model)`` again (with no method: the one saved in the config).
 * The mask function is transformers' ``sdpa_mask`` (bool, True = may attend) with the method's own mask
-  (window, StreamingLLM sinks, LM-Infinite's Λ) ANDed on, on pad-aware positions; it forces the mask to be
-  built whenever the method has a mask. It records on the mask tensor where the queries and keys sit in the
-  sequence (``q_offset``, ``kv_offset``) and the 2-D padding mask, so that the attention function knows every
-  query's and key's position under any cache (dynamic, sliding-window, static) and any padding. When
-  transformers skips the mask (no padding, plain causal or bidirectional attention), the attention function
-  derives the same geometry from the shapes.
-* Length temperatures (InfoScale, log-n, softmax_plus) need l_i, the number of keys query i attends:
+  (window, StreamingLLM sinks, LM-Infinite's Λ) ANDed on, on pad-aware positions (position = number of real
+  tokens before, so sinks are the first real tokens of a left-padded row). It records on the mask tensor where
+  the queries and keys sit in the sequence (``q_offset``, ``kv_offset``) and the 2-D padding mask, so that the
+  attention function knows every query's and key's position under any cache (dynamic, sliding-window, static)
+  and any padding. transformers skips building the mask only when it would be plain causal or bidirectional
+  attention without padding and without a sliding window (``_ignore_causal_mask_sdpa``); the attention function
+  then derives the same geometry from the shapes and applies the method's band itself, over the keys the band
+  reaches only (O(n·window) instead of an n×n mask).
+* Length temperatures (InfoScale, log-n, softmax_plus, Llama 4's) need l_i, the number of keys query i attends:
   ``l_i = Σ_j mask_ij`` over the model's own mask (padding, causal, sliding window) and the method's; when
   the mask was skipped, l_i = q_offset + i + 1 (causal) or n_k (bidirectional), which is the same count.
 
@@ -197,8 +199,8 @@ def infoscale_mask(*args, **kwargs):
     if torch.is_tensor(q_offset):  # a static cache's length counter, which its update() bumps in place
         q_offset = q_offset.clone()
     if overlay is not None:
-        kwargs["allow_is_causal_skip"] = False
-        kwargs["allow_is_bidirectional_skip"] = False
+        # transformers may still skip the mask when it would only be causal/bidirectional without padding;
+        # the attention function then applies the method's band itself on the (trivial) positions
         pos = None
         if pad2d is not None:
             q_len, kv_len = kwargs.get("q_length", 0), kwargs.get("kv_length", 0)
@@ -326,8 +328,40 @@ def _temperature(pm, L: int, heads: int, head_dim: int):
     return build_plan(pm, batch=1, heads=heads, head_dim=head_dim, train_len=L, n_q=1, n_k=1, rope=False).temperature
 
 
+def _banded(pm, L, query, key, value, n_q, n_k, causal, scaling, dropout, window: int, sinks: int):
+    """A window (with sinks) when transformers skipped the mask (no padding, positions = indices): query chunks
+    against only the keys their band and the sinks reach, so the cost is O(n · (window + sinks))."""
+    q_off = 0 if (causal and 1 < n_q < n_k) else n_k - n_q
+    t_fn = _temperature(pm, L, query.shape[1], query.shape[-1]) if pm.slot("temperature") is not None else None
+    chunk = max(128, min(1024, window))
+    dev, outs = query.device, []
+    for r0 in range(0, n_q, chunk):
+        r1 = min(n_q, r0 + chunk)
+        p0, p1 = q_off + r0, q_off + r1 - 1
+        lo, hi = max(0, p0 - window), min(n_k, (p1 if causal else p1 + window) + 1)
+        if not causal and p0 < sinks:  # sink queries attend every key
+            lo, hi = 0, n_k
+        idx = torch.arange(lo, hi, device=dev)
+        if sinks and lo > 0:
+            idx = torch.cat([torch.arange(min(sinks, lo), device=dev), idx])
+        qp, kp = torch.arange(p0, p1 + 1, device=dev)[:, None], idx[None, :]
+        ok = ((qp - kp).abs() <= window) | (kp < sinks) | (qp < sinks)
+        if causal:
+            ok = ok & (kp <= qp)
+        qc = query[:, :, r0:r1]
+        if t_fn is not None:
+            t = t_fn(ok.sum(-1, keepdim=True, dtype=torch.float64))
+            qc = (qc.float() * t.float()).to(query.dtype)
+        outs.append(F.scaled_dot_product_attention(qc, key[:, :, idx], value[:, :, idx], attn_mask=ok, scale=scaling,
+                                                   dropout_p=dropout, enable_gqa=key.shape[1] != query.shape[1]))
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+
+
 def _fast(pm, L, query, key, value, mask, n_q, n_k, causal, scaling, dropout):
     """Temperatures and masks: t(l_i) folded into q, then torch's SDPA with the model's mask (or its causal flag)."""
+    band = _mask_params(pm)
+    if mask is None and band is not None:
+        return _banded(pm, L, query, key, value, n_q, n_k, causal, scaling, dropout, *band)
     q = query
     if pm.slot("temperature") is not None:
         l = _row_lengths(mask, n_q, n_k, causal, query.device)
