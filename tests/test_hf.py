@@ -13,6 +13,8 @@ import inspect
 import pytest
 import torch
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
     Gemma3ForCausalLM,
     Gemma3TextConfig,
     GPT2Config,
@@ -63,6 +65,11 @@ def _build(family: str):
         return Gemma3ForCausalLM(Gemma3TextConfig(**SMALL, num_key_value_heads=2, head_dim=8, sliding_window=6,
                                                   query_pre_attn_scalar=16,
                                                   layer_types=["sliding_attention", "full_attention"]))
+    if family == "gemma2":  # logit soft-capping at 5 (transformers passes softcap= to the attention function)
+        return Gemma2ForCausalLM(Gemma2Config(**SMALL, num_key_value_heads=2, head_dim=8, sliding_window=6,
+                                              query_pre_attn_scalar=16, attn_logit_softcapping=5.0,
+                                              final_logit_softcapping=None,
+                                              layer_types=["sliding_attention", "full_attention"]))
     if family == "phi3":  # partial rotary: 4 of 8 dims
         return Phi3ForCausalLM(Phi3Config(**SMALL, num_key_value_heads=2, partial_rotary_factor=0.5))
     if family == "smollm3":  # layer 1 has no RoPE
@@ -80,15 +87,15 @@ def _build(family: str):
 _MODELS: dict[str, torch.nn.Module] = {}
 
 
-def model_for(family: str, attn: str = "sdpa"):
+def model_for(family: str, attn: str | None = None):
     if family not in _MODELS:
         _MODELS[family] = _build(family).eval()
     m = copy.deepcopy(_MODELS[family])
-    m.set_attn_implementation(attn)
+    m.set_attn_implementation(attn or ("eager" if family == "gemma2" else "sdpa"))  # Gemma 2 has no SDPA
     return m
 
 
-CAUSAL = ["llama", "qwen2", "mistral", "gemma3", "phi3", "smollm3"]
+CAUSAL = ["llama", "qwen2", "mistral", "gemma2", "gemma3", "phi3", "smollm3"]
 FAMILIES = CAUSAL + ["modernbert"]
 METHODS = ["softmax", "infoscale", "logn", "softmax_plus", "pi", "ntk", "yarn", "rerope", "leaky_rerope", "window",
            "streamingllm", "lm_infinite", "rerope+infoscale", "leaky_rerope(window=3)+logn", "yarn+infoscale",
@@ -122,13 +129,14 @@ def test_softmax_equals_stock_eager(family):
 @pytest.mark.parametrize("method", ["rerope+infoscale", "streamingllm"])
 def test_remove_restores_stock(family, method):
     m = model_for(family)
+    impl = m.config._attn_implementation
     stock = logits(m, ids_for())
     rotaries = {n: mod for n, mod in m.named_modules() if type(mod).__name__.endswith("RotaryEmbedding")}
     hf.apply(m, method)
     changed = logits(m, ids_for())
     assert not torch.allclose(changed, stock, atol=1e-4)
     assert hf.remove(m) is m
-    assert m.config._attn_implementation == "sdpa" and not hasattr(m.config, "infoscale")
+    assert m.config._attn_implementation == impl and not hasattr(m.config, "infoscale")
     after = {n: mod for n, mod in m.named_modules() if type(mod).__name__.endswith("RotaryEmbedding")}
     assert after.keys() == rotaries.keys() and all(after[n] is rotaries[n] for n in after)
     assert not any(hasattr(mod, "_infoscale_rope") for mod in m.modules())
@@ -194,15 +202,16 @@ def _reference_setup(model, family, i, n):
     rope = Rope(dim, base=rp["rope_theta"], layout="halves")
     if family == "smollm3" and not cfg.no_rope_layers[i]:
         rope = False
-    scale = cfg.query_pre_attn_scalar ** -0.5 if family == "gemma3" else d ** -0.5
+    scale = cfg.query_pre_attn_scalar ** -0.5 if family.startswith("gemma") else d ** -0.5
     causal = family != "modernbert"
+    softcap = cfg.attn_logit_softcapping if family == "gemma2" else None
     a = torch.arange(n)
     mask = None
     if lt == "sliding_attention":
         w = cfg.sliding_window
         mask = ((a[:, None] - a[None, :]).abs() <= w) if not causal else (a[:, None] - a[None, :] < w)
         mask = mask[None, None]
-    return dict(rope=rope, scale=scale, causal=causal, attn_mask=mask)
+    return dict(rope=rope, scale=scale, causal=causal, attn_mask=mask, softcap=softcap)
 
 
 def _nope(method: str) -> str:
