@@ -8,7 +8,6 @@ hooks on the projections, with a RoPE description built here from the config (an
 from __future__ import annotations
 
 import copy
-import inspect
 
 import pytest
 import torch
@@ -35,14 +34,15 @@ from transformers import (
 )
 
 import infoscale
-from infoscale import hf
-from infoscale.attn.rope import Rope
 from infoscale.errors import ConfigError, MethodError
 
-# Until the core's attention() takes key_positions, rope, scale, softcap and seq_len (landing on main), the
-# integration cannot run; remove this marker once merged.
-_NEW_CORE = "key_positions" in inspect.signature(infoscale.attention).parameters
-pytestmark = pytest.mark.xfail(not _NEW_CORE, reason="needs the extended infoscale.attention API", strict=False)
+# Temporary, until the extended core (Rope; attention() with key_positions, rope, scale, softcap, seq_len) is
+# merged from main: without it the integration cannot import.
+try:
+    from infoscale import hf
+    from infoscale.attn.rope import Rope
+except ImportError as e:
+    pytest.skip(f"needs the extended attention core: {e}", allow_module_level=True)
 
 L = 8  # training length of every tiny model
 N = 24  # evaluation length: 3 L
