@@ -1,0 +1,672 @@
+"""Every inference method of :mod:`infoscale` in a Hugging Face transformers 5.x model.
+
+    import infoscale.hf
+    infoscale.hf.apply(model, "rerope+infoscale")     # train_len defaults from the config
+    model.generate(ids, max_new_tokens=64)
+    infoscale.hf.remove(model)                        # the stock model again
+
+How it plugs in (transformers' "attention interface", docs: huggingface.co/docs/transformers/attention_interface):
+
+* ``apply`` registers :func:`infoscale_attention` with ``AttentionInterface.register("infoscale", ...)`` and
+  :func:`infoscale_mask` with ``AttentionMaskInterface.register("infoscale", ...)`` under the same name (without a
+  registered mask function transformers hands the attention function ``attention_mask=None``, even for padded
+  batches), then calls ``model.set_attn_implementation("infoscale")``. The method and its options are stored on the
+  config as ``config.infoscale = {"method": ..., "train_len": ...}`` and read by the attention function through
+  ``module.config``; they are saved by ``save_pretrained``, but the attention implementation is not, so a reloaded
+  model needs ``apply(model)`` again (with no method: the one saved in the config).
+* The mask function is transformers' ``sdpa_mask`` (bool, True = may attend) with the method's own mask
+  (window, StreamingLLM sinks, LM-Infinite's Λ) ANDed on, on pad-aware positions (position = number of real
+  tokens before, so sinks are the first real tokens of a left-padded row). It records on the mask tensor where
+  the queries and keys sit in the sequence (``q_offset``, ``kv_offset``) and the 2-D padding mask, so that the
+  attention function knows every query's and key's position under any cache (dynamic, sliding-window, static)
+  and any padding. transformers skips building the mask only when it would be plain causal or bidirectional
+  attention without padding and without a sliding window (``_ignore_causal_mask_sdpa``); the attention function
+  then derives the same geometry from the shapes and applies the method's band itself, over the keys the band
+  reaches only (O(n·window) instead of an n×n mask).
+* Length temperatures (InfoScale, log-n, softmax_plus, Llama 4's) need l_i, the number of keys query i attends:
+  ``l_i = Σ_j mask_ij`` over the model's own mask (padding, causal, sliding window) and the method's; when
+  the mask was skipped, l_i = q_offset + i + 1 (causal) or n_k (bidirectional), which is the same count.
+
+Positions (ReRoPE, Leaky ReRoPE, LM-Infinite, PI, NTK, YaRN): these need the keys *before* rotation. ``apply``
+replaces the model's rotary module(s) by a stand-in returning cos = 1, sin = 0 of the same shape, so the
+model's own ``apply_rotary_pos_emb`` becomes the identity and the KV cache stores un-rotated keys (the design of
+bojone/rerope, mit-han-lab/streaming-llm's pos-shift and LongLM's SelfExtend). The original rotary module is
+kept and describes the model's RoPE to the core as a :class:`infoscale.attn.rope.Rope`: its base
+(``rope_parameters["rope_theta"]``), its rotated dims (partial rotary, e.g. Phi-3), its frequencies, its
+``attention_scaling`` (YaRN/LongRoPE mscale) and its layout (transformers' ``rotate_half``); per-layer-type
+rotaries (Gemma 3, ModernBERT) give one Rope per layer type, and NoPE layers (SmolLM3 ``no_rope_layers``) none.
+``apply`` checks each Rope against the model's own ``apply_rotary_pos_emb`` on probe positions and refuses a
+model whose rotation it cannot reproduce. Every call then rotates q and all cached keys at their positions
+inside :func:`infoscale.attention` (O(n_k·d) per layer and step). Methods without a position component leave the
+rotary modules alone: q and k arrive rotated and the core is called with ``rope=False``.
+
+Dynamic factors when decoding: PI, NTK and YaRN without a ``factor`` use s = n / L, and Leaky ReRoPE without
+``k`` uses n, where n is the number of real tokens. In a forward pass without a cache n is the sequence length.
+With a cache, n is fixed by the prompt at prefill and kept for every decoding step (as Qwen's dynamic NTK,
+``Qwen/Qwen-7B`` ``modeling_qwen.py``, which computes its NTK alpha at prefill only): a forward hook stores it on
+the cache object. Cached decoding therefore equals a full forward with that fixed factor, e.g.
+``pi(factor=n_prompt / L)``; the keys of earlier steps stay consistent because every key is re-rotated with the
+same frequencies at every step.
+
+The computation is :func:`infoscale.attention` (reference semantics). Methods that only scale logits per query
+row or mask keys (softmax, temperatures, window, StreamingLLM) take a fast path that folds the row factor
+t(l_i) into q and calls ``torch.nn.functional.scaled_dot_product_attention`` (as Llama 4's
+``attn_temperature_tuning`` and Qwen's ``use_logn_attn`` do), which is exact: t(l_i)·(q_i·k_j) = (t(l_i) q_i)·k_j.
+
+Refused with a clear error: train-time methods (CosScale, ALiBi, PoSE) unless ``config.infoscale["train_method"]``
+says the model was trained with them; position methods on models whose rotary module cannot be found or
+reproduced (complex RoPE as Llama 4, frequencies that change with the length: ``dynamic``, ``longrope``);
+remote-code models; models that do not use transformers' attention interface.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attn import attention, build_plan, merge_with_training, parse_method
+from .attn.rope import Rope, rotate
+from .errors import ConfigError, MethodError
+
+__all__ = ["NAME", "apply", "remove", "infoscale_attention", "infoscale_mask", "train_len_of"]
+
+NAME = "infoscale"
+SEQ_LEN_KWARG = "infoscale_seq_len"  # the per-row n of dynamic methods, injected into the forward kwargs
+_CACHE_ATTR = "_infoscale_seq_len"  # where the prompt's n is kept on a cache object
+_META_ATTR = "_infoscale_meta"  # (q_offset, kv_offset, 2-D padding mask) recorded on a mask tensor
+_ROPE_ATTR = "_infoscale_rope"  # an attention module's Rope (or False: NoPE) when keys arrive un-rotated
+_STATE_ATTR = "_infoscale_state"  # on the model: what apply changed, for remove
+
+
+# --------------------------------------------------------------------------------------------
+# Method bookkeeping
+# --------------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed(method: str, train_len: int):
+    return parse_method(method, train_len).resolved(train_len)
+
+
+def _needs_positions(pm) -> bool:
+    return pm.slot("positions") is not None
+
+
+def _fast_ok(pm) -> bool:
+    """Only per-row logit factors and masks: exact with a q fold and torch's SDPA."""
+    return all(set(c.method.slots) <= {"temperature", "mask"} for c in pm.components)
+
+
+def _mask_params(pm):
+    """(window, sinks) of the method's mask slot, or None."""
+    c = pm.slot("mask")
+    if c is None:
+        return None
+    p = c.params
+    window = p.width if c.name == "window" else p.window
+    return int(window), int(getattr(p, "sinks", 0))
+
+
+def _without_positions(pm):
+    """The method on a layer without RoPE (a NoPE layer): its position component does not apply; LM-Infinite
+    keeps its Λ-mask, which is StreamingLLM's mask with its sinks and window."""
+    parts = []
+    for c in pm.components:
+        if c.name == "lm_infinite":
+            parts.append(f"streamingllm(sinks={c.params.sinks}, window={c.params.window})")
+        elif "positions" not in c.method.slots:
+            parts.append(str(c))
+    return "+".join(parts) or "softmax"
+
+
+def _dynamic(pm) -> bool:
+    """Whether the method depends on n (dynamic PI/NTK/YaRN, Leaky ReRoPE's default k)."""
+    c = pm.slot("positions")
+    if c is None:
+        return False
+    return (c.name in ("pi", "ntk", "yarn") and c.params.factor is None) or (
+        c.name == "leaky_rerope" and c.params.k is None)
+
+
+def _settings(config) -> dict:
+    s = getattr(config, "infoscale", None)
+    if not isinstance(s, dict) or "method" not in s:
+        raise ConfigError("the model's attention implementation is 'infoscale' but config.infoscale has no method; "
+                          "call infoscale.hf.apply(model, method)")
+    return s
+
+
+def train_len_of(config) -> int:
+    """The training length L: ``rope_parameters["original_max_position_embeddings"]`` when present (the length
+    before a RoPE extension such as YaRN or Llama 3's), else ``max_position_embeddings``."""
+    rp = getattr(config, "rope_parameters", None) or {}
+    params = [rp] if "rope_type" in rp or "rope_theta" in rp else [v for v in rp.values() if isinstance(v, dict)]
+    for p in params:
+        if p.get("original_max_position_embeddings"):
+            return int(p["original_max_position_embeddings"])
+    L = getattr(config, "max_position_embeddings", None)
+    if not isinstance(L, int) or L < 2:
+        raise ConfigError("cannot tell the training length: the config has no max_position_embeddings; "
+                          "pass train_len=")
+    return L
+
+
+# --------------------------------------------------------------------------------------------
+# Mask function
+# --------------------------------------------------------------------------------------------
+
+
+def _positions_table(pad2d: torch.Tensor, length: int) -> torch.Tensor:
+    """Pad-aware position of every sequence index: (number of real tokens up to it) − 1."""
+    if pad2d.shape[-1] < length:
+        pad2d = F.pad(pad2d, (0, length - pad2d.shape[-1]))
+    return pad2d[:, :length].long().cumsum(-1) - 1
+
+
+def _method_overlay(window: int, sinks: int, pos: torch.Tensor | None):
+    """Mask predicate of a window with sinks on positions: |p_i − p_j| <= window, or p_j < sinks, or p_i < sinks."""
+
+    def inner(batch_idx, head_idx, q_idx, kv_idx):
+        if pos is None:
+            pq, pk = q_idx, kv_idx
+        else:
+            pq, pk = pos[batch_idx, q_idx], pos[batch_idx, kv_idx]
+        ok = (pq - pk).abs() <= window
+        if sinks:
+            ok = ok | (pk < sinks) | (pq < sinks)
+        return ok
+
+    return inner
+
+
+def infoscale_mask(*args, **kwargs):
+    """transformers' ``sdpa_mask`` (bool, True = attend) with the method's mask ANDed on, registered under
+    ``"infoscale"`` in ``AttentionMaskInterface``. Signature-agnostic (``*args, **kwargs``)."""
+    from transformers.masking_utils import and_masks, sdpa_mask
+
+    config = kwargs.get("config")
+    settings = getattr(config, "infoscale", None) if config is not None else None
+    overlay = None
+    if isinstance(settings, dict) and "method" in settings:
+        overlay = _mask_params(_parsed(settings["method"], int(settings["train_len"])))
+    pad2d = kwargs.get("attention_mask")
+    q_offset, kv_offset = kwargs.get("q_offset", 0), kwargs.get("kv_offset", 0)
+    if torch.is_tensor(q_offset):  # a static cache's length counter, which its update() bumps in place
+        q_offset = q_offset.clone()
+    if overlay is not None:
+        # transformers may still skip the mask when it would only be causal/bidirectional without padding;
+        # the attention function then applies the method's band itself on the (trivial) positions
+        pos = None
+        if pad2d is not None:
+            q_len, kv_len = kwargs.get("q_length", 0), kwargs.get("kv_length", 0)
+            length = max(int(q_offset) + int(q_len), int(kv_offset) + int(kv_len), pad2d.shape[-1])
+            pos = _positions_table(pad2d.bool(), length)
+        kwargs["mask_function"] = and_masks(kwargs.get("mask_function"), _method_overlay(*overlay, pos))
+    mask = sdpa_mask(*args, **kwargs)
+    if isinstance(mask, torch.Tensor):
+        setattr(mask, _META_ATTR, (q_offset, kv_offset, pad2d))
+    return mask
+
+
+# --------------------------------------------------------------------------------------------
+# Attention function
+# --------------------------------------------------------------------------------------------
+
+
+def _bool_mask(mask, n_q: int, n_k: int) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise ConfigError(f"infoscale attention got a {type(mask).__name__} mask; only tensor masks are supported")
+    if mask.dtype != torch.bool:  # an additive float mask: 0 = attend, a large negative number = not
+        mask = mask > torch.finfo(mask.dtype).min / 2
+    if mask.dim() == 2:
+        mask = mask[:, None, None, :]
+    return mask[..., -n_q:, :n_k]
+
+
+def _geometry(mask, raw_mask, n_q: int, n_k: int, causal: bool, device):
+    """Query positions (B|1, n_q), key positions (B|1, n_k), key padding (B, n_k) or None.
+
+    From the mask's record when transformers built it; from the shapes when it skipped it (then there is
+    no padding and the queries are the last n_q keys, except at a static cache's prefill, the only skip with
+    1 < n_q < n_k, where they are the first n_q); from the mask's diagonal for a caller's own 4-D mask.
+    """
+    meta = getattr(raw_mask, _META_ATTR, None) if raw_mask is not None else None
+    if meta is not None:
+        q_off, kv_off, pad2d = meta
+        q_hist = torch.arange(n_q, device=device) + (q_off.to(device) if torch.is_tensor(q_off) else int(q_off))
+        k_hist = torch.arange(n_k, device=device) + int(kv_off)
+        if pad2d is None:
+            return q_hist[None], k_hist[None], None
+        length = max(int(q_hist[-1]) + 1, int(k_hist[-1]) + 1, pad2d.shape[-1])
+        pad = pad2d.bool().to(device)
+        pad = F.pad(pad, (0, length - pad.shape[-1])) if pad.shape[-1] < length else pad
+        pos = pad.long().cumsum(-1) - 1
+        return pos[:, q_hist], pos[:, k_hist], pad[:, k_hist]
+    k_pos = torch.arange(n_k, device=device)[None]
+    if mask is None:
+        q_off = 0 if (causal and 1 < n_q < n_k) else n_k - n_q
+        return (torch.arange(n_q, device=device) + q_off)[None], k_pos, None
+    # a caller's own mask: each query's own key is the last one it may attend
+    last = torch.where(mask, torch.arange(n_k, device=device), -1).amax(-1)[:, 0]  # (B, n_q)
+    default = torch.arange(n_q, device=device) + (n_k - n_q)
+    return torch.where(last >= 0, last, default), k_pos, None
+
+
+def _kv_repeat(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """Repeat GQA key/value heads (transformers' repeat_kv: kv head h serves query heads h·r .. h·r + r − 1)."""
+    r = heads // x.shape[1]
+    return x if r == 1 else x.repeat_interleave(r, dim=1)
+
+
+def infoscale_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask, scaling: float | None = None, dropout: float = 0.0, **kwargs):
+    """The attention function registered as ``"infoscale"`` (transformers' attention-interface signature).
+
+    query (B, H, n_q, d), key/value (B, H_kv, n_k, d) including the cache; returns ((B, n_q, H, d_v), weights
+    or None). Un-rotated q, k when the method moves positions (see the module docstring), rotated otherwise.
+    """
+    s = _settings(module.config)
+    L = int(s["train_len"])
+    pm = _parsed(s["method"], L)
+    B, H, n_q, d = query.shape
+    n_k = key.shape[2]
+    causal = bool(kwargs.get("is_causal", getattr(module, "is_causal", True)))
+    mask = _bool_mask(attention_mask, n_q, n_k)
+    softcap = kwargs.get("softcap")
+    want_weights = bool(kwargs.get("output_attentions", False))
+    training = module.training
+    dropout = float(dropout) if training else 0.0
+
+    if _needs_positions(pm):
+        rope = getattr(module, _ROPE_ATTR, None)
+        if rope is None:
+            raise ConfigError(f"method {pm} needs un-rotated keys but this model's rotary modules were not "
+                              "replaced; call infoscale.hf.apply(model) instead of setting the attention "
+                              "implementation by name")
+        if rope is False:  # a NoPE layer
+            pm = _parsed(_without_positions(pm), L)
+    else:
+        rope = False  # q and k arrive rotated by the model
+
+    if _fast_ok(pm) and softcap is None and not want_weights:
+        return _fast(pm, L, query, key, value, mask, n_q, n_k, causal, scaling, dropout)
+
+    q_pos, k_pos, kpm = _geometry(mask, attention_mask, n_q, n_k, causal, query.device)
+    seq_len = kwargs.get(SEQ_LEN_KWARG)
+    if seq_len is not None and seq_len.shape[0] != B and B % seq_len.shape[0] == 0:
+        seq_len = seq_len.repeat_interleave(B // seq_len.shape[0])  # beams / expanded batches
+    if seq_len is None:  # real tokens up to the last query
+        seq_len = q_pos[:, -1] + 1
+    out = attention(query, _kv_repeat(key, H), _kv_repeat(value, H), pm, train_len=L, causal=causal,
+                    key_padding_mask=kpm, attn_mask=mask, positions=q_pos, key_positions=k_pos, rope=rope,
+                    scale=scaling, softcap=softcap, seq_len=seq_len, return_weights=want_weights,
+                    dropout_p=dropout, training=training)
+    out, w = out if want_weights else (out, None)
+    return out.transpose(1, 2).contiguous(), w
+
+
+def _row_lengths(mask, n_q: int, n_k: int, causal: bool, device) -> torch.Tensor:
+    """l_i, keys each query attends: (B|1, 1, n_q, 1) float64."""
+    if mask is not None:
+        return mask.sum(-1, keepdim=True, dtype=torch.float64)
+    if not causal:
+        return torch.full((1, 1, n_q, 1), float(n_k), dtype=torch.float64, device=device)
+    q_off = 0 if 1 < n_q < n_k else n_k - n_q
+    return (torch.arange(n_q, dtype=torch.float64, device=device) + q_off + 1).view(1, 1, n_q, 1)
+
+
+@functools.lru_cache(maxsize=64)
+def _temperature(pm, L: int, heads: int, head_dim: int):
+    """The method's row factor t(l) (the core's, from a plan built once per method and shape)."""
+    return build_plan(pm, batch=1, heads=heads, head_dim=head_dim, train_len=L, n_q=1, n_k=1, rope=False).temperature
+
+
+def _banded(pm, L, query, key, value, n_q, n_k, causal, scaling, dropout, window: int, sinks: int):
+    """A window (with sinks) when transformers skipped the mask (no padding, positions = indices): query chunks
+    against only the keys their band and the sinks reach, so the cost is O(n · (window + sinks))."""
+    q_off = 0 if (causal and 1 < n_q < n_k) else n_k - n_q
+    t_fn = _temperature(pm, L, query.shape[1], query.shape[-1]) if pm.slot("temperature") is not None else None
+    chunk = max(128, min(1024, window))
+    dev, outs = query.device, []
+    for r0 in range(0, n_q, chunk):
+        r1 = min(n_q, r0 + chunk)
+        p0, p1 = q_off + r0, q_off + r1 - 1
+        lo, hi = max(0, p0 - window), min(n_k, (p1 if causal else p1 + window) + 1)
+        if not causal and p0 < sinks:  # sink queries attend every key
+            lo, hi = 0, n_k
+        idx = torch.arange(lo, hi, device=dev)
+        if sinks and lo > 0:
+            idx = torch.cat([torch.arange(min(sinks, lo), device=dev), idx])
+        qp, kp = torch.arange(p0, p1 + 1, device=dev)[:, None], idx[None, :]
+        ok = ((qp - kp).abs() <= window) | (kp < sinks) | (qp < sinks)
+        if causal:
+            ok = ok & (kp <= qp)
+        qc = query[:, :, r0:r1]
+        if t_fn is not None:
+            t = t_fn(ok.sum(-1, keepdim=True, dtype=torch.float64))
+            qc = (qc.float() * t.float()).to(query.dtype)
+        outs.append(F.scaled_dot_product_attention(qc, key[:, :, idx], value[:, :, idx], attn_mask=ok, scale=scaling,
+                                                   dropout_p=dropout, enable_gqa=key.shape[1] != query.shape[1]))
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _fast(pm, L, query, key, value, mask, n_q, n_k, causal, scaling, dropout):
+    """Temperatures and masks: t(l_i) folded into q, then torch's SDPA with the model's mask (or its causal flag)."""
+    band = _mask_params(pm)
+    if mask is None and band is not None:
+        return _banded(pm, L, query, key, value, n_q, n_k, causal, scaling, dropout, *band)
+    q = query
+    if pm.slot("temperature") is not None:
+        l = _row_lengths(mask, n_q, n_k, causal, query.device)
+        t = _temperature(pm, L, query.shape[1], query.shape[-1])(l)
+        q = (query.float() * t.float()).to(query.dtype)
+    gqa = key.shape[1] != query.shape[1]
+    out = F.scaled_dot_product_attention(q, key, value, attn_mask=mask, dropout_p=dropout, scale=scaling,
+                                         is_causal=mask is None and causal and n_q > 1, enable_gqa=gqa)
+    return out.transpose(1, 2).contiguous(), None
+
+
+# --------------------------------------------------------------------------------------------
+# Rotary modules
+# --------------------------------------------------------------------------------------------
+
+
+class UnrotatedRotary(nn.Module):
+    """Stands in for a model's rotary module: the same output shapes with cos = 1 and sin = 0, so the model's
+    ``apply_rotary_pos_emb`` leaves q and k as they are and the cache keeps un-rotated keys. The original module
+    is kept as ``original`` (its buffers move with the model) and is put back by :func:`remove`."""
+
+    def __init__(self, original: nn.Module):
+        super().__init__()
+        self.original = original
+
+    def forward(self, x, position_ids, *args, **kwargs):
+        cos, sin = self.original(x, position_ids, *args, **kwargs)
+        return torch.ones_like(cos), torch.zeros_like(sin)
+
+
+def _attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    return [(n, m) for n, m in model.named_modules()
+            if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx") and hasattr(m, "config")]
+
+
+def _rotary_for(model: nn.Module, name: str):
+    """The rotary module nearest above the attention module ``name``: (parent, attribute, module)."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        parent = model.get_submodule(".".join(parts[:i])) if i else model
+        for attr, child in parent.named_children():
+            inner = child.original if isinstance(child, UnrotatedRotary) else child
+            if type(inner).__name__.endswith("RotaryEmbedding"):
+                return parent, attr, inner
+    return None
+
+
+def _layer_type(module) -> str | None:
+    lt = getattr(module, "layer_type", None)
+    if lt is None:
+        types = getattr(module.config, "layer_types", None)
+        if types is not None and getattr(module, "layer_idx", None) is not None:
+            lt = types[module.layer_idx]
+    return lt
+
+
+def _rotary_call(rotary, x, pos, layer_type):
+    params = inspect.signature(rotary.forward).parameters
+    if "layer_type" in params:
+        return rotary(x, pos, layer_type)
+    return rotary(x, pos)
+
+
+def _rope_of(rotary, module, layer_type, head_dim: int) -> Rope:
+    """The model's RoPE for one attention module, checked against the model's own ``apply_rotary_pos_emb``."""
+    cls = type(rotary).__name__
+    if hasattr(rotary, "inv_freq") and not (layer_type and hasattr(rotary, f"{layer_type}_inv_freq")):
+        inv_freq, scaling = rotary.inv_freq, getattr(rotary, "attention_scaling", 1.0)
+        rope_type = getattr(rotary, "rope_type", "default")
+    elif layer_type and hasattr(rotary, f"{layer_type}_inv_freq"):
+        inv_freq = getattr(rotary, f"{layer_type}_inv_freq")
+        scaling = getattr(rotary, f"{layer_type}_attention_scaling", 1.0)
+        rope_type = rotary.rope_type.get(layer_type, "default") if isinstance(rotary.rope_type, dict) else "default"
+    else:
+        raise ConfigError(f"{cls} has no inv_freq buffer this integration can read (layer type {layer_type!r})")
+    if rope_type in ("dynamic", "longrope") or "dynamic" in str(rope_type):
+        raise ConfigError(f"the model's RoPE (rope_type {rope_type!r}) changes its frequencies with the sequence "
+                          "length; position methods re-rotate every key with fixed frequencies and would drop that. "
+                          "Use a temperature or mask method (infoscale, logn, window, ...) with this model")
+    if inv_freq.is_complex() or not inv_freq.is_floating_point():
+        raise ConfigError(f"{cls} is not a cos/sin rotary (complex RoPE, as Llama 4); position methods are not "
+                          "supported for this model")
+    inv = inv_freq.detach().double().cpu()
+    dim = 2 * inv.numel()
+    if dim > head_dim:
+        raise ConfigError(f"{cls} rotates {dim} dims but the head has {head_dim}")
+    rp = getattr(module.config, "rope_parameters", None) or {}
+    if layer_type and isinstance(rp.get(layer_type), dict):
+        rp = rp[layer_type]
+    base = float(rp.get("rope_theta", getattr(module.config, "rope_theta", 10000.0)))
+    geometric = torch.allclose(inv, base ** (-torch.arange(0, dim, 2, dtype=torch.float64) / dim), rtol=1e-5)
+    freqs = None if geometric else tuple(float(f) for f in inv)
+    apply_fn = getattr(sys.modules[type(module).__module__], "apply_rotary_pos_emb", None)
+    if apply_fn is None:
+        raise ConfigError(f"{type(module).__name__}'s module has no apply_rotary_pos_emb; cannot check its RoPE")
+    # probe: the model's own rotation of random vectors at positions 0..15 and a few far ones
+    pos = torch.cat([torch.arange(16), torch.tensor([100, 1000, 4097])])[None]
+    dev = inv_freq.device
+    cos, sin = _rotary_call(rotary, torch.zeros(1, pos.shape[1], 1, device=dev), pos.to(dev), layer_type)
+    if cos.is_complex() or cos.shape[-1] != dim:
+        raise ConfigError(f"{cls} returns {'complex' if cos.is_complex() else cos.shape[-1]} values where a "
+                          f"cos/sin rotary of {dim} dims was expected; position methods are not supported")
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 1, pos.shape[1], head_dim, generator=g).to(dev)
+    want, _ = apply_fn(q, q, cos.float(), sin.float())
+    angles = pos[0].double()[:, None] * (inv if freqs is None else torch.tensor(freqs, dtype=torch.float64))
+    for layout in ("halves", "pairs"):
+        got = rotate(q.double().cpu(), angles[None, None], layout, float(scaling))
+        if torch.allclose(got.float(), want.float().cpu(), atol=2e-3, rtol=1e-3):
+            return Rope(dim, base=base, layout=layout, inv_freq=freqs, attention_scaling=float(scaling))
+    raise ConfigError(f"cannot reproduce {type(module).__name__}'s rotary embedding ({cls}) as a rotation of "
+                      "adjacent pairs or halves; position methods are not supported for this model")
+
+
+def _uses_rope(module) -> bool:
+    use = getattr(module, "use_rope", True)  # SmolLM3's NoPE layers
+    return bool(use)
+
+
+# --------------------------------------------------------------------------------------------
+# The prompt length of dynamic methods, kept on the cache
+# --------------------------------------------------------------------------------------------
+
+
+def _past_length(cache) -> int:
+    if cache is None:
+        return 0
+    try:
+        return int(cache.get_seq_length())
+    except Exception:  # an unknown cache object: treat as empty
+        return 0
+
+
+def _pre_hook(module, args, kwargs):
+    cache = kwargs.get("past_key_values")
+    if _past_length(cache) == 0:
+        am = kwargs.get("attention_mask")
+        if isinstance(am, dict):  # generate's per-layer-type masks
+            am = next(iter(am.values()), None)
+        if isinstance(am, torch.Tensor) and am.dim() == 4:  # built by generate with our mask function
+            am = (getattr(am, _META_ATTR, None) or (0, 0, None))[2]
+        if isinstance(am, torch.Tensor) and am.dim() == 2:
+            n = am.bool().sum(-1)
+        else:
+            x = kwargs.get("input_ids", args[0] if args else None)
+            if x is None:
+                x = kwargs.get("inputs_embeds")
+            if x is None:
+                return args, kwargs
+            n = torch.full((x.shape[0],), x.shape[1], dtype=torch.long, device=x.device)
+        if cache is not None:
+            setattr(cache, _CACHE_ATTR, n)
+    else:
+        n = getattr(cache, _CACHE_ATTR, None)
+        if n is None:
+            return args, kwargs
+    kwargs[SEQ_LEN_KWARG] = n
+    return args, kwargs
+
+
+def _post_hook(module, args, kwargs, output):
+    cache = getattr(output, "past_key_values", None)
+    n = kwargs.get(SEQ_LEN_KWARG)
+    if cache is not None and n is not None and getattr(cache, _CACHE_ATTR, None) is None:
+        setattr(cache, _CACHE_ATTR, n)
+    return output
+
+
+# --------------------------------------------------------------------------------------------
+# apply / remove
+# --------------------------------------------------------------------------------------------
+
+
+def _register():
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    AttentionInterface.register(NAME, infoscale_attention)
+    AttentionMaskInterface.register(NAME, infoscale_mask)
+
+
+def _check_model(model):
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise ConfigError(f"infoscale.hf.apply needs a transformers PreTrainedModel, got {type(model).__name__}")
+    mod = type(model).__module__
+    if mod.startswith("transformers_modules") or getattr(model.config, "auto_map", None):
+        raise ConfigError(f"{type(model).__name__} is remote code (trust_remote_code); infoscale.hf supports the "
+                          "models shipped with transformers, whose attention goes through AttentionInterface")
+    if model.config.get_text_config() is not model.config:
+        raise ConfigError(f"{type(model).__name__} is a composite (multimodal) model; apply infoscale to its "
+                          "language model, e.g. infoscale.hf.apply(model.model.language_model, ...)")
+    if getattr(model.config, "model_type", "") in ("llama4", "llama4_text"):
+        raise ConfigError("Llama 4 uses a complex RoPE and its own attention temperature on NoPE layers; "
+                          "infoscale.hf does not support it")
+
+
+def apply(model, method: str | None = None, *, train_len: int | None = None):
+    """Run ``model``'s attention with ``method`` (e.g. ``"infoscale"``, ``"rerope(window=512)+logn"``).
+
+    Args:
+        model: a transformers 5.x ``PreTrainedModel`` (decoder or encoder) built from transformers' own modeling
+            files, with RoPE (methods without a position component also work without RoPE).
+        method: a method string of :func:`infoscale.parse_method`; None re-applies the method saved in
+            ``config.infoscale`` (after ``from_pretrained``). A model trained with a method
+            (``config.infoscale["train_method"]``, e.g. ``"cosscale(s=20)"``) keeps what its training changed.
+        train_len: L; default ``rope_parameters["original_max_position_embeddings"]`` when present, else
+            ``config.max_position_embeddings``.
+
+    Returns the same model (modified in place). :func:`remove` undoes everything.
+    """
+    _check_model(model)
+    if getattr(model, _STATE_ATTR, None) is not None:
+        remove(model)
+    config = model.config
+    previous = getattr(config, "infoscale", None)
+    saved = dict(previous) if isinstance(previous, dict) else {}
+    if method is None:
+        method = saved.get("method")
+        if method is None:
+            raise MethodError("no method given and config.infoscale has none saved; e.g. apply(model, 'infoscale')")
+        train_len = train_len or saved.get("train_len")
+    L = int(train_len) if train_len is not None else train_len_of(config)
+    if L < 2:
+        raise ConfigError(f"train_len must be at least 2, got {L}")
+    train_method = saved.get("train_method", "softmax")
+    asked = parse_method(method, L)
+    if asked.get("pose") is not None and parse_method(train_method, L).get("pose") is None:
+        raise MethodError(f"pose is a train-time method (positional skip-wise training) and this model was trained "
+                          f"with '{train_method}'; at inference PoSE is plain RoPE, so use a training-free method")
+    pm = merge_with_training(train_method, asked, L).resolved(L)
+    spec = str(pm)
+
+    ropes: dict[nn.Module, Rope | bool] = {}
+    rotaries: dict[int, tuple[nn.Module, str, nn.Module]] = {}
+    attn = _attention_modules(model)
+    if not attn:
+        raise ConfigError(f"no attention modules found in {type(model).__name__}")
+    if _needs_positions(pm):
+        for name, m in attn:
+            if not _uses_rope(m):
+                ropes[m] = False
+                continue
+            found = _rotary_for(model, name)
+            if found is None:
+                raise ConfigError(f"{pm} moves RoPE positions but no rotary module (*RotaryEmbedding) was found "
+                                  f"for {name}; this model is not supported for position methods")
+            head_dim = int(getattr(m, "head_dim", 0) or config.hidden_size // config.num_attention_heads)
+            ropes[m] = _rope_of(found[2], m, _layer_type(m), head_dim)
+            rotaries[id(found[2])] = found
+        # a dry run surfaces the core's own refusals (e.g. NTK on a model whose frequencies are not geometric)
+        for r in {r for r in ropes.values() if r is not False}:
+            d = max(r.dim, 2)
+            x = torch.zeros(1, 1, 2, d)
+            attention(x, x, x, pm, train_len=L, causal=True, rope=r)
+
+    _register()
+    state = {"attn_implementation": config._attn_implementation, "infoscale": previous, "rotaries": [],
+             "hooks": []}
+    config.infoscale = {**saved, "method": spec, "train_len": L}
+    try:
+        model.set_attn_implementation(NAME)
+    except Exception as e:
+        _restore_config(config, previous)
+        raise ConfigError(f"{type(model).__name__} refused the attention implementation: {e}") from None
+    if config._attn_implementation != NAME:
+        _restore_config(config, previous)
+        raise ConfigError(f"{type(model).__name__} does not let its attention implementation be set (it does not "
+                          "use transformers' AttentionInterface)")
+    for m, r in ropes.items():
+        setattr(m, _ROPE_ATTR, r)
+    for parent, attr, rotary in rotaries.values():
+        setattr(parent, attr, UnrotatedRotary(rotary))
+        state["rotaries"].append((parent, attr, rotary))
+    if _dynamic(pm):
+        base = model.base_model
+        if any(p.kind == p.VAR_KEYWORD for p in inspect.signature(base.forward).parameters.values()):
+            state["hooks"] = [base.register_forward_pre_hook(_pre_hook, with_kwargs=True),
+                              base.register_forward_hook(_post_hook, with_kwargs=True)]
+    setattr(model, _STATE_ATTR, state)
+    return model
+
+
+def _restore_config(config, previous):
+    if previous is None:
+        if hasattr(config, "infoscale"):
+            delattr(config, "infoscale")
+    else:
+        config.infoscale = previous
+
+
+def remove(model):
+    """Undo :func:`apply`: the original attention implementation, rotary modules and ``config.infoscale``."""
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        return model
+    for h in state["hooks"]:
+        h.remove()
+    for parent, attr, rotary in state["rotaries"]:
+        setattr(parent, attr, rotary)
+    for _, m in _attention_modules(model):
+        if hasattr(m, _ROPE_ATTR):
+            delattr(m, _ROPE_ATTR)
+    model.set_attn_implementation(state["attn_implementation"])
+    _restore_config(model.config, state["infoscale"])
+    delattr(model, _STATE_ATTR)
+    return model
+
