@@ -34,15 +34,12 @@ from transformers import (
 )
 
 import infoscale
-from infoscale.errors import ConfigError, MethodError
 
 # Temporary, until the extended core (Rope; attention() with key_positions, rope, scale, softcap, seq_len) is
 # merged from main: without it the integration cannot import.
-try:
-    from infoscale import hf
-    from infoscale.attn.rope import Rope
-except ImportError as e:
-    pytest.skip(f"needs the extended attention core: {e}", allow_module_level=True)
+from infoscale import hf
+from infoscale.attn.rope import Rope
+from infoscale.errors import ConfigError, MethodError
 
 L = 8  # training length of every tiny model
 N = 24  # evaluation length: 3 L

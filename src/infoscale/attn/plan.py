@@ -48,15 +48,14 @@ class Plan:
     # -- masks and candidates --------------------------------------------------------------
     def allowed(self, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor | None:
         """Bool (B or 1, H or 1, r, c) of the pairs (query rows, key cols) a query may attend, or None
-        when all are allowed. Bands, sinks and causality are on positions (sinks: the first positions
-        of the sequence)."""
+        when all are allowed. Bands, sinks and causality are on positions (sinks: positions 0 .. sinks − 1,
+        so a caller with pad-aware positions gets the first real tokens)."""
         ok = None
         pi, pj = self.q_pos[:, rows][:, None, :, None], self.k_pos[:, cols][:, None, None, :]
         if self.window is not None:
             ok = (pi - pj).abs() <= self.window
-            if self.sinks:  # the first `sinks` tokens of the sequence, counted from its first position
-                first = self.k_pos.min(-1).values[:, None, None, None]
-                ok = ok | (pj - first < self.sinks) | (pi - first < self.sinks)
+            if self.sinks:  # the tokens at positions 0 .. sinks − 1: the start of the sequence
+                ok = ok | (pj < self.sinks) | (pi < self.sinks)
         if self.causal:
             c = pj <= pi
             ok = c if ok is None else ok & c
