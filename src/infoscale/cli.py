@@ -7,7 +7,7 @@ import dataclasses
 import sys
 import textwrap
 
-from . import analysis, evaluate, report, reproduce, train
+from . import analysis, convert, evaluate, report, reproduce, train
 from .attn import REGISTRY
 from .errors import InfoscaleError
 
@@ -30,7 +30,8 @@ def print_methods() -> None:
 
 
 # subcommand -> module with HELP, add_arguments(parser) and run(args)
-COMMANDS = {"train": train, "eval": evaluate, "report": report, "analyze": analysis, "reproduce": reproduce}
+COMMANDS = {"train": train, "eval": evaluate, "report": report, "analyze": analysis, "reproduce": reproduce,
+            "convert": convert}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,7 +43,7 @@ from .errors import ConfigError, DataError, MethodError
 from .io import git_commit, merge_records, read_records, record_key
 from .options import add_flags, from_args, option
 from .rundir import load_run
-from .runtime import available_memory, quiet_libraries, use_bf16
+from .runtime import available_memory, precision_info, quiet_libraries, use_bf16
 from .stats import cluster_ci
 from .tasks import mlm
 
@@ -69,6 +69,8 @@ class EvalConfig:
     bf16: str = option("auto", "bf16 autocast and bf16 attention: auto, on, off")
     chunk_size: int = option(256, "query rows per attention chunk")
     tokens_per_batch: int = option(16384, "tokens per forward batch (copies of a window × n)")
+    corpus: str = option("", "held-out text for runs without split.json (converted checkpoints): a named corpus "
+                              "or a path; every document is held out")
     progress: bool = option(True, "show a progress bar")
 
     def __post_init__(self):
@@ -189,7 +191,7 @@ def evaluate(cfg: EvalConfig, log=print) -> list[dict]:
     for run in runs:  # lengths that cannot run are refused before any work
         for n in cfg.lengths:
             check_length_fits(run.model.config, cfg, n, device)
-        heldout[run.path] = docs = run.heldout_docs()
+        heldout[run.path] = docs = run.heldout_docs(cfg.corpus or None)
         longest = max((len(a) for a in docs.arrays), default=0)
         too_long = [n for n in cfg.lengths if n > longest]
         if "contiguous" in cfg.settings and too_long:
@@ -244,7 +246,8 @@ def evaluate(cfg: EvalConfig, log=print) -> list[dict]:
                                   f"parameters (nothing was written for this cell)")
             lo_ci, hi_ci = cluster_ci(hits)
             rec.update({"windows_used": len(wins), "n_predictions": int(allc.size), "tiled": setting == "repeated",
-                        "precision": "bf16" if bf16 else "fp32", "version": __version__, "git_commit": commit,
+                        "precision": "bf16" if bf16 else "fp32", "precision_info": precision_info(device),
+                        "version": __version__, "git_commit": commit,
                         "wall_time": time.perf_counter() - t0, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
             cell = [rec | {"metric": "accuracy", "value": float(allc.mean()), "ci_low": lo_ci, "ci_high": hi_ci},
                     rec | {"metric": "loss", "value": float(alll.mean()), "ci_low": None, "ci_high": None}]

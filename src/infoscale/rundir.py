@@ -42,12 +42,16 @@ class Run:
     def train_len(self) -> int:
         return int(self.model.config.train_len)
 
-    def heldout_docs(self) -> TokenDocs:
-        """The held-out documents named in ``split.json``, tokenized."""
+    def heldout_docs(self, corpus: str | None = None) -> TokenDocs:
+        """The held-out documents named in ``split.json``, tokenized. A run without a split (a converted
+        checkpoint, trained elsewhere) is evaluated on every document of ``corpus``."""
         split_file = self.path / "split.json"
         if not split_file.exists():
+            if corpus:
+                return TokenDocs(load_corpus(corpus), self.tokenizer)
             raise DataError(f"{self.path} has no split.json, so its held-out documents are unknown; evaluate a run "
-                            "directory written by `infoscale train`")
+                            "directory written by `infoscale train`, or give --corpus with held-out text (for a "
+                            "converted checkpoint)")
         split = _read_json(split_file)
         corpus = self.train_config.get("corpus")
         if not corpus or not isinstance(corpus, str):

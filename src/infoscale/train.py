@@ -29,7 +29,7 @@ from .data import CORPORA, CharTokenizer, TokenDocs, load_corpus, split_document
 from .errors import ConfigError, DataError, MethodError
 from .io import atomic_write, atomic_write_bytes, atomic_write_json, os_error_in, write_error
 from .options import add_flags, from_args, option
-from .runtime import dist_info, quiet_libraries, resolve_device, step_generator, use_bf16
+from .runtime import dist_info, precision_info, quiet_libraries, resolve_device, step_generator, use_bf16
 from .tasks import mlm
 
 MODEL_PRESETS = ("tiny", "small", "paper")
@@ -126,8 +126,9 @@ def atomic_torch_save(obj, path: Path) -> None:
 RESUMABLE_CHANGES = ("out", "resume", "overwrite", "progress", "steps", "eval_every", "save_every", "device")
 
 # Files `infoscale train` writes into a run directory (--overwrite removes nothing else).
-RUN_FILES = ("train_config.json", "split.json", "vocab.txt", "tokenizer_config.json", "metrics.jsonl",
-             "checkpoint.pt", "config.json", "model.safetensors", "generation_config.json", ".final.tmp")
+RUN_FILES = ("runtime.json", "train_config.json", "split.json", "vocab.txt", "tokenizer_config.json",
+             "metrics.jsonl", "checkpoint.pt", "config.json", "model.safetensors", "generation_config.json",
+             ".final.tmp")
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -294,6 +295,9 @@ def train(cfg: TrainConfig) -> int:
     bf16 = use_bf16(cfg.bf16, device)
     tok, train_docs, eval_docs, ckpt = prepare_run(cfg, rank)
     out = Path(cfg.out)
+    if rank == 0:  # how this run computes (for the record; a resumed run rewrites it)
+        atomic_write_json(out / "runtime.json", {"precision": precision_info(device), "torch": torch.__version__,
+                                                 "threads": torch.get_num_threads(), "world_size": world})
     if ckpt is not None and ckpt["step"] >= cfg.steps and (out / "model.safetensors").exists():
         if rank == 0:
             print(f"{out}: already trained for {ckpt['step']} steps; nothing to do (give a larger --steps with "
@@ -396,7 +400,7 @@ def train(cfg: TrainConfig) -> int:
             if err is None:
                 raise
             raise write_error(out / "model.safetensors", err) from None
-        print(f"saved {out} (AutoModelForMaskedLM.from_pretrained('{out}') after `import infoscale`)")
+        print(f"saved {out} (AutoModelForMaskedLM.from_pretrained('{out}') after `import infoscale.models.gau`)")
     if world > 1:
         import torch.distributed as dist
 

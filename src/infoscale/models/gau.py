@@ -245,6 +245,13 @@ class GAUForMaskedLM(GAUPreTrainedModel):
     def resolve_method(self, method: str | ParsedMethod | None = None) -> ParsedMethod:
         return self.gau_alpha.resolve_method(method)
 
+    @classmethod
+    def from_official(cls, path, **kwargs) -> GAUForMaskedLM:
+        """A checkpoint in the GAU-alpha-pytorch / official InfoScale layout (see :mod:`infoscale.convert`)."""
+        from ..convert import from_official
+
+        return from_official(path, **kwargs)
+
     def set_input_embeddings(self, value):
         self.gau_alpha.embeddings.word_embeddings = value
 
