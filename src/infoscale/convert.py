@@ -72,6 +72,7 @@ import torch
 from .data.tokenizers import SPECIALS, CharTokenizer
 from .errors import ConfigError, DataError, MethodError
 from .io import atomic_write_json
+from .models import family
 
 __all__ = ["HELP", "add_arguments", "run", "from_official", "convert", "Converted", "map_config",
            "map_state_dict", "vocab_permutation", "write_run"]
@@ -357,7 +358,9 @@ def convert(path: str | Path, train_len: int | None = None, layers: int | None =
 
     ``vocab``: a vocab.txt to use when the folder has none (a checkpoint saved by a training run that
     did not save its tokenizer: take the one of the model it was fine-tuned from)."""
-    from .models.gau import GAUConfig, GAUForMaskedLM
+    # the class through the family registry: models/gau.py's from_official calls back into this module
+    GAUForMaskedLM = family("gau_alpha").load_class()  # noqa: N806
+    GAUConfig = GAUForMaskedLM.config_class  # noqa: N806
 
     src = Path(path)
     if not src.is_dir():

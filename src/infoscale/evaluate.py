@@ -67,7 +67,7 @@ class EvalConfig:
     out: str = option("results/results.jsonl", "JSONL file the records are appended to")
     seed: int = option(0, "seed of the windows and masked positions")
     bf16: str = option("auto", "bf16 autocast and bf16 attention: auto, on, off")
-    chunk_size: int = option(256, "query rows per attention chunk")
+    chunk_size: int = option(0, "query rows per attention chunk; 0 = the kernel's default (256 in fp32, 512 in bf16)")
     tokens_per_batch: int = option(16384, "tokens per forward batch (copies of a window × n)")
     corpus: str = option("", "held-out text for runs without split.json (converted checkpoints): a named corpus "
                               "or a path; every document is held out")
@@ -82,7 +82,9 @@ class EvalConfig:
         for n in self.lengths:
             if n < 2:
                 raise ConfigError(f"length {n} is too short; lengths must be at least 2")
-        for name in ("windows", "samples", "stride", "chunk_size", "tokens_per_batch"):
+        if self.chunk_size < 0:
+            raise ConfigError(f"--chunk-size must be >= 0 (0 = the kernel's default), got {self.chunk_size}")
+        for name in ("windows", "samples", "stride", "tokens_per_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.predictions < 0:
@@ -109,7 +111,7 @@ def cell_cost(config, cfg: EvalConfig, n: int) -> tuple[int, float]:
     layers = config.num_hidden_layers
     copies = max(1, cfg.tokens_per_batch // n)
     tokens = copies * n
-    chunk = min(cfg.chunk_size, n)
+    chunk = min(cfg.chunk_size or 512, n)
     act = 4 * tokens * (4 * h + 3 * (2 * e + s) + 2 * v)
     attn = copies * chunk * n * (4 * 4 + 8 * 2)
     peak = int(1.5 * (act + attn))
@@ -237,7 +239,7 @@ def evaluate(cfg: EvalConfig, log=print) -> list[dict]:
             rng = np.random.default_rng([cfg.seed, n, 7])
             groups = [mlm.mask_groups(n, cfg.protocol, rng, samples=cfg.samples, stride=cfg.stride) for _ in wins]
             hits, losses = mlm.score_windows(model, wins, groups, cfg.tokens_per_batch, device, bf16,
-                                             method=resolved, attn_options={"chunk_size": cfg.chunk_size,
+                                             method=resolved, attn_options={"chunk_size": cfg.chunk_size or None,
                                                                             "bf16": bf16})
             allc, alll = np.concatenate(hits), np.concatenate(losses)
             if not np.isfinite(alll).all():

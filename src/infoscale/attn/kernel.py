@@ -58,8 +58,28 @@ def _gather(x: torch.Tensor, ranges: list[tuple[int, int]]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
-def _block(plan: Plan, rot, v, r0: int, r1: int, ranges, dtype, dropout_p: float, training: bool):
-    """Attention for query rows r0..r1-1 over the keys in ``ranges``; returns (out, weights, logits)."""
+def _gather_cols(x: torch.Tensor, ranges: list[tuple[int, int]]) -> torch.Tensor:
+    parts = [x[..., a:b] for a, b in ranges]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+
+def _prepare(plan: Plan, rot, dtype, prescale: bool):
+    """Per region, q (scaled once by the row-independent logit scale when ``prescale``, which saves a
+    pass per chunk) and kᵀ made contiguous once, both in the q·k dtype."""
+    qk_dtype = torch.float32 if plan.normalize else dtype
+    scale = plan.logit_scale.view(-1, 1, 1, 1).float() if prescale else None
+    out = []
+    for qr, kr in rot:
+        q = (qr.float() * scale) if scale is not None else qr
+        out.append((q.to(qk_dtype), kr.to(qk_dtype).transpose(-1, -2).contiguous()))
+    return out
+
+
+def _block(plan: Plan, rot, v, r0: int, r1: int, ranges, dtype, dropout_p: float, training: bool,
+           prescaled: bool = False):
+    """Attention for query rows r0..r1-1 over the keys in ``ranges``; returns (out, weights, logits).
+    ``rot`` holds (q, kᵀ) per region (see :func:`_prepare`); with ``prescaled`` q already carries the
+    logit scale."""
     dev = v.device
     rows = torch.arange(r0, r1, device=dev)
     cols = torch.cat([torch.arange(a, b, device=dev) for a, b in ranges])
@@ -70,7 +90,7 @@ def _block(plan: Plan, rot, v, r0: int, r1: int, ranges, dtype, dropout_p: float
     allowed = plan.allowed(rows, cols)
     # Row factor c · m² · t(l_i): folded into the query rows so the score matrix is touched once less
     # (after the cap when there is a softcap).
-    factor = plan.logit_scale.view(-1, 1, 1, 1)
+    factor = None if prescaled else plan.logit_scale.view(-1, 1, 1, 1)
     t = None
     if plan.temperature is not None:
         if allowed is None:
@@ -79,16 +99,18 @@ def _block(plan: Plan, rot, v, r0: int, r1: int, ranges, dtype, dropout_p: float
             l = allowed.sum(-1, keepdim=True, dtype=torch.float64)
         t = plan.temperature(l)
         if plan.softcap is None:
-            factor = factor * t
+            factor = t if factor is None else factor * t
 
     # CosScale's logits are s·cos with s ~ 100: bf16's 8-bit mantissa would put ~0.5 of noise on
     # them, so its q·k stays in fp32 (only the larger p·v product drops to bf16).
     qk_dtype = torch.float32 if plan.normalize else dtype
     scores = None
-    for region, (qr, kr) in zip(plan.regions, rot, strict=True):
-        qs = (qr[:, :, r0:r1].float() * factor.float()).to(qk_dtype)
+    for region, (qr, kt) in zip(plan.regions, rot, strict=True):
+        qs = qr[:, :, r0:r1]
+        if factor is not None:
+            qs = (qs.float() * factor.float()).to(qk_dtype)
         with torch.autocast(qs.device.type, enabled=not plan.normalize and torch.is_autocast_enabled(qs.device.type)):
-            s = torch.matmul(qs, _gather(kr, ranges).to(qk_dtype).transpose(-1, -2))
+            s = torch.matmul(qs.to(qk_dtype), _gather_cols(kt, ranges).to(qk_dtype))
         sel = region.mask(rel) if rel is not None else None
         scores = s if sel is None or scores is None else torch.where(sel, s, scores)
     if plan.softcap is not None:
@@ -146,7 +168,7 @@ def attention_reference(q, k, v, method="softmax", *, train_len: int, causal: bo
     _check_inputs(q, k, v)
     plan = plan or _plan_for(q, k, method, train_len, _plan_kwargs(causal, key_padding_mask, attn_mask, positions,
                                                                    key_positions, rope, scale, softcap, seq_len))
-    rot = _rotated(plan, q.float(), k.float())
+    rot = _prepare(plan, _rotated(plan, q.float(), k.float()), torch.float32, prescale=False)
     out, w, _ = _block(plan, rot, v.float(), 0, plan.n_q, [(0, plan.n_k)], torch.float32, dropout_p, training)
     return out.to(v.dtype), w
 
@@ -159,7 +181,7 @@ def attention_logits(q, k, method="softmax", *, train_len: int, causal: bool = F
     _check_inputs(q, k, v)
     plan = _plan_for(q, k, method, train_len, _plan_kwargs(causal, key_padding_mask, attn_mask, positions,
                                                            key_positions, rope, scale, softcap, seq_len))
-    rot = _rotated(plan, q.float(), k.float())
+    rot = _prepare(plan, _rotated(plan, q.float(), k.float()), torch.float32, prescale=False)
     return _block(plan, rot, v.float(), 0, plan.n_q, [(0, plan.n_k)], torch.float32, 0.0, False)[2]
 
 
@@ -183,17 +205,19 @@ def attention_fast(q, k, v, method="softmax", *, train_len: int, causal: bool = 
     if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16:
         bf16 = True  # honour the caller's bf16 autocast (softmax and masks still run in fp32)
     dtype = torch.bfloat16 if bf16 else torch.float32
-    rot = _rotated(plan, q.float(), k.float())
-    if bf16:  # cast once, not per chunk
-        if not plan.normalize:
-            rot = [(a.to(dtype), b.to(dtype)) for a, b in rot]
-        v = v.to(dtype)
-    outs = []
+    # cast, scale and transpose once, not per chunk; without a temperature or cap the whole logit
+    # scale is row-independent and rides on q
+    prescale = plan.temperature is None and plan.softcap is None
+    rot = _prepare(plan, _rotated(plan, q.float(), k.float()), dtype, prescale)
+    v = v.to(dtype)
+    out = None
     for r0 in range(0, plan.n_q, chunk):
         r1 = min(plan.n_q, r0 + chunk)
-        o, _, _ = _block(plan, rot, v, r0, r1, plan.candidate_ranges(r0, r1), dtype, dropout_p, training)
-        outs.append(o)
-    return torch.cat(outs, dim=2).to(q.dtype if q.is_floating_point() else torch.float32)
+        o, _, _ = _block(plan, rot, v, r0, r1, plan.candidate_ranges(r0, r1), dtype, dropout_p, training, prescale)
+        if out is None:
+            out = o.new_empty(o.shape[:2] + (plan.n_q, o.shape[-1]))
+        out[:, :, r0:r1] = o
+    return out.to(q.dtype if q.is_floating_point() else torch.float32)
 
 
 def attention(q, k, v, method="softmax", *, train_len: int, causal: bool = False, key_padding_mask=None,

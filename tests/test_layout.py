@@ -1,0 +1,240 @@
+"""The package's shape and its command line: no import cycles, a torch-only attention core, every
+subcommand's --help and every flag, the Auto classes, and the bugs the layout change fixed."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import sys
+import typing
+from pathlib import Path
+
+import pytest
+import torch
+
+from infoscale.cli import COMMANDS, build_parser
+from infoscale.cli import main as cli
+from infoscale.errors import ConfigError, MethodError
+
+PKG = Path(__file__).resolve().parents[1] / "src" / "infoscale"
+STDLIB = set(sys.stdlib_module_names)
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PKG.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _imports(path: Path) -> list[tuple[str, bool]]:
+    """(module imported, at module level?) for every import in the file, relative ones made absolute."""
+    me = _module_name(path)
+    package = me if path.name == "__init__.py" else me.rsplit(".", 1)[0]
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    top = {id(n) for n in tree.body}
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            out += [(a.name, id(node) in top) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module or ""
+            if node.module is None:  # from . import x, y: each is a module
+                out += [(f"{name}.{a.name}", id(node) in top) for a in node.names]
+            else:
+                out.append((name, id(node) in top))
+    return out
+
+
+def _internal_graph() -> dict[str, set[str]]:
+    modules = {_module_name(p): p for p in PKG.rglob("*.py")}
+    graph = {}
+    for name, path in modules.items():
+        deps = set()
+        for imp, _ in _imports(path):
+            if imp.startswith("infoscale"):
+                while imp not in modules and "." in imp:  # `from .x import name`: the module is x
+                    imp = imp.rsplit(".", 1)[0]
+                if imp in modules and imp != name:
+                    deps.add(imp)
+        graph[name] = deps
+    return graph
+
+
+def test_no_import_cycles():
+    """Every import inside the package (also the ones inside functions) goes one way."""
+    graph = _internal_graph()
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(m: str):
+        state[m] = 1
+        stack.append(m)
+        for d in sorted(graph[m]):
+            if d.startswith(m + ".") or (m == "infoscale"):  # a package importing its own children
+                continue
+            if state.get(d) == 1:
+                cycle = stack[stack.index(d):] + [d]
+                pytest.fail("import cycle: " + " -> ".join(cycle))
+            if state.get(d) is None:
+                visit(d)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if state.get(m) is None:
+            visit(m)
+
+
+def test_attention_core_imports_only_torch_and_the_standard_library():
+    for path in (PKG / "attn").rglob("*.py"):
+        for imp, _ in _imports(path):
+            root = imp.split(".")[0]
+            assert root in STDLIB or root == "torch" or imp.startswith("infoscale.attn"), (path.name, imp)
+
+
+def test_report_loads_no_torch():
+    """`infoscale report` only reads records: it must not pull in torch or transformers."""
+    import subprocess
+
+    code = "import sys, infoscale.report; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    # infoscale/__init__ imports the core (torch); the report module itself must not need more
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split()[1] == "False"
+    for imp, _ in _imports(PKG / "report.py"):
+        assert imp.split(".")[0] not in ("torch", "transformers"), imp
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["methods", *COMMANDS])
+def test_every_subcommand_help_works(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        cli([command, "--help"])
+    assert e.value.code == 0
+    assert "usage: infoscale " + command in capsys.readouterr().out
+
+
+def _value_for(action: argparse.Action) -> list[str]:
+    """A typed, non-default value for a flag, as text."""
+    conv = action.type
+    name = getattr(conv, "__name__", "str")
+    default = action.default
+    first = default[0] if isinstance(default, list) and default else default
+    if name == "int":
+        return ["7"] if first != 7 else ["9"]
+    if name == "float":
+        return ["0.25"] if first != 0.25 else ["0.5"]
+    return ["xyz"]
+
+
+def test_every_flag_parses_a_typed_non_default_value():
+    """Flags come from the option dataclasses' real type hints: list[float] gives floats, int | None
+    accepts none, a bool flag has its --no- form."""
+    from infoscale import analysis, evaluate, reproduce, train
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    configs = {"train": train.TrainConfig, "eval": evaluate.EvalConfig, "analyze": analysis.AnalyzeConfig,
+               "reproduce": reproduce.ReproduceConfig}
+    for command, cls in configs.items():
+        sp = sub.choices[command]
+        hints = typing.get_type_hints(cls)
+        for action in sp._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            flag = action.option_strings[0]
+            if isinstance(action, argparse.BooleanOptionalAction):
+                ns = sp.parse_args(["--no-" + flag[2:]] + (["--models", "m"] if command == "eval" else []))
+                assert getattr(ns, action.dest) is False
+                continue
+            value = _value_for(action)
+            extra = ["--models", "m"] if command == "eval" and action.dest != "models" else []
+            ns = sp.parse_args([flag, *value, *extra])
+            got = getattr(ns, action.dest)
+            want = hints[action.dest]
+            origin = typing.get_origin(want)
+            if origin in (list, tuple):
+                (inner,) = set(typing.get_args(want)) - {Ellipsis}
+                assert isinstance(got, list) and all(isinstance(x, inner) for x in got), (command, flag, got)
+            else:
+                inner = [a for a in typing.get_args(want) if a is not type(None)] or [want]
+                assert isinstance(got, inner[0]), (command, flag, got)
+            assert got != action.default, (command, flag)
+
+
+def test_analyze_scales_are_floats():
+    """Once a crash: list[float] flags arrived as strings."""
+    parser = build_parser()
+    ns = parser.parse_args(["analyze", "--scales", "4", "8"])
+    assert ns.scales == [4.0, 8.0] and all(isinstance(x, float) for x in ns.scales)
+
+
+def test_bad_preset_leaves_no_run_directory(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli(["train", "--out", str(out), "--preset", "huge"]) == 2
+    assert "unknown --preset 'huge'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_configs_validate_their_fields():
+    from infoscale.models.gau import GAUConfig
+
+    with pytest.raises(ConfigError, match="cosscale_init"):
+        GAUConfig(cosscale_init="banana")
+    with pytest.raises(MethodError, match="unknown method 'nosuch'"):
+        GAUConfig(eval_attention="nosuch")
+    with pytest.raises(MethodError, match="s must be a positive"):
+        GAUConfig(attention="cosscale(s=-1)")
+
+
+# ---------------------------------------------------------------------------------------------
+# the transformers contract of GAU-α
+# ---------------------------------------------------------------------------------------------
+
+
+def test_auto_classes_and_fill_mask_pipeline(tiny_run):
+    from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
+
+    import infoscale.models.gau  # noqa: F401 - registers the Auto classes
+
+    model = AutoModelForMaskedLM.from_pretrained(tiny_run).eval()
+    assert type(model).__name__ == "GAUForMaskedLM"
+    tok = AutoTokenizer.from_pretrained(tiny_run)
+    fill = pipeline("fill-mask", model=model, tokenizer=tok, top_k=3)
+    text = "To be or not to [MASK] ."
+    got = fill(text)
+    assert len(got) == 3
+    ids = tok(text, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert logits.shape == (1, ids.shape[1], model.config.vocab_size)
+    pos = int((ids[0] == tok.mask_token_id).nonzero())
+    probs = logits[0, pos].softmax(-1)
+    top = probs.topk(3)
+    assert [g["token"] for g in got] == top.indices.tolist()
+    assert got[0]["score"] == pytest.approx(float(top.values[0]), rel=1e-4)
+
+
+def test_per_call_method_leaves_no_state(tiny_run):
+    from infoscale.rundir import load_run
+
+    model = load_run(tiny_run).model
+    x = torch.randint(5, 20, (1, 100))
+    before = model(x).logits
+    with_info = model(x, method="infoscale").logits
+    assert not torch.equal(before, with_info)
+    assert torch.equal(model(x).logits, before)  # nothing left behind
+    with pytest.raises(MethodError):
+        model(x, method="cosscale")
+    assert torch.equal(model(x).logits, before)
