@@ -586,9 +586,6 @@ method_strings = st.lists(_term(), min_size=1, max_size=4).map("+".join) | st.sa
 FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck))
 
 
-@pytest.mark.xfail(strict=False, reason="attention core: a keyword argument, then a positional one, then >= 200 "
-                                        "nested parentheses -> MemoryError from ast.parse; >= ~3000 nested unary "
-                                        "minus -> RecursionError (see the report to the core owner)")
 @FUZZ
 @given(method_strings)
 @example("ntk(w=2, 1, c=" + "(" * 200 + "1" + ")" * 200 + ")")
@@ -598,10 +595,6 @@ def test_fuzz_every_parse_failure_is_a_method_error(s):
         infoscale.parse_method(s, train_len=FUZZ_L)
 
 
-@pytest.mark.xfail(strict=False, reason="attention core: accepted values that break attention: huge window/sinks/"
-                                        "cap (OverflowError), softmax_plus base <= 0 (ValueError), base = 1, "
-                                        "cosscale s >= ~1e100 or inf, tiny or infinite yarn/ntk/pi factor (NaN), "
-                                        "ntk factor 1e308 and yarn beta_slow 1e-320 (OverflowError)")
 @FUZZ
 @given(method_strings, st.integers(1, 4 * FUZZ_L), st.integers(0, 2**16))
 @example("window(width=99999999999999999999999999)", 1, 0)
@@ -614,7 +607,7 @@ def test_fuzz_every_parse_failure_is_a_method_error(s):
 def test_fuzz_every_accepted_method_gives_finite_attention(s, n, seed):
     try:
         pm = infoscale.parse_method(s, train_len=FUZZ_L)
-    except (MethodError, RecursionError, MemoryError):  # parse failures are the test above's business
+    except MethodError:  # what is refused is the test above's business
         return
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(1, 2, n, 8, generator=g) for _ in range(3))
