@@ -88,7 +88,8 @@ def model_for(family: str, attn: str | None = None):
     if family not in _MODELS:
         _MODELS[family] = _build(family).eval()
     m = copy.deepcopy(_MODELS[family])
-    m.set_attn_implementation(attn or ("eager" if family == "gemma2" else "sdpa"))  # Gemma 2 has no SDPA
+    # Gemma 2 has no SDPA; hf's helper because transformers 5.1-5.6 refuse to switch ModernBERT's implementation
+    hf._set_attn_implementation(m, attn or ("eager" if family == "gemma2" else "sdpa"))
     return m
 
 

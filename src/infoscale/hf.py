@@ -5,6 +5,8 @@
     model.generate(ids, max_new_tokens=64)
     infoscale.hf.remove(model)                        # the stock model again
 
+transformers 5.1.0 or newer (pyproject.toml's range; ``make test-compat`` tests its oldest end).
+
 How it plugs in (transformers' "attention interface", docs: huggingface.co/docs/transformers/attention_interface):
 
 * ``apply`` registers :func:`infoscale_attention` with ``AttentionInterface.register("infoscale", ...)`` and
@@ -196,6 +198,12 @@ def infoscale_mask(*args, **kwargs):
         overlay = _mask_params(_parsed(settings["method"], int(settings["train_len"])))
     pad2d = kwargs.get("attention_mask")
     q_offset, kv_offset = kwargs.get("q_offset", 0), kwargs.get("kv_offset", 0)
+    q_len, kv_len = kwargs.get("q_length", 0), kwargs.get("kv_length", 0)
+    cache_position = kwargs.get("cache_position")
+    if "q_length" not in kwargs and torch.is_tensor(cache_position) and cache_position.numel():
+        # transformers 5.0-5.3: sdpa_mask(batch_size, cache_position, kv_length, kv_offset, ...), where
+        # cache_position holds the queries' indices (a contiguous range), instead of q_length and q_offset (5.4+)
+        q_len, q_offset = cache_position.shape[0], cache_position[0]
     if torch.is_tensor(q_offset):  # a static cache's length counter, which its update() bumps in place
         q_offset = q_offset.clone()
     if overlay is not None:
@@ -203,7 +211,6 @@ def infoscale_mask(*args, **kwargs):
         # the attention function then applies the method's band itself on the (trivial) positions
         pos = None
         if pad2d is not None:
-            q_len, kv_len = kwargs.get("q_length", 0), kwargs.get("kv_length", 0)
             length = max(int(q_offset) + int(q_len), int(kv_offset) + int(kv_len), pad2d.shape[-1])
             pos = _positions_table(pad2d.bool(), length)
         kwargs["mask_function"] = and_masks(kwargs.get("mask_function"), _method_overlay(*overlay, pos))
@@ -542,6 +549,19 @@ def _register():
     AttentionMaskInterface.register(NAME, infoscale_mask)
 
 
+def _set_attn_implementation(model, name: str):
+    """``model.set_attn_implementation(name)``. transformers decides whether a model may switch by a look at its
+    source (``_can_set_attn_implementation``: the attention must call ``ALL_ATTENTION_FUNCTIONS.get_interface(``);
+    a model that declares ``_supports_attention_backend`` but indexes ``ALL_ATTENTION_FUNCTIONS[...]`` (ModernBERT
+    in transformers 5.1-5.6) is refused with a warning although it reads the implementation from its config at
+    every call. For such a model the config's implementation is set directly, which is what the switch does."""
+    can_set = getattr(model, "_can_set_attn_implementation", None)
+    if can_set is not None and not can_set() and getattr(model, "_supports_attention_backend", False):
+        model.config._attn_implementation = name
+    else:
+        model.set_attn_implementation(name)
+
+
 def _check_model(model):
     from transformers import PreTrainedModel
 
@@ -623,7 +643,7 @@ def apply(model, method: str | None = None, *, train_len: int | None = None):
              "hooks": []}
     config.infoscale = {**saved, "method": spec, "train_len": L}
     try:
-        model.set_attn_implementation(NAME)
+        _set_attn_implementation(model, NAME)
     except Exception as e:
         _restore_config(config, previous)
         raise ConfigError(f"{type(model).__name__} refused the attention implementation: {e}") from None
@@ -665,7 +685,7 @@ def remove(model):
     for _, m in _attention_modules(model):
         if hasattr(m, _ROPE_ATTR):
             delattr(m, _ROPE_ATTR)
-    model.set_attn_implementation(state["attn_implementation"])
+    _set_attn_implementation(model, state["attn_implementation"])
     _restore_config(model.config, state["infoscale"])
     delattr(model, _STATE_ATTR)
     return model
