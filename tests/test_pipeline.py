@@ -137,6 +137,38 @@ def test_report_from_records(tiny_run, tmp_path):
     md = (tmp_path / "rep" / "report.md").read_text()
     assert md.count("| `softmax` |") == 4 and md.count("| `window` |") == 4  # one table per setting and metric
     assert "**" in md
+    # every cell of every table is the record it came from (value, CI half-width), and the bold one is the best
+    recs = read_records(res)
+    tables = md.split("### ")[1:]
+    checked = 0
+    for t in tables:
+        head = t.splitlines()[0]
+        if "strided protocol" not in head:
+            continue
+        setting = "contiguous" if "contiguous" in head else "repeated"
+        metric = head.rsplit(", ", 1)[1].strip()
+        rows = [line for line in t.splitlines() if line.startswith("| `")]
+        header = next(line for line in t.splitlines() if line.startswith("| method"))
+        lengths = [int(x) for x in header.split("|")[2:-1]]
+        best = {}
+        for line in rows:
+            method = line.split("`")[1]
+            cells = [c.strip() for c in line.split("|")[2:-1]]
+            for n, cell in zip(lengths, cells, strict=True):
+                (r,) = [r for r in recs if r["method"] == method and r["length"] == n and r["setting"] == setting
+                        and r["metric"] == metric]
+                shown = cell.strip("*").split(" ± ")
+                scale = 100 if metric == "accuracy" else 1
+                assert float(shown[0]) == pytest.approx(scale * r["value"], abs=0.051 if scale == 100 else 5e-4)
+                if r["ci_low"] is not None:
+                    assert float(shown[1]) == pytest.approx(scale * (r["ci_high"] - r["ci_low"]) / 2, abs=0.051)
+                if cell.startswith("**"):
+                    best[n] = r["value"]
+                checked += 1
+        for n, v in best.items():
+            vals = [r["value"] for r in recs if r["length"] == n and r["setting"] == setting and r["metric"] == metric]
+            assert v == (max(vals) if metric == "accuracy" else min(vals))
+    assert checked == 2 * 2 * 2 * 2  # methods × lengths × settings × metrics
     for s in ("contiguous", "repeated"):
         png = tmp_path / "rep" / f"accuracy_{s}_strided.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
