@@ -5,7 +5,7 @@ Three variants of the same model (same random weights) are compared:
   (a) eager     a plain fp32 forward written here, the way the original GAU-α code runs: the full n×n
                 score matrix, one einsum per product, no chunking (see ``eager_forward``);
   (b) reference our model with ``attn_options={"impl": "reference"}`` (fp32, full score matrix);
-  (c) default   our model as ``infoscale evaluate`` runs it: the fast path (query chunks of 256) with the
+  (c) default   our model as ``infoscale eval`` runs it: the fast path (the kernel's chunk size) with the
                 precision ``--bf16 auto`` picks (``infoscale.runtime.choose_precision``), under autocast.
 
 Shapes: the ``paper`` preset (6 layers, hidden 768, intermediate 1536, key 128) and the ``small`` preset
@@ -50,7 +50,7 @@ PRESETS = ("paper", "small")
 VARIANTS = ("eager", "reference", "default")
 VOCAB = 100
 TOKENS_PER_BATCH = 16384
-EVAL_CHUNK = 256  # ``infoscale evaluate --chunk-size`` default
+EVAL_CHUNK = None  # ``infoscale eval --chunk-size 0``: the kernel's default (256 rows in fp32, 512 in bf16)
 
 
 # --------------------------------------------------------------------------------------------

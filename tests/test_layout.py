@@ -238,3 +238,22 @@ def test_per_call_method_leaves_no_state(tiny_run):
     with pytest.raises(MethodError):
         model(x, method="cosscale")
     assert torch.equal(model(x).logits, before)
+
+
+def test_runs_of_the_first_format_still_load(tmp_path):
+    """A run saved with infoscale 0.1's flat parameter names (word_embeddings, layers.N.gau...) loads."""
+    from safetensors.torch import load_file, save_file
+
+    from infoscale.models.gau import GAUForMaskedLM, build_config
+
+    torch.manual_seed(0)
+    model = GAUForMaskedLM(build_config("tiny", vocab_size=30, train_len=16)).eval()
+    model.save_pretrained(tmp_path)
+    sd = load_file(tmp_path / "model.safetensors")
+    old = {k.replace("gau_alpha.embeddings.", "").replace("gau_alpha.encoder.layer.", "layers."): v
+           for k, v in sd.items()}
+    assert "layers.0.gau.i_dense.weight" in old and "word_embeddings.weight" in old
+    save_file(old, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded = GAUForMaskedLM.from_pretrained(tmp_path).eval()
+    x = torch.randint(5, 30, (1, 20))
+    assert torch.equal(loaded(x).logits, model(x).logits)

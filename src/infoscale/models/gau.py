@@ -228,10 +228,22 @@ class GAUModel(GAUPreTrainedModel):
         return BaseModelOutput(last_hidden_state=x, hidden_states=hidden)
 
 
+# Parameter names of infoscale 0.1 (a flat module: word_embeddings, layers.N.gau...) -> today's
+FIRST_FORMAT_KEYS = {r"^word_embeddings": "gau_alpha.embeddings.word_embeddings",
+                     r"^token_type_embeddings": "gau_alpha.embeddings.token_type_embeddings",
+                     r"^layers\.": "gau_alpha.encoder.layer."}
+
+
 class GAUForMaskedLM(GAUPreTrainedModel):
     """GAU-α encoder with its tied, bias-free MLM head."""
 
     _tied_weights_keys = {}
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """transformers' ``from_pretrained``; runs saved by infoscale 0.1 (flat parameter names) load too."""
+        kwargs.setdefault("key_mapping", FIRST_FORMAT_KEYS)
+        return super().from_pretrained(*args, **kwargs)
 
     def __init__(self, config: GAUConfig):
         super().__init__(config)
