@@ -105,10 +105,24 @@ def test_records_never_hold_nan(tmp_path):
 
 
 def test_eval_refuses_a_method_that_gives_nan(tiny_run, tmp_path, capsys):
+    """The grammar refuses the values known to give NaN (softmax_plus(base=1)); whatever still gives a
+    non-finite logit (here a model with a NaN weight) is refused, never recorded."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
     out = tmp_path / "r.jsonl"
     refused(capsys, ["eval", "--models", tiny_run, "--methods", "softmax_plus(base=1)", "--lengths", "32",
-                     "--predictions", "16", "--no-progress", "--out", out],
-            "softmax_plus(base=1) gives non-finite", "choose other parameters")
+                     "--predictions", "16", "--no-progress", "--out", out], "softmax_plus: base must be")
+    assert not out.exists()
+    bad = tmp_path / "nan-run"
+    shutil.copytree(tiny_run, bad)
+    sd = load_file(bad / "model.safetensors")
+    key = next(k for k in sd if k.endswith("i_dense.weight"))
+    sd[key][0, 0] = float("nan")
+    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    refused(capsys, ["eval", "--models", bad, "--methods", "softmax", "--lengths", "32", "--predictions", "16",
+                     "--bf16", "off", "--no-progress", "--out", out], "softmax gives non-finite", "check the model")
     assert not out.exists()
 
 
@@ -180,7 +194,7 @@ def test_report_of_a_missing_file(tmp_path, capsys):
     (["--eval-every", "0"], "--eval-every must be a positive integer"),
     (["--save-every", "0"], "--save-every must be a positive integer"),
     (["--train-len", "-5"], "--train-len must be an integer >= 2"),
-    (["--attention", "pose(chunks=100)"], "chunks=100 cannot exceed the training window --train-len 32"),
+    (["--attention", "pose(chunks=100)"], "pose: chunks (100) cannot exceed the training length (32)"),
     (["--device", "foo"], "--device 'foo' is not a device"),
     (["--resume", "--overwrite"], "give one of them"),
     (["--train-len", "100000"], "no training document has --train-len 100000 tokens"),

@@ -181,6 +181,8 @@ def evaluate(cfg: EvalConfig, log=print) -> list[dict]:
 
     quiet_libraries(cfg.progress)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    for m in cfg.methods:  # a bad method or value is refused before anything is measured or loaded
+        parse_method(m)
     bf16 = use_bf16(cfg.bf16, device)
     done = {r.get("key") for r in read_records(cfg.out)}  # also checks the file is readable, before any work
     new: list[dict] = []
@@ -244,8 +246,9 @@ def evaluate(cfg: EvalConfig, log=print) -> list[dict]:
             allc, alll = np.concatenate(hits), np.concatenate(losses)
             if not np.isfinite(alll).all():
                 raise MethodError(f"{m} gives non-finite logits (NaN or infinity) on {run.name} at n={n} ({setting}): "
-                                  f"its parameters make attention undefined (resolved: {resolved}); choose other "
-                                  f"parameters (nothing was written for this cell)")
+                                  f"its parameters or the model's weights make the output undefined (resolved: "
+                                  f"{resolved}); choose other parameters or check the model (nothing was written for "
+                                  f"this cell)")
             lo_ci, hi_ci = cluster_ci(hits)
             rec.update({"windows_used": len(wins), "n_predictions": int(allc.size), "tiled": setting == "repeated",
                         "precision": "bf16" if bf16 else "fp32", "precision_info": precision_info(device),
