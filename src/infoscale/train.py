@@ -36,7 +36,7 @@ from .options import add_flags, from_args, option
 from .runtime import dist_info, precision_info, quiet_libraries, resolve_device, step_generator, use_bf16
 from .tasks import clm, mlm
 
-MODEL_PRESETS = ("tiny", "small", "paper")
+MODEL_PRESETS = ("tiny", "mini", "small", "paper")  # mini: llama only
 ARCHS = ("gau", "llama")
 
 HELP = "train a GAU-α masked LM or a Llama causal LM at a short length (resumable; torchrun for several processes)"
@@ -132,6 +132,8 @@ class TrainConfig:
         if self.passkey_share and self.arch != "llama":
             raise ConfigError("--passkey-share is for --arch llama (a causal model); a masked LM is not asked for "
                               "passkeys")
+        if self.preset == "mini" and self.arch != "llama":
+            raise ConfigError("--preset mini is a Llama size (--arch llama); GAU-α has tiny, small and paper")
         if self.arch == "llama":
             from .models.llama import TRAIN_METHODS
 
@@ -415,7 +417,8 @@ def train(cfg: TrainConfig) -> int:
         n_global = _targets(b.labels, causal)
         torch.manual_seed(step_generator(cfg.seed, step, 3).initial_seed() % 2**31 + rank)  # dropout of this step
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            if causal:  # an all-ones mask: else transformers reads PoSE's skipped positions as packed sequences
+            if causal:  # an all-ones mask: without one, transformers may read PoSE's position jumps as packed
+                # sequences (masking_utils.find_packed_sequence_indices) and cut attention at the skip
                 res = net(input_ids=x, attention_mask=torch.ones_like(x), position_ids=pos, labels=y, use_cache=False)
             else:
                 res = net(x, position_ids=pos, labels=y)

@@ -24,6 +24,9 @@ PRESETS = {
     # tests: seconds on one core
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
                  num_key_value_heads=2),
+    # a shared CPU: 2 layers, hidden 128, head dim 64
+    "mini": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=2),
     # about the size of the small GAU (4 layers, hidden 256, head dim 64): minutes on two cores
     "small": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                   num_key_value_heads=4),
