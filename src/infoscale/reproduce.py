@@ -115,7 +115,8 @@ CLM_PRESETS = {
                            128, 2, 3, 0.05),
     # a shared two-core CPU in about 30 minutes: the mini Llama (2 layers, hidden 128, head dim 64), the main
     # methods with +infoscale / +logn, lengths to 64x (the small preset and CLM_METHODS need a free machine)
-    "clm-quick": ClmPreset("mini", 400, 16, 40, 3e-3, (64, 256, 1024, 4096), CLM_QUICK_METHODS, 256, 2, 3, 0.05),
+    # (400 steps at batch 16 left the model unable to copy even within L: 1500 steps at batch 32, 10% passkey)
+    "clm-quick": ClmPreset("mini", 1500, 32, 100, 3e-3, (64, 256, 1024, 4096), CLM_QUICK_METHODS, 256, 2, 6, 0.1),
 }
 
 
