@@ -58,7 +58,7 @@ class EvalConfig:
     models: list[str] = option(dataclasses.MISSING, "run directories written by `infoscale train`")
     methods: list[str] = option(("softmax", "infoscale"), "methods to evaluate with (train-time parts are inherited)")
     lengths: list[int] = option((64, 128, 256, 512, 1024, 2048, 4096), "sequence lengths n")
-    settings: list[str] = option(SETTINGS, "contiguous and/or repeated")
+    settings: list[str] = option(SETTINGS + ("passkey",), "contiguous, repeated, passkey (causal runs only)")
     protocol: str = option("strided", "exact | sampled | strided")
     windows: int = option(4, "least windows per (length, setting), from held-out documents")
     predictions: int = option(2048, "least predictions per record: short lengths use more windows to reach it")
@@ -72,11 +72,18 @@ class EvalConfig:
     corpus: str = option("", "held-out text for runs without split.json (converted checkpoints): a named corpus "
                               "or a path; every document is held out")
     progress: bool = option(True, "show a progress bar")
+    depths: list[float] = option((0.1, 0.5, 0.9), "causal runs, passkey: depths of the key in the filler (0 = start)")
+    passkey_trials: int = option(12, "causal runs, passkey: prompts per length (depths taken in turn)")
 
     def __post_init__(self):
         for s in self.settings:
-            if s not in SETTINGS:
-                raise ConfigError(f"unknown setting {s!r}; use contiguous or repeated")
+            if s not in SETTINGS + ("passkey",):
+                raise ConfigError(f"unknown setting {s!r}; use contiguous, repeated or passkey")
+        for d in self.depths:
+            if not 0 <= d <= 1:
+                raise ConfigError(f"--depths must be between 0 and 1, got {d}")
+        if self.passkey_trials < 1:
+            raise ConfigError(f"--passkey-trials must be at least 1, got {self.passkey_trials}")
         if self.protocol not in PROTOCOLS:
             raise ConfigError(f"unknown protocol {self.protocol!r}; use exact, sampled or strided")
         for n in self.lengths:
@@ -175,11 +182,34 @@ def cell_key(rec: dict) -> str:
                       rec["protocol_params"], rec["seed"], rec["windows"], rec["predictions"])
 
 
+def _split_causal(cfg: EvalConfig):
+    """(causal run directories, the config of the masked-LM part: its runs and its settings)."""
+    from .evaluate_clm import is_causal_run
+
+    causal = [m for m in cfg.models if is_causal_run(m)]
+    rest = dataclasses.replace(cfg, models=[m for m in cfg.models if m not in causal],
+                               settings=[s for s in cfg.settings if s in SETTINGS])
+    return causal, rest
+
+
 def evaluate(cfg: EvalConfig, log=print) -> list[dict]:
-    """Run the sweep; returns the new records (all records are in ``cfg.out``)."""
+    """Run the sweep; returns the new records (all records are in ``cfg.out``). Causal runs (Llama) are
+    evaluated by :func:`infoscale.evaluate_clm.evaluate_clm`, masked-LM runs here."""
+    quiet_libraries(cfg.progress)
+    causal, mlm_cfg = _split_causal(cfg)
+    new_causal = []
+    if causal:
+        from .evaluate_clm import evaluate_clm
+
+        new_causal = evaluate_clm(cfg, causal, log)
+    if not mlm_cfg.models:
+        return new_causal
+    return new_causal + _evaluate_mlm(mlm_cfg, log)
+
+
+def _evaluate_mlm(cfg: EvalConfig, log=print) -> list[dict]:
     from tqdm import tqdm
 
-    quiet_libraries(cfg.progress)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for m in cfg.methods:  # a bad method or value is refused before anything is measured or loaded
         parse_method(m)

@@ -105,7 +105,8 @@ def distinct_model_names(records: list[dict]) -> list[dict]:
 
 # Metrics and how to show them: (higher is better, shown in %).
 METRICS = {"accuracy": (True, True), "loss": (False, False), "nll": (False, False), "ppl": (False, False),
-           "copy_accuracy": (True, True), "passkey_accuracy": (True, True)}
+           "copy_accuracy": (True, True), "passkey_accuracy": (True, True), "copy_nll": (False, False),
+           "passkey_exact": (True, True)}
 
 
 def _fmt(metric: str, x: float) -> str:
@@ -270,6 +271,12 @@ def write_report(records: list[dict], out_dir: str | Path) -> Path:
     evals = [r for r in records if r.get("kind", "eval") == "eval" and "metric" in r]
     analyses = [r for r in records if r.get("kind") in ("entropy", "dilution", "cos_window")]
     lines = ["# infoscale report", ""]
+    from .report_clm import bucket_tables, is_bucket, plot_buckets  # causal runs: NLL by position
+
+    buckets, evals = [r for r in evals if is_bucket(r)], [r for r in evals if not is_bucket(r)]
+    if buckets:
+        lines += ["## NLL by position", ""] + bucket_tables(buckets)
+        lines += [f"![{p.stem}]({p.name})\n" for p in plot_buckets(buckets, out)]
     if evals:
         lines += ["## Extrapolation", ""] + eval_tables(evals) + protocol_comparison(evals)
         for p in plot_eval(evals, out):

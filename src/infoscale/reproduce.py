@@ -9,6 +9,11 @@ run (training from its checkpoint, the sweep from its last record).
     runs/<preset>/{softmax,cosscale,pose,alibi}/   models
     results/<preset>.jsonl                         evaluation records
     report/<preset>/report.md + *.png              tables and plots (analysis/ for the attention study)
+
+The causal track (``--preset clm-smoke|clm-quick``, :func:`reproduce_clm`) trains transformers' Llama with
+softmax and PoSE at L = 64 (byte-level BPE, a share of short passkey samples) and evaluates every
+training-free method, alone and with ``+infoscale`` / ``+logn``, in the three causal tests of
+:mod:`infoscale.evaluate_clm` (NLL by position, copying beyond L, passkey retrieval).
 """
 
 from __future__ import annotations
@@ -76,9 +81,48 @@ PRESETS = {
 }
 
 
+# The causal track: Llama (transformers) trained with softmax and PoSE; methods applied with infoscale.hf.
+CLM_MODELS = {"softmax": "softmax", "pose": "pose"}
+CLM_METHODS = [
+    "softmax", "infoscale", "logn",
+    "pi", "pi+infoscale", "ntk", "ntk+infoscale", "yarn", "yarn+infoscale", "yarn+logn",
+    "rerope", "rerope+infoscale", "rerope+logn", "leaky_rerope", "leaky_rerope+infoscale",
+    "window", "streamingllm", "streamingllm+infoscale", "lm_infinite", "lm_infinite+infoscale",
+]
+
+CLM_QUICK_METHODS = ("softmax", "infoscale", "logn", "ntk", "ntk+infoscale", "yarn", "yarn+infoscale", "rerope",
+                     "rerope+infoscale", "rerope+logn", "window", "streamingllm", "streamingllm+infoscale")
+
+
+@dataclass
+class ClmPreset:
+    model_preset: str
+    steps: int
+    batch_size: int
+    warmup_steps: int
+    lr: float
+    lengths: tuple
+    methods: tuple
+    predictions: int  # least scored tokens per contiguous / copy cell
+    windows: int
+    passkey_trials: int
+    passkey_share: float
+
+
+CLM_PRESETS = {
+    # the test suite: tiny models, four methods, lengths to 8x; about two minutes
+    "clm-smoke": ClmPreset("tiny", 60, 16, 10, 3e-3, (64, 128, 512), ("softmax", "infoscale", "rerope", "window"),
+                           128, 2, 3, 0.05),
+    # a shared two-core CPU in about 30 minutes: the mini Llama (2 layers, hidden 128, head dim 64), the main
+    # methods with +infoscale / +logn, lengths to 64x (the small preset and CLM_METHODS need a free machine)
+    # (400 steps at batch 16 left the model unable to copy even within L: 1500 steps at batch 32, 10% passkey)
+    "clm-quick": ClmPreset("mini", 1500, 32, 100, 3e-3, (64, 256, 1024, 4096), CLM_QUICK_METHODS, 256, 2, 6, 0.1),
+}
+
+
 @dataclass
 class ReproduceConfig:
-    preset: str = option("quick", "smoke | quick | paper")
+    preset: str = option("quick", "smoke | quick | paper (GAU-α masked LM) | clm-smoke | clm-quick (Llama causal)")
     corpus: str = option("shakespeare", "training and evaluation corpus")
     runs: str = option("runs", "folder for the models")
     results: str = option("results", "folder for the records")
@@ -97,8 +141,10 @@ def reproduce(cfg: ReproduceConfig, log=print) -> dict:
     from .evaluate import EvalConfig, evaluate
     from .report import write_report
 
+    if cfg.preset in CLM_PRESETS:
+        return reproduce_clm(cfg, log)
     if cfg.preset not in PRESETS:
-        raise ConfigError(f"unknown preset {cfg.preset!r}; choose smoke, quick or paper")
+        raise ConfigError(f"unknown preset {cfg.preset!r}; choose smoke, quick, paper, clm-smoke or clm-quick")
     p = PRESETS[cfg.preset]
     where = paths(cfg)
     t0 = time.perf_counter()
@@ -141,6 +187,39 @@ def reproduce(cfg: ReproduceConfig, log=print) -> dict:
     return {"records": where["records"], "analysis": analysis_file, "report": report, "models": models, **timing}
 
 
+def reproduce_clm(cfg: ReproduceConfig, log=print) -> dict:
+    """The causal track: train the Llama models, evaluate every method in the three tests, write the report."""
+    from .evaluate import EvalConfig, evaluate
+    from .report import write_report
+
+    p = CLM_PRESETS[cfg.preset]
+    where = paths(cfg)
+    t0 = time.perf_counter()
+    models = []
+    for name, attention in CLM_MODELS.items():
+        out = where["runs"] / name
+        if not (out / "model.safetensors").exists():
+            log(f"== training llama {name} ({attention}) -> {out}")
+            train(TrainConfig(out=str(out), arch="llama", corpus=cfg.corpus, preset=p.model_preset,
+                              attention=attention, steps=p.steps, batch_size=p.batch_size,
+                              warmup_steps=p.warmup_steps, lr=p.lr, seed=cfg.seed, passkey_share=p.passkey_share,
+                              val_windows=64, eval_every=max(p.steps // 3, 1), save_every=max(p.steps // 6, 1),
+                              resume=(out / "train_config.json").exists(), progress=cfg.progress))
+        models.append(str(out))
+    t_train = time.perf_counter() - t0
+    log(f"== evaluating {len(models)} models x {len(p.methods)} methods x {len(p.lengths)} lengths x 3 tests")
+    evaluate(EvalConfig(models=models, methods=list(p.methods), lengths=list(p.lengths),
+                        settings=["contiguous", "repeated", "passkey"], predictions=p.predictions,
+                        windows=p.windows, passkey_trials=p.passkey_trials, out=str(where["records"]),
+                        seed=cfg.seed, progress=cfg.progress), log=log)
+    t_eval = time.perf_counter() - t0 - t_train
+    report = write_report(read_records(where["records"]), where["report"])
+    timing = {"preset": cfg.preset, "train_s": t_train, "eval_s": t_eval, "total_s": time.perf_counter() - t0}
+    (where["report"] / "timing.json").write_text(json.dumps(timing, indent=1))
+    log(f"== done in {timing['total_s'] / 60:.1f} min: {report}")
+    return {"records": where["records"], "report": report, "models": models, **timing}
+
+
 def add_arguments(parser) -> None:
     add_flags(parser, ReproduceConfig)
 
@@ -150,4 +229,5 @@ def run(args) -> int:
     return 0
 
 
-__all__ = ["reproduce", "ReproduceConfig", "PRESETS", "MODELS", "METHODS"]
+__all__ = ["reproduce", "reproduce_clm", "ReproduceConfig", "PRESETS", "MODELS", "METHODS", "CLM_PRESETS",
+           "CLM_METHODS"]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .data import CORPORA, CharTokenizer, TokenDocs, load_corpus
+from .data import CORPORA, CharTokenizer, TokenDocs, load_corpus, load_tokenizer
 from .errors import DataError
 from .models import family
 
@@ -27,7 +27,7 @@ __all__ = ["Run", "load_run"]
 class Run:
     path: Path
     model: torch.nn.Module
-    tokenizer: CharTokenizer
+    tokenizer: CharTokenizer  # or BPETokenizer (causal runs)
     train_config: dict
 
     @property
@@ -40,7 +40,13 @@ class Run:
 
     @property
     def train_len(self) -> int:
-        return int(self.model.config.train_len)
+        """L: GAU's ``config.train_len``; for a transformers model (Llama) :func:`infoscale.hf.train_len_of`."""
+        L = getattr(self.model.config, "train_len", None)
+        if L is None:
+            from .hf import train_len_of
+
+            return train_len_of(self.model.config)
+        return int(L)
 
     def heldout_docs(self, corpus: str | None = None) -> TokenDocs:
         """The held-out documents named in ``split.json``, tokenized. A run without a split (a converted
@@ -104,10 +110,11 @@ def load_run(path: str | Path, device="cpu") -> Run:
         model = cls.from_pretrained(p).to(device).eval()
     except Exception as e:  # truncated safetensors, wrong shapes
         raise DataError(f"cannot load the model in {p}: {type(e).__name__}: {str(e)[:200]}") from None
-    tok = CharTokenizer.load(p)
+    tok = load_tokenizer(p)
     rows = int(model.config.vocab_size)
     if len(tok) != rows:
-        raise DataError(f"{p / 'vocab.txt'} has {len(tok)} tokens but the model has {rows} embedding rows; the "
+        name = "vocab.txt" if isinstance(tok, CharTokenizer) else "tokenizer.json"
+        raise DataError(f"{p / name} has {len(tok)} tokens but the model has {rows} embedding rows; the "
                         "vocabulary does not belong to this model (truncated or replaced): restore it from the run")
     if not (p / "train_config.json").exists():
         raise DataError(f"{p} has no train_config.json, so its corpus and training settings are unknown; evaluate a "

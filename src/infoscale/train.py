@@ -1,4 +1,6 @@
-"""``infoscale train``: masked-language-model training of GAU-α at a short length.
+"""``infoscale train``: training at a short length: GAU-α masked LM (``--arch gau``, the default) or transformers'
+own ``LlamaForCausalLM`` with next-token loss (``--arch llama``, :mod:`infoscale.models.llama`,
+:mod:`infoscale.tasks.clm`).
 
 Deterministic by construction: the batch, the masking and the dropout seed of step t are functions
 of (seed, t) alone, so a resumed run (``--resume``) continues with exactly the data order and RNG
@@ -8,7 +10,9 @@ N processes (DistributedDataParallel; gloo on CPU, nccl on GPU) with no other ch
 The run directory holds ``train_config.json``, ``split.json``, the tokenizer (``vocab.txt``),
 ``metrics.jsonl``, ``checkpoint.pt`` (written atomically every ``--save-every`` steps) and, at the
 end, the model (``config.json`` + ``model.safetensors``), loadable with
-``GAUForMaskedLM.from_pretrained(run_dir)``.
+``GAUForMaskedLM.from_pretrained(run_dir)``. A Llama run has a byte-level BPE ``tokenizer.json`` (``--tokenizer
+bpe``, the default for llama) or ``vocab.txt`` (``--tokenizer char``) and loads with ``AutoTokenizer`` and
+``AutoModelForCausalLM`` alone.
 """
 
 from __future__ import annotations
@@ -25,21 +29,27 @@ from pathlib import Path
 import torch
 
 from .attn import REGISTRY, parse_method
-from .data import CORPORA, CharTokenizer, TokenDocs, load_corpus, split_documents
+from .data import CORPORA, BPETokenizer, CharTokenizer, TokenDocs, load_corpus, load_tokenizer, split_documents
 from .errors import ConfigError, DataError, MethodError
 from .io import atomic_write, atomic_write_bytes, atomic_write_json, os_error_in, write_error
 from .options import add_flags, from_args, option
 from .runtime import dist_info, precision_info, quiet_libraries, resolve_device, step_generator, use_bf16
-from .tasks import mlm
+from .tasks import clm, mlm
 
-MODEL_PRESETS = ("tiny", "small", "paper")
+MODEL_PRESETS = ("tiny", "mini", "small", "paper")  # mini: llama only
+ARCHS = ("gau", "llama")
 
-HELP = "train a GAU-α masked language model (resumable; torchrun for several processes)"
+HELP = "train a GAU-α masked LM or a Llama causal LM at a short length (resumable; torchrun for several processes)"
 
 
 @dataclass
 class TrainConfig:
     out: str = option("", "run directory to create (or continue with --resume)")
+    arch: str = option("gau", "gau (GAU-α masked LM) | llama (transformers' LlamaForCausalLM, next-token loss)")
+    tokenizer: str = option("auto", "auto (char for gau, bpe for llama) | char | bpe (byte-level BPE, llama only)")
+    vocab_size: int = option(2048, "bpe: vocabulary size, trained on the training split")
+    passkey_share: float = option(-1.0, "llama: share of training windows replaced by passkey samples of L tokens "
+                                        "(-1: 0.05 for llama, 0 for gau)")
     corpus: str = option("shakespeare", "shakespeare | sanguo | peoples-daily | a .txt file, folder or .jsonl")
     preset: str = option("small", "model size: " + ", ".join(MODEL_PRESETS))
     attention: str = option("softmax", "training method: softmax, cosscale(s=..), alibi, pose(target=..)")
@@ -88,6 +98,7 @@ class TrainConfig:
             raise ConfigError(f"--cosscale-init must be apart or ones, got {self.cosscale_init!r}")
         if self.resume and self.overwrite:
             raise ConfigError("--resume continues the run in --out and --overwrite replaces it; give one of them")
+        self._check_arch()
         pm = parse_method(self.attention, self.train_len)
         for c in pm.components:
             if not c.method.trainable:
@@ -98,6 +109,39 @@ class TrainConfig:
         if pose is not None and pose.chunks > self.train_len:
             raise MethodError(f"pose: chunks={pose.chunks} cannot exceed the training window --train-len "
                               f"{self.train_len} (each chunk holds at least one token); use chunks <= {self.train_len}")
+
+
+    def _check_arch(self) -> None:
+        """--arch, --tokenizer and --passkey-share; resolves the 'auto' values (so train_config.json records
+        what ran)."""
+        if self.arch not in ARCHS:
+            raise ConfigError(f"unknown --arch {self.arch!r}; choose gau or llama")
+        if self.tokenizer == "auto":
+            self.tokenizer = "bpe" if self.arch == "llama" else "char"
+        if self.tokenizer not in ("char", "bpe"):
+            raise ConfigError(f"--tokenizer must be auto, char or bpe, got {self.tokenizer!r}")
+        if self.tokenizer == "bpe" and self.arch != "llama":
+            raise ConfigError("--tokenizer bpe is for --arch llama; GAU-α's masked LM uses the character vocabulary")
+        if not isinstance(self.vocab_size, int) or self.vocab_size < 258:
+            raise ConfigError(f"--vocab-size must be an integer >= 258 (256 bytes + 2 specials), got "
+                              f"{self.vocab_size!r}")
+        if self.passkey_share == -1.0:
+            self.passkey_share = 0.05 if self.arch == "llama" else 0.0
+        if not 0 <= self.passkey_share < 1:
+            raise ConfigError(f"--passkey-share must be in [0, 1) (or -1 for the default), got {self.passkey_share}")
+        if self.passkey_share and self.arch != "llama":
+            raise ConfigError("--passkey-share is for --arch llama (a causal model); a masked LM is not asked for "
+                              "passkeys")
+        if self.preset == "mini" and self.arch != "llama":
+            raise ConfigError("--preset mini is a Llama size (--arch llama); GAU-α has tiny, small and paper")
+        if self.arch == "llama":
+            from .models.llama import TRAIN_METHODS
+
+            names = [c.name for c in parse_method(self.attention, self.train_len).components] or ["softmax"]
+            bad = [n for n in names if n not in TRAIN_METHODS]
+            if bad:
+                raise MethodError(f"--arch llama trains with {' or '.join(TRAIN_METHODS)}; {bad[0]} is not supported "
+                                  "for Llama training (train it with --arch gau, or evaluate a Llama run with it)")
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -126,7 +170,7 @@ def atomic_torch_save(obj, path: Path) -> None:
 RESUMABLE_CHANGES = ("out", "resume", "overwrite", "progress", "steps", "eval_every", "save_every", "device")
 
 # Files `infoscale train` writes into a run directory (--overwrite removes nothing else).
-RUN_FILES = ("runtime.json", "train_config.json", "split.json", "vocab.txt", "tokenizer_config.json",
+RUN_FILES = ("runtime.json", "train_config.json", "split.json", "vocab.txt", "tokenizer_config.json", "tokenizer.json",
              "metrics.jsonl", "checkpoint.pt", "config.json", "model.safetensors", "generation_config.json",
              ".final.tmp")
 
@@ -236,11 +280,19 @@ def prepare_run(cfg: TrainConfig, rank: int):
             split["train"], split["eval"]  # noqa: B018 - checks the keys exist
         except (OSError, ValueError, TypeError, KeyError, UnicodeDecodeError):
             raise DataError(f"--resume: {split_file} is missing or damaged; start again with --overwrite") from None
-        tok = CharTokenizer.load(out)
+        tok = load_tokenizer(out)
     else:
         split = split_documents(docs, cfg.seed, cfg.eval_docs)
         train_texts = [d.text for d in docs if d.name in set(split["train"])]
-        tok = CharTokenizer.train(train_texts, cfg.min_count)
+        if cfg.tokenizer == "bpe":
+            tok = BPETokenizer.train(train_texts, cfg.vocab_size)
+        else:
+            tok = CharTokenizer.train(train_texts, cfg.min_count)
+    if cfg.passkey_share > 0:  # the passkey samples must fit the training window
+        need = clm.Passkey(tok).min_length() + clm.DIGITS
+        if need > cfg.train_len:
+            raise ConfigError(f"a passkey sample needs at least {need} tokens with this tokenizer but --train-len is "
+                              f"{cfg.train_len}; use a longer --train-len or --passkey-share 0")
     by_name = {d.name: d for d in docs}
     missing = [n for n in split["train"] + split["eval"] if n not in by_name]
     if missing:
@@ -305,10 +357,14 @@ def train(cfg: TrainConfig) -> int:
         return 0
 
     torch.manual_seed(cfg.seed)
-    mcfg = build_config(cfg.preset, vocab_size=len(tok), train_len=cfg.train_len, attention=cfg.attention,
-                        hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
-                        cosscale_init=cfg.cosscale_init)
-    model = GAUForMaskedLM(mcfg).to(device)
+    causal = cfg.arch == "llama"
+    if causal:
+        model = build_llama(cfg, tok).to(device)
+    else:
+        mcfg = build_config(cfg.preset, vocab_size=len(tok), train_len=cfg.train_len, attention=cfg.attention,
+                            hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
+                            cosscale_init=cfg.cosscale_init)
+        model = GAUForMaskedLM(mcfg).to(device)
     opt, sched = make_optimizer(model, cfg)
     start = 0
     if ckpt is not None:
@@ -320,6 +376,7 @@ def train(cfg: TrainConfig) -> int:
                                                         else None)
     model.train()
     positions = parse_method(cfg.attention, cfg.train_len).training_positions(cfg.train_len)
+    passkey = clm.Passkey(tok) if causal and cfg.passkey_share > 0 else None
     kill_at = int(os.environ.get("INFOSCALE_TEST_KILL_AFTER_SAVE", "0"))  # fault injection for the resume test
 
     def save_checkpoint(step: int) -> None:
@@ -346,17 +403,26 @@ def train(cfg: TrainConfig) -> int:
                mininterval=2.0, desc=f"train {cfg.attention}")
     t0, tokens = time.perf_counter(), 0
     for step in range(start, cfg.steps):
-        gens = [step_generator(cfg.seed, step, i) for i in range(3)]
-        b = mlm.train_batch(train_docs, gens, batch_size=cfg.batch_size, train_len=cfg.train_len,
-                            vocab_size=len(tok), mask_prob=cfg.mask_prob, positions=positions)
+        if causal:
+            gens = [step_generator(cfg.seed, step, i) for i in (0, 1, 2, 3, 4)]
+            b = clm.train_batch(train_docs, gens, batch_size=cfg.batch_size, train_len=cfg.train_len,
+                                positions=positions, passkey=passkey, passkey_share=cfg.passkey_share)
+        else:
+            gens = [step_generator(cfg.seed, step, i) for i in range(3)]
+            b = mlm.train_batch(train_docs, gens, batch_size=cfg.batch_size, train_len=cfg.train_len,
+                                vocab_size=len(tok), mask_prob=cfg.mask_prob, positions=positions)
         shard = slice(rank, None, world)
         x, y = b.input_ids[shard].to(device), b.labels[shard].to(device)
         pos = b.positions[shard].to(device) if b.positions is not None else None
-        n_global = int((b.labels != -100).sum())
+        n_global = _targets(b.labels, causal)
         torch.manual_seed(step_generator(cfg.seed, step, 3).initial_seed() % 2**31 + rank)  # dropout of this step
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            res = net(x, position_ids=pos, labels=y)
-        n_local = int((y != -100).sum())
+            if causal:  # an all-ones mask: without one, transformers may read PoSE's position jumps as packed
+                # sequences (masking_utils.find_packed_sequence_indices) and cut attention at the skip
+                res = net(input_ids=x, attention_mask=torch.ones_like(x), position_ids=pos, labels=y, use_cache=False)
+            else:
+                res = net(x, position_ids=pos, labels=y)
+        n_local = _targets(y, causal)
         # DDP averages gradients over processes: scale so the step equals one on the global batch.
         loss = res.loss * (n_local * world / max(n_global, 1))
         opt.zero_grad(set_to_none=True)
@@ -370,18 +436,26 @@ def train(cfg: TrainConfig) -> int:
         if not math.isfinite(loss_value):
             raise DataError(f"the loss became {loss_value} at step {done}; lower --lr")
         if done % 20 == 0 or done == cfg.steps:
-            sel = y != -100
-            acc = float((res.logits.detach()[sel].argmax(-1) == y[sel]).float().mean())
+            if causal:
+                acc = float((res.logits.detach()[:, :-1].argmax(-1) == y[:, 1:]).float().mean())
+            else:
+                sel = y != -100
+                acc = float((res.logits.detach()[sel].argmax(-1) == y[sel]).float().mean())
             rate = tokens / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{acc:.3f}", tok_s=f"{rate:,.0f}")
             log({"step": done, "loss": loss_value, "acc": acc, "lr": sched.get_last_lr()[0], "tok_s": rate})
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            rec = {"step": done, **mlm.heldout_accuracy(model, eval_docs, seed=cfg.seed, windows=cfg.val_windows,
-                                                       train_len=cfg.train_len, vocab_size=len(tok),
-                                                       mask_prob=cfg.mask_prob, device=device, bf16=bf16)}
+            if causal:
+                rec = {"step": done, **clm.heldout_loss(model, eval_docs, seed=cfg.seed, windows=cfg.val_windows,
+                                                        train_len=cfg.train_len, device=device, bf16=bf16)}
+            else:
+                rec = {"step": done, **mlm.heldout_accuracy(model, eval_docs, seed=cfg.seed,
+                                                           windows=cfg.val_windows, train_len=cfg.train_len,
+                                                           vocab_size=len(tok), mask_prob=cfg.mask_prob,
+                                                           device=device, bf16=bf16)}
             log(rec)
-            bar.write(f"step {done}: held-out masked accuracy at L={cfg.train_len}: {rec['val_acc']:.4f} "
-                      f"(loss {rec['val_loss']:.3f}, {rec['val_n']} predictions)")
+            bar.write(f"step {done}: held-out {'next-token' if causal else 'masked'} accuracy at L={cfg.train_len}: "
+                      f"{rec['val_acc']:.4f} (loss {rec['val_loss']:.3f}, {rec['val_n']} predictions)")
         if done % cfg.save_every == 0 or done == cfg.steps:
             save_checkpoint(done)
         bar.update(1)
@@ -400,13 +474,39 @@ def train(cfg: TrainConfig) -> int:
             if err is None:
                 raise
             raise write_error(out / "model.safetensors", err) from None
-        print(f"saved {out} (AutoModelForMaskedLM.from_pretrained('{out}') after `import infoscale.models.gau`)")
+        if causal:
+            print(f"saved {out} (AutoModelForCausalLM.from_pretrained('{out}'), "
+                  f"AutoTokenizer.from_pretrained('{out}'))")
+        else:
+            print(f"saved {out} (AutoModelForMaskedLM.from_pretrained('{out}') after `import infoscale.models.gau`)")
     if world > 1:
         import torch.distributed as dist
 
         dist.barrier()
         dist.destroy_process_group()
     return 0
+
+
+def _targets(labels: torch.Tensor, causal: bool) -> int:
+    """Predictions in a batch: masked positions (MLM), or every position after the first (next-token)."""
+    return int((labels[:, 1:] != -100).sum()) if causal else int((labels != -100).sum())
+
+
+def build_llama(cfg: TrainConfig, tok):
+    """A freshly initialised ``LlamaForCausalLM`` for this run (seeded by the caller)."""
+    from .models.llama import LlamaForCausalLM
+    from .models.llama import build_config as llama_config
+
+    if isinstance(tok, BPETokenizer):
+        ids = {"bos_token_id": tok.eos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    else:
+        from .data import PAD, SEP
+
+        ids = {"bos_token_id": None, "eos_token_id": SEP, "pad_token_id": PAD}
+    mcfg = llama_config(cfg.preset, vocab_size=len(tok), train_len=cfg.train_len, attention=cfg.attention,
+                        dropout=cfg.dropout, **ids)
+    mcfg.infoscale["passkey_share"] = cfg.passkey_share
+    return LlamaForCausalLM(mcfg)
 
 
 def keep_metrics_until(path: Path, step: int) -> None:

@@ -22,6 +22,7 @@ class Family:
 
 FAMILIES = {f.model_type: f for f in [
     Family("gau_alpha", "gau", "GAUForMaskedLM", "mlm"),
+    Family("llama", "llama", "LlamaForCausalLM", "clm"),
 ]}
 
 

@@ -1,0 +1,214 @@
+"""``infoscale eval`` for causal runs (``--arch llama``): perplexity by position, copying, passkey retrieval.
+
+Every method runs inside the stock transformers model through :func:`infoscale.hf.apply` (and
+:func:`infoscale.hf.remove` after it). Settings (the same ``--settings`` names as the masked-LM sweep):
+
+- ``contiguous``: n contiguous held-out tokens, teacher-forced; metric ``nll`` over every target position
+  1 … n−1, and ``nll[lo,hi)`` per target-position bucket [0, L), [L, 2L), [2L, 4L), … (field ``bucket``), so a
+  plot shows where a method breaks (Press et al. 2022, arXiv 2108.12409, Fig. 1).
+- ``repeated``: a held-out span of m tokens, L < m ≤ 2L, tiled to n; metrics ``copy_nll`` and ``copy_accuracy``
+  (top-1) over positions t ≥ m, whose exact source is m > L tokens back (Su, kexue.fm/archives/9708: a method
+  that cannot reach beyond L cannot copy). Needs n > 3L/2.
+- ``passkey``: the landmark-attention prompt (Mohtashami & Jaggi 2023, arXiv 2305.16300) of n tokens with a
+  5-digit key at depths ``--depths``; the digits are generated greedily with ``model.generate`` and its KV
+  cache; metrics ``passkey_accuracy`` (share of correct digits) and ``passkey_exact`` (all five right).
+
+Records are tidy (one per metric) with a cell key per (model, method, length, setting, protocol, parameters,
+seed, windows, predictions); ``window_values`` holds the per-window (per-trial) value of the metric, so paired
+comparisons between methods can be made later on the same windows. 95% CIs treat windows as clusters
+(:func:`infoscale.stats.cluster_ci` for 0/1 outcomes, :func:`infoscale.tasks.clm.cluster_mean_ci` for NLL).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+
+from . import __version__
+from .errors import DataError, MethodError
+from .io import git_commit, merge_records, read_records, record_key
+from .rundir import load_run
+from .runtime import precision_info, use_bf16
+from .stats import cluster_ci
+from .tasks import clm
+
+__all__ = ["CLM_SETTINGS", "evaluate_clm", "is_causal_run"]
+
+CLM_SETTINGS = ("contiguous", "repeated", "passkey")
+
+
+def is_causal_run(path) -> bool:
+    """Whether a run directory holds a causal model (its family's task is ``clm``)."""
+    import json
+    from pathlib import Path
+
+    from .models import FAMILIES
+
+    f = Path(path) / "config.json"
+    try:
+        mt = json.loads(f.read_text(encoding="utf-8")).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return False  # load_run gives the clear error later
+    fam = FAMILIES.get(mt)
+    return fam is not None and fam.task == "clm"
+
+
+def _cell_key(rec: dict) -> str:
+    return record_key(rec["model"], rec["method_resolved"], rec["length"], rec["setting"], rec["protocol"],
+                      rec["protocol_params"], rec["seed"], rec["windows"], rec["predictions"])
+
+
+def _count(cfg, n: int) -> int:
+    """Windows of one cell: at least ``--windows``, more at short lengths to reach ``--predictions``."""
+    return max(cfg.windows, math.ceil(cfg.predictions / max(n - 1, 1)))
+
+
+def _finite(values: np.ndarray, what: str) -> None:
+    if not np.isfinite(values).all():
+        raise MethodError(f"{what} gives non-finite logits (NaN or infinity): its parameters make attention "
+                          "undefined; choose other parameters (nothing was written for this cell)")
+
+
+def contiguous_records(model, docs, n: int, L: int, count: int, seed: int, device, bf16, tokens_per_batch):
+    """(metric, value, ci, window_values, extra) tuples of the contiguous setting."""
+    from .data import make_windows
+
+    wins = make_windows(docs, n, "contiguous", count, L, None, seed)
+    nll, _ = clm.token_nll(model, wins, device=device, bf16=bf16, tokens_per_batch=tokens_per_batch)
+    _finite(np.concatenate(nll), "the method")
+    total = int(sum(map(len, nll)))
+    out = [("nll", *clm.cluster_mean_ci(nll), [float(v.mean()) for v in nll], {"n_predictions": total})]
+    for lo, hi in clm.bucket_edges(n, L):
+        # entry t−1 is target position t; bucket [lo, hi) of target positions, position 0 has no target
+        part = [v[max(lo, 1) - 1:hi - 1] for v in nll]
+        if not len(part[0]):
+            continue
+        out.append((f"nll[{lo},{hi})", *clm.cluster_mean_ci(part), [float(v.mean()) for v in part],
+                    {"bucket": [lo, hi], "n_predictions": int(sum(map(len, part)))}))
+    return out, len(wins)
+
+
+def copy_records(model, docs, n: int, L: int, count: int, seed: int, device, bf16, tokens_per_batch):
+    wins, spans = clm.copy_windows(docs, n, count, L, seed)
+    nll, hits = clm.token_nll(model, wins, device=device, bf16=bf16, tokens_per_batch=tokens_per_batch)
+    _finite(np.concatenate(nll), "the method")
+    cn = [v[m - 1:] for v, m in zip(nll, spans, strict=True)]  # target positions t >= m
+    ch = [h[m - 1:].astype(float) for h, m in zip(hits, spans, strict=True)]
+    extra = {"spans": spans, "n_predictions": int(sum(map(len, cn)))}
+    acc = float(np.concatenate(ch).mean())
+    return [("copy_nll", *clm.cluster_mean_ci(cn), [float(v.mean()) for v in cn], extra),
+            ("copy_accuracy", acc, *cluster_ci(ch), [float(v.mean()) for v in ch], extra)], len(wins)
+
+
+def passkey_records(model, pk, n: int, depths, trials: int, seed: int, device, bf16, tokens_per_batch):
+    rng = np.random.default_rng([seed, n, 3])
+    prompts, answers, used = [], [], []
+    for i in range(trials):
+        d = float(depths[i % len(depths)])
+        p, a = clm.passkey_prompt(pk, n, rng, d)
+        prompts.append(p)
+        answers.append(a)
+        used.append(d)
+    gen = clm.passkey_generate(model, prompts, device=device, bf16=bf16, tokens_per_batch=tokens_per_batch)
+    right = [(g == a).astype(float) for g, a in zip(gen, np.stack(answers), strict=True)]
+    exact = [np.array([float(r.all())]) for r in right]
+    per_depth = {str(d): float(np.mean([r.mean() for r, dd in zip(right, used, strict=True) if dd == d]))
+                 for d in depths}
+    extra = {"depth_of_window": used, "per_depth": per_depth, "n_predictions": int(sum(map(len, right)))}
+    acc = float(np.concatenate(right).mean())
+    ex = float(np.mean([e[0] for e in exact]))
+    return [("passkey_accuracy", acc, *cluster_ci(right), [float(r.mean()) for r in right], extra),
+            ("passkey_exact", ex, *cluster_ci(exact), [float(e[0]) for e in exact], extra)], trials
+
+
+def evaluate_clm(cfg, models: list[str], log=print) -> list[dict]:
+    """The causal part of the sweep (``cfg`` is :class:`infoscale.evaluate.EvalConfig`); returns the new records."""
+    from tqdm import tqdm
+
+    from . import hf
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bf16 = use_bf16(cfg.bf16, device)
+    done = {r.get("key") for r in read_records(cfg.out)}
+    commit = git_commit()
+    new: list[dict] = []
+    settings = [s for s in cfg.settings if s in CLM_SETTINGS]
+    for path in models:
+        run = load_run(path, device)
+        model, L = run.model, run.train_len
+        docs = run.heldout_docs(cfg.corpus or None)
+        longest = max((len(a) for a in docs.arrays), default=0)
+        if "contiguous" in settings and any(n > longest for n in cfg.lengths):
+            raise DataError(f"{run.name}: the longest held-out document has {longest} tokens, so the contiguous "
+                            f"setting cannot run at n={max(cfg.lengths)}; use --lengths up to {longest} or other "
+                            "--settings")
+        pk = clm.Passkey(run.tokenizer) if "passkey" in settings else None
+        todo = []
+        for m in cfg.methods:
+            try:
+                hf.apply(model, m, train_len=L)
+                resolved = model.config.infoscale["method"]
+                hf.remove(model)
+            except MethodError as e:
+                log(f"skip {m} on {run.path}: {e}")
+                continue
+            for setting in settings:
+                for n in cfg.lengths:
+                    if setting == "repeated" and n <= L + L // 2:
+                        continue  # no span longer than L with a second copy fits
+                    if setting == "passkey" and n < pk.min_length():
+                        log(f"skip passkey at n={n}: the prompt needs {pk.min_length()} tokens")
+                        continue
+                    todo.append((m, resolved, setting, n))
+        bar = tqdm(todo, disable=not cfg.progress, dynamic_ncols=True, mininterval=2.0, desc=run.name)
+        applied = None
+        try:
+            for m, resolved, setting, n in bar:
+                tcfg = run.train_config
+                protocol = "greedy" if setting == "passkey" else "teacher_forced"
+                params = ({"depths": [float(d) for d in cfg.depths], "digits": clm.DIGITS} if setting == "passkey"
+                          else ({"span": [L + 1, 2 * L]} if setting == "repeated" else {}))
+                count = cfg.passkey_trials if setting == "passkey" else _count(cfg, n)
+                rec = {"model": str(run.path.resolve()), "model_name": run.name,
+                       "train": {k: tcfg.get(k) for k in ("corpus", "preset", "attention", "train_len", "steps",
+                                                          "seed", "arch", "tokenizer", "passkey_share")},
+                       "method": m, "method_resolved": resolved, "length": n, "setting": setting,
+                       "protocol": protocol, "protocol_params": params, "windows": cfg.windows,
+                       "predictions": cfg.predictions if setting != "passkey" else cfg.passkey_trials,
+                       "seed": cfg.seed, "task": "clm"}
+                rec["key"] = _cell_key(rec)
+                if rec["key"] in done:
+                    continue
+                done |= {r.get("key") for r in read_records(cfg.out)}
+                if rec["key"] in done:
+                    continue
+                if applied != m:
+                    hf.apply(model, m, train_len=L)
+                    applied = m
+                bar.set_postfix_str(f"{m} {setting} n={n}")
+                t0 = time.perf_counter()
+                args = (device, bf16, cfg.tokens_per_batch)
+                try:
+                    if setting == "contiguous":
+                        rows, used = contiguous_records(model, docs, n, L, count, cfg.seed, *args)
+                    elif setting == "repeated":
+                        rows, used = copy_records(model, docs, n, L, count, cfg.seed, *args)
+                    else:
+                        rows, used = passkey_records(model, pk, n, cfg.depths, count, cfg.seed, *args)
+                except MethodError as e:
+                    raise MethodError(f"{m} on {run.name} at n={n} ({setting}): {e}") from None
+                rec.update({"windows_used": used, "tiled": setting == "repeated",
+                            "precision": "bf16" if bf16 else "fp32", "precision_info": precision_info(device),
+                            "version": __version__, "git_commit": commit, "wall_time": time.perf_counter() - t0,
+                            "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                cell = [rec | extra | {"metric": metric, "value": float(v), "ci_low": float(lo), "ci_high": float(hi),
+                                       "window_values": wv}
+                        for metric, v, lo, hi, wv, extra in rows]
+                new += merge_records(cfg.out, cell)
+                done.add(rec["key"])
+        finally:
+            hf.remove(model)
+    return new

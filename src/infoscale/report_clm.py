@@ -1,0 +1,111 @@
+"""Report pieces for causal runs: NLL by target position (the ``nll[lo,hi)`` records of ``infoscale eval``).
+
+Pure readers of the records, like :mod:`infoscale.report`: per model, a table of NLL per position bucket at the
+longest length (rows: methods, columns: buckets [0, L), [L, 2L), …) and a figure of NLL against position
+(log₂ axis, one line per method), where a method that breaks beyond L shows a rising line.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from pathlib import Path
+
+__all__ = ["is_bucket", "bucket_tables", "plot_buckets"]
+
+
+def is_bucket(rec: dict) -> bool:
+    return isinstance(rec.get("bucket"), list) and rec.get("metric", "").startswith("nll[")
+
+
+def _label(rec: dict) -> str:
+    return rec.get("method_label") or rec["method"]
+
+
+def _by_model(records):
+    by = defaultdict(list)
+    for r in records:
+        if is_bucket(r):
+            by[r["model_name"]].append(r)
+    return by
+
+
+def bucket_tables(records: list[dict]) -> list[str]:
+    lines: list[str] = []
+    for model, recs in _by_model(records).items():
+        n = max(r["length"] for r in recs)
+        recs = [r for r in recs if r["length"] == n]
+        buckets = sorted({tuple(r["bucket"]) for r in recs})
+        methods = list(dict.fromkeys(_label(r) for r in recs))
+        cell = {(_label(r), tuple(r["bucket"])): r for r in recs}
+        best = {b: min((cell[m, b]["value"] for m in methods if (m, b) in cell), default=None) for b in buckets}
+        train = recs[0].get("train", {})
+        lines += [f"### {model}: next-token NLL by target position at n = {n}", "",
+                  f"Trained with `{train.get('attention')}` at L = {train.get('train_len')}. Mean NLL (nats) of the "
+                  "tokens whose position falls in each bucket ± 95% CI half-width (windows as clusters); lowest per "
+                  "bucket in bold.", "",
+                  "| method | " + " | ".join(f"[{lo}, {hi})" for lo, hi in buckets) + " |",
+                  "|---|" + "---:|" * len(buckets)]
+        for m in methods:
+            row = []
+            for b in buckets:
+                r = cell.get((m, b))
+                if r is None:
+                    row.append("–")
+                    continue
+                txt = f"{r['value']:.3f} ± {(r['ci_high'] - r['ci_low']) / 2:.3f}"
+                row.append(f"**{txt}**" if r["value"] == best[b] else txt)
+            lines.append(f"| `{m}` | " + " | ".join(row) + " |")
+        lines.append("")
+    return lines
+
+
+def plot_buckets(records: list[dict], out: Path) -> list[Path]:
+    """One figure: a panel per model, NLL against bucket midpoint at the longest length, a line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by = _by_model(records)
+    if not by:
+        return []
+    methods = list(dict.fromkeys(_label(r) for rs in by.values() for r in rs))
+    cmap = plt.get_cmap("tab20" if len(methods) > 10 else "tab10")
+    fig, axes = plt.subplots(1, len(by), figsize=(6.5 * len(by), 5.2), squeeze=False, sharey=True)
+    lo_y, hi_y = math.inf, -math.inf
+    for j, (model, recs) in enumerate(by.items()):
+        n = max(r["length"] for r in recs)
+        recs = [r for r in recs if r["length"] == n]
+        ax = axes[0, j]
+        for m in dict.fromkeys(_label(r) for r in recs):
+            pts = sorted((r["bucket"], r) for r in recs if _label(r) == m)
+            xs = [math.sqrt(max(b[0], 1) * b[1]) for b, _ in pts]  # geometric midpoint on the log axis
+            ys = [r["value"] for _, r in pts]
+            lo_y, hi_y = min(lo_y, min(ys)), max(hi_y, max(ys))
+            i = methods.index(m)
+            ax.plot(xs, ys, marker="o", ms=3, lw=1.4, ls="-" if ("infoscale" in m or "logn" in m) else "--",
+                    color=cmap(i % cmap.N), label=m)
+        train = recs[0].get("train", {})
+        L = train.get("train_len")
+        if L:
+            ax.axvline(L, color="grey", lw=0.8, ls=":")
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+        ax.set_title(f"{model} (trained: {train.get('attention')}, L={L}), n={n}", fontsize=9)
+        ax.set_xlabel("target position (bucket [L·2^k, L·2^(k+1)), log₂)")
+    axes[0, 0].set_ylabel("next-token NLL (nats)")
+    if math.isfinite(lo_y):  # methods that explode would flatten the others: cap the axis at 2.5× the best
+        axes[0, 0].set_ylim(lo_y - 0.1, min(hi_y, 2.5 * lo_y) + 0.1)
+    handles = {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(lab, h)
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 6), fontsize=8,
+               frameon=False)
+    fig.suptitle("NLL by position (solid: with a length temperature; above the y limit: off the chart)", fontsize=11)
+    fig.tight_layout(rect=(0, 0.05 + 0.03 * math.ceil(len(handles) / 6), 1, 1))
+    path = out / "nll_by_position.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]

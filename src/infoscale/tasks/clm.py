@@ -1,0 +1,203 @@
+"""The causal-language-model objective: next-token training batches and the three long-context tests.
+
+Training: windows of L tokens; the loss is the mean next-token cross-entropy
+``−(1/(B(L−1))) Σ_b Σ_{t=1}^{L−1} log p(x_t | x_<t)`` (transformers shifts the labels). A share of the rows may be
+replaced by short passkey samples (below), so the model knows the retrieval task at L before it is asked at 64L.
+
+Evaluation (Press et al. 2022 "Train short, test long", arXiv 2108.12409, for perplexity by position; the
+tiled-document copy test of Su, kexue.fm/archives/9708; passkey retrieval of Mohtashami & Jaggi 2023,
+"Landmark Attention", arXiv 2305.16300):
+
+- :func:`token_nll`: per window, −log p(x_t | x_<t) and top-1 hit for every target position t = 1 … n−1, in one
+  teacher-forced pass; :func:`bucket_edges` groups target positions into [0, L), [L, 2L), [2L, 4L), … .
+- :func:`copy_windows`: a held-out span of m tokens, L < m ≤ 2L, tiled to n; positions t ≥ m (the 2nd and later
+  copies) have their exact source m tokens back, beyond the training length.
+- :func:`passkey_prompt`: the landmark-attention prompt shortened to fit L: filler, ``The pass key is
+  d1d2d3d4d5. Remember it. d1…d5 is the pass key.`` at a chosen depth, more filler, then
+  ``What is the pass key? The pass key is`` and the digits (one token per digit) are generated greedily.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import DataError
+
+__all__ = ["Batch", "Passkey", "train_batch", "heldout_loss", "token_nll", "bucket_edges", "copy_windows",
+           "passkey_prompt", "passkey_generate", "cluster_mean_ci"]
+
+FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+KEY_PRE, KEY_MID, KEY_POST = " The pass key is ", ". Remember it. ", " is the pass key."
+QUESTION = " What is the pass key? The pass key is "
+DIGITS = 5
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    positions: torch.Tensor | None
+
+
+class Passkey:
+    """The token pieces of the passkey prompt, encoded once with the run's tokenizer (digits one token each)."""
+
+    def __init__(self, tok):
+        self.filler = np.asarray(tok.encode(FILLER), dtype=np.int64)
+        self.pre, self.mid, self.post = (np.asarray(tok.encode(s), dtype=np.int64) for s in (KEY_PRE, KEY_MID,
+                                                                                             KEY_POST))
+        self.question = np.asarray(tok.encode(QUESTION), dtype=np.int64)
+        self.digits = []
+        for d in "0123456789":
+            ids = tok.encode(d)
+            if len(ids) != 1:
+                raise DataError(f"the tokenizer encodes the digit {d!r} as {len(ids)} tokens (or not at all: it was "
+                                "trained without digits); the passkey test needs one token per digit")
+            self.digits.append(ids[0])
+        self.digits = np.asarray(self.digits, dtype=np.int64)
+        self.fixed = len(self.pre) + len(self.mid) + len(self.post) + len(self.question) + 2 * DIGITS
+
+    def min_length(self) -> int:
+        """The shortest prompt (no filler)."""
+        return self.fixed
+
+    def prompt(self, n: int, key: np.ndarray, depth: float) -> np.ndarray:
+        """A prompt of exactly n tokens: filler, the key sentence at ``depth`` ∈ [0, 1] of the filler, filler,
+        the question (the answer digits follow)."""
+        fill = n - self.fixed
+        if fill < 0:
+            raise DataError(f"a passkey prompt needs at least {self.fixed} tokens, got n={n}")
+        before = int(round(depth * fill))
+        tiled = np.resize(self.filler, fill)  # the filler stream, cut at n
+        kd = self.digits[key]
+        return np.concatenate([tiled[:before], self.pre, kd, self.mid, kd, self.post, tiled[before:], self.question])
+
+
+def passkey_prompt(pk: Passkey, n: int, rng: np.random.Generator, depth: float) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt ids of length n, answer ids) with a random 5-digit key."""
+    key = rng.integers(0, 10, DIGITS)
+    return pk.prompt(n, key, depth), pk.digits[key]
+
+
+def train_batch(docs, gens, *, batch_size: int, train_len: int, positions=None, passkey: Passkey | None = None,
+                passkey_share: float = 0.0) -> Batch:
+    """One global batch: windows (``gens[0]``), PoSE positions (``gens[2]``), and, with probability
+    ``passkey_share`` per row, a passkey sample of exactly L tokens (prompt of L − 5 tokens + the answer digits,
+    depth uniform; ``gens[4]``). Every generator depends on (seed, step) only."""
+    ids = docs.windows(gens[0], batch_size, train_len)
+    if passkey is not None and passkey_share > 0:
+        g = gens[4]
+        rows = torch.rand(batch_size, generator=g) < passkey_share
+        for r in torch.nonzero(rows).flatten().tolist():
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
+            rng = np.random.default_rng(seed)
+            prompt, answer = passkey_prompt(passkey, train_len - DIGITS, rng, float(rng.random()))
+            ids[r] = torch.from_numpy(np.concatenate([prompt, answer]))
+    pos = positions(gens[2], batch_size, train_len) if positions is not None else None
+    return Batch(ids, ids.clone(), pos)
+
+
+@torch.no_grad()
+def heldout_loss(model, docs, *, seed: int, windows: int, train_len: int, device, bf16: bool) -> dict:
+    """Next-token accuracy and loss on fixed held-out windows at the training length."""
+    gen = torch.Generator().manual_seed(seed + 7)
+    ids = docs.windows(gen, windows, train_len)
+    was = model.training
+    model.eval()
+    nll, hits = token_nll(model, list(ids.numpy()), device=device, bf16=bf16)
+    model.train(was)
+    allv, allh = np.concatenate(nll), np.concatenate(hits)
+    return {"val_acc": float(allh.mean()), "val_loss": float(allv.mean()), "val_n": int(allv.size)}
+
+
+@torch.inference_mode()
+def token_nll(model, windows: list[np.ndarray], *, device, bf16: bool, tokens_per_batch: int = 16384
+              ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per window of n tokens, arrays of length n − 1: −log p(x_t | x_<t) and [argmax = x_t] for t = 1 … n − 1
+    (entry t − 1 is target position t). Windows of one length are batched ``tokens_per_batch`` tokens at a time."""
+    n = len(windows[0])
+    per = max(1, tokens_per_batch // n)
+    nll, hits = [], []
+    for i in range(0, len(windows), per):
+        x = torch.from_numpy(np.stack(windows[i:i + per])).long().to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
+        target = x[:, 1:]
+        ce = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
+        ok = logits.argmax(-1) == target
+        nll += list(ce.cpu().numpy())
+        hits += list(ok.cpu().numpy())
+    return nll, hits
+
+
+def bucket_edges(n: int, train_len: int) -> list[tuple[int, int]]:
+    """Target-position buckets [0, L), [L, 2L), [2L, 4L), … cut at n."""
+    edges, lo, hi = [], 0, train_len
+    while lo < n:
+        edges.append((lo, min(hi, n)))
+        lo, hi = hi, 2 * hi
+    return edges
+
+
+def copy_windows(docs, n: int, count: int, train_len: int, seed: int) -> tuple[list[np.ndarray], list[int]]:
+    """``count`` windows of n tokens, each a held-out span of m tokens tiled to n, with L < m ≤ min(2L, n − L/2)
+    (so at least L/2 copied tokens exist). Returns (windows, spans m)."""
+    hi = min(2 * train_len, n - train_len // 2)
+    if hi <= train_len:
+        raise DataError(f"the copy test needs n > 3L/2 (a span longer than L and part of a second copy); n={n}, "
+                        f"L={train_len}")
+    rng = np.random.default_rng([seed, n, 2])
+    out, spans = [], []
+    for _ in range(count):
+        m = int(rng.integers(train_len + 1, hi + 1))
+        cands = [a for a in docs.arrays if len(a) >= m]
+        if not cands:
+            raise DataError(f"no held-out document has {m} tokens for a copy span; use longer documents")
+        a = cands[rng.integers(len(cands))]
+        s = int(rng.integers(0, len(a) - m + 1))
+        out.append(np.resize(a[s:s + m], n).astype(np.int64))
+        spans.append(m)
+    return out, spans
+
+
+@torch.inference_mode()
+def passkey_generate(model, prompts: list[np.ndarray], *, device, bf16: bool, new_tokens: int = DIGITS,
+                     tokens_per_batch: int = 16384) -> np.ndarray:
+    """Greedy continuations (``model.generate`` with its KV cache) of equal-length prompts: (count, new_tokens)."""
+    n = len(prompts[0])
+    per = max(1, tokens_per_batch // n)
+    out = []
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+    for i in range(0, len(prompts), per):
+        x = torch.from_numpy(np.stack(prompts[i:i + per])).long().to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            y = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=new_tokens,
+                               min_new_tokens=new_tokens, do_sample=False, num_beams=1, use_cache=True,
+                               pad_token_id=pad, eos_token_id=None)
+        out.append(y[:, n:].cpu().numpy())
+    return np.concatenate(out)
+
+
+def cluster_mean_ci(values_per_window: list[np.ndarray]) -> tuple[float, float, float]:
+    """(mean, 95% low, 95% high) of the pooled mean of a per-token quantity, windows as clusters.
+
+    Ratio estimator (Cochran 1977, §6.4): ȳ = Σ_w S_w / Σ_w N_w with S_w the window's sum and N_w its count;
+    se² = w/(w−1) · Σ_w (S_w − ȳ N_w)² / (Σ_w N_w)². With one window (no clusters to compare) the tokens are
+    treated as independent: se = sd/√N. The same estimator as :func:`infoscale.stats.cluster_ci` without its
+    binomial floor, which applies to 0/1 outcomes only."""
+    counts = np.array([len(v) for v in values_per_window], float)
+    sums = np.array([float(np.sum(v)) for v in values_per_window])
+    total = counts.sum()
+    mean = sums.sum() / total
+    w = len(counts)
+    if w < 2:
+        allv = np.concatenate(values_per_window)
+        se = float(np.std(allv, ddof=1) / math.sqrt(allv.size)) if allv.size > 1 else 0.0
+    else:
+        se = math.sqrt(w / (w - 1) * float(((sums - mean * counts) ** 2).sum())) / total
+    return float(mean), float(mean - 1.96 * se), float(mean + 1.96 * se)

@@ -1,0 +1,322 @@
+"""The causal track: Llama training (resume, tokenizer, loading without infoscale), the three causal metrics
+against hand computations, cached decoding against full forwards, and the clm-smoke reproduction."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import infoscale.hf as ihf
+from infoscale.data import BPETokenizer, TokenDocs, load_tokenizer
+from infoscale.evaluate_clm import contiguous_records, copy_records
+from infoscale.tasks import clm
+
+from .conftest import TINY, run_cli
+
+LLAMA = [*TINY, "--arch", "llama", "--train-len", "96", "--vocab-size", "1000"]
+
+
+@pytest.fixture(scope="session")
+def llama_run(tmp_path_factory, corpus):
+    out = tmp_path_factory.mktemp("clm") / "run"
+    res = run_cli("train", "--out", str(out), "--corpus", str(corpus), "--steps", "40", "--passkey-share", "0.2",
+                  *LLAMA)
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+def _model(run):
+    from transformers import LlamaForCausalLM
+
+    return LlamaForCausalLM.from_pretrained(run).eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# training
+# ---------------------------------------------------------------------------------------------
+
+
+def test_llama_sigkill_then_resume_equals_uninterrupted(tmp_path, corpus):
+    """PoSE + passkey samples + dropout: SIGKILL after the step-10 checkpoint, --resume, same weights."""
+    args = ["--corpus", str(corpus), "--steps", "20", "--save-every", "5", "--eval-every", "10", "--attention",
+            "pose", "--passkey-share", "0.25", "--dropout", "0.1", *LLAMA]
+    ref = run_cli("train", "--out", str(tmp_path / "ref"), *args)
+    assert ref.returncode == 0, ref.stderr
+    out = tmp_path / "killed"
+    killed = run_cli("train", "--out", str(out), *args, env={"INFOSCALE_TEST_KILL_AFTER_SAVE": "10"})
+    assert killed.returncode == -signal.SIGKILL
+    assert not (out / "model.safetensors").exists()
+    res = run_cli("train", "--out", str(out), *args, "--resume")
+    assert res.returncode == 0, res.stderr
+    a, b = load_file(tmp_path / "ref" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "llama" and cfg["max_position_embeddings"] == 96
+    assert cfg["infoscale"]["train_method"] == "pose"
+    tcfg = json.loads((out / "train_config.json").read_text())
+    assert tcfg["arch"] == "llama" and tcfg["passkey_share"] == 0.25 and tcfg["tokenizer"] == "bpe"
+
+
+def test_pose_training_positions_reach_the_model(tmp_path, corpus):
+    """PoSE's skipped positions reach RoPE and are not read as packed sequences (transformers'
+    ``find_packed_sequence_indices`` looks at position jumps when no mask is given): the logits of a PoSE batch as
+    training computes them equal those with an explicit causal mask over the whole window."""
+    from transformers import LlamaForCausalLM
+
+    from infoscale.models.llama import build_config
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(build_config("tiny", vocab_size=50, train_len=16)).eval()
+    x = torch.randint(0, 50, (2, 16))
+    pos = torch.cat([torch.arange(8), torch.arange(100, 108)])[None].expand(2, -1)
+    a = model(input_ids=x, attention_mask=torch.ones_like(x), position_ids=pos).logits
+    # reference: the eager implementation with a 4-D causal mask (no packed-sequence detection)
+    model.set_attn_implementation("eager")
+    mask = torch.zeros(1, 1, 16, 16).masked_fill(torch.ones(16, 16).triu(1).bool(), float("-inf"))
+    b = model(input_ids=x, attention_mask=mask.expand(2, 1, -1, -1), position_ids=pos).logits
+    assert (a - b).abs().max() < 1e-4
+    # and the positions matter: the same window at 0..15 gives other logits
+    assert (model(input_ids=x, attention_mask=mask.expand(2, 1, -1, -1)).logits[:, 8:] - b[:, 8:]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("flags,msg", [
+    (["--arch", "llama", "--attention", "cosscale(s=32)"], "--arch llama trains with"),
+    (["--arch", "gau", "--tokenizer", "bpe"], "--tokenizer bpe is for --arch llama"),
+    (["--arch", "gpt"], "unknown --arch"),
+    (["--arch", "llama", "--train-len", "16", "--passkey-share", "0.1"], "a passkey sample needs"),
+])
+def test_bad_arch_flags(tmp_path, corpus, flags, msg):
+    res = run_cli("train", "--out", str(tmp_path / "r"), "--corpus", str(corpus), *TINY, "--vocab-size", "300",
+                  *flags)
+    assert res.returncode == 2
+    assert msg in res.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer and loading without infoscale
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bpe_round_trip_and_saved_files(tmp_path):
+    texts = ["To be, or not to be: that is the question.\n", "Whether 'tis nobler in the mind to suffer"] * 20
+    tok = BPETokenizer.train(texts, 300)
+    for s in ["To be, or not to be", "  spaces\n\nand newlines\t", "三国演义 and émigré 71432"]:
+        assert tok.decode(tok.encode(s)) == s  # byte level: any text, no unknown token
+    tok.save(tmp_path)
+    again = load_tokenizer(tmp_path)
+    assert isinstance(again, BPETokenizer) and again.encode("the question") == tok.encode("the question")
+    assert [again.tok.id_to_token(i) for i in (0, 1)] == ["<|endoftext|>", "<pad>"]
+
+
+def test_run_loads_with_transformers_alone(llama_run):
+    """AutoTokenizer and AutoModelForCausalLM load the run in a process that never imports infoscale, and give
+    the ids and logits infoscale gives."""
+    text = "ROMEO: But soft, what light through yonder window breaks? 12345"
+    code = f"""
+import json, sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained({str(llama_run)!r})
+model = AutoModelForCausalLM.from_pretrained({str(llama_run)!r}).eval()
+ids = tok({text!r})["input_ids"]
+import torch
+with torch.no_grad():
+    logits = model(torch.tensor([ids])).logits[0, -1].tolist()
+assert not any(m.startswith("infoscale") for m in sys.modules), "infoscale was imported"
+print(json.dumps({{"ids": ids, "decoded": tok.decode(ids), "logits": logits, "cls": type(model).__name__,
+                  "eos": tok.eos_token, "pad": tok.pad_token}}))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/",
+                         env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    tok = load_tokenizer(llama_run)
+    assert got["ids"] == tok.encode(text)
+    assert got["decoded"] == text
+    assert got["cls"] == "LlamaForCausalLM" and got["eos"] == "<|endoftext|>" and got["pad"] == "<pad>"
+    with torch.no_grad():
+        ref = _model(llama_run)(torch.tensor([tok.encode(text)])).logits[0, -1]
+    assert (torch.tensor(got["logits"]) - ref).abs().max() < 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics against hand computations
+# ---------------------------------------------------------------------------------------------
+
+
+class RepeatLM(torch.nn.Module):
+    """Logits c at the current token's id, 0 elsewhere: p(next = current) = e^c / (e^c + V − 1)."""
+
+    def __init__(self, vocab: int, c: float):
+        super().__init__()
+        self.vocab, self.c = vocab, c
+
+    def forward(self, input_ids, **kw):
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        logits.scatter_(-1, input_ids[..., None], self.c)
+        return type("Out", (), {"logits": logits})()
+
+
+def _docs(arrays):
+    docs = TokenDocs([], None)
+    docs.arrays = [np.asarray(a, dtype=np.int32) for a in arrays]
+    return docs
+
+
+def test_token_nll_and_buckets_by_hand():
+    V, c = 7, 2.0
+    same, other = -math.log(math.exp(c) / (math.exp(c) + V - 1)), -math.log(1 / (math.exp(c) + V - 1))
+    rng = np.random.default_rng(0)
+    doc = rng.integers(0, 3, 600)  # small alphabet: many repeats
+    docs = _docs([doc])
+    rows, used = contiguous_records(RepeatLM(V, c), docs, 256, 64, 3, 0, torch.device("cpu"), False, 512)
+    assert used == 3
+    from infoscale.data import make_windows
+
+    wins = make_windows(docs, 256, "contiguous", 3, 64, None, 0)
+    hand = [[same if w[t] == w[t - 1] else other for t in range(1, 256)] for w in wins]  # a plain loop
+    got = {r[0]: r for r in rows}
+    assert [r[0] for r in rows] == ["nll", "nll[0,64)", "nll[64,128)", "nll[128,256)"]
+    assert got["nll"][1] == pytest.approx(np.mean(hand), abs=1e-5)
+    for lo, hi in [(0, 64), (64, 128), (128, 256)]:
+        part = [h[max(lo, 1) - 1:hi - 1] for h in hand]  # targets t in [lo, hi); t = 0 has none
+        assert got[f"nll[{lo},{hi})"][1] == pytest.approx(np.mean(part), abs=1e-5)
+        assert got[f"nll[{lo},{hi})"][4] == pytest.approx([np.mean(p) for p in part], abs=1e-5)  # window_values
+        assert got[f"nll[{lo},{hi})"][5]["bucket"] == [lo, hi]
+    assert clm.bucket_edges(300, 64) == [(0, 64), (64, 128), (128, 256), (256, 300)]
+    assert clm.bucket_edges(64, 64) == [(0, 64)]
+
+
+class CopyLM(torch.nn.Module):
+    """Predicts the token m positions back (m fixed), else token 0: accuracy 1 exactly on the copied tokens."""
+
+    def __init__(self, vocab: int, m: int):
+        super().__init__()
+        self.vocab, self.m = vocab, m
+
+    def forward(self, input_ids, **kw):
+        B, n = input_ids.shape
+        logits = torch.zeros(B, n, self.vocab)
+        # the target of position t is x[t+1]; its copy sits at t+1−m
+        src = torch.arange(n) + 1 - self.m
+        ok = src >= 0
+        logits[:, ok, :] = logits[:, ok, :].scatter(-1, input_ids[:, src[ok]][..., None], 10.0)
+        logits[:, ~ok, 0] = 10.0
+        return type("Out", (), {"logits": logits})()
+
+
+def test_copy_metric_by_hand():
+    L, n = 16, 100
+    doc = np.arange(5, 5 + 400) % 50 + 1  # no token repeats within 50 tokens
+    docs = _docs([doc])
+    wins, spans = clm.copy_windows(docs, n, 4, L, 0)
+    assert all(L < m <= 2 * L for m in spans)
+    for w, m in zip(wins, spans, strict=True):
+        assert np.array_equal(w[m:2 * m], w[:m])  # tiled
+    m = spans[0]
+    rows, _ = copy_records(CopyLM(51, m), docs, n, L, 4, 0, torch.device("cpu"), False, 10_000)
+    got = {r[0]: r for r in rows}
+    # a plain loop: window w is right at target t >= m_w iff its own period equals m (the model's lag)
+    hand = [[1.0 if mw == m else 0.0 for t in range(mw, n)] for mw in spans]
+    assert got["copy_accuracy"][1] == pytest.approx(np.concatenate(hand).mean())
+    assert got["copy_accuracy"][4] == pytest.approx([np.mean(h) for h in hand])
+    assert got["copy_nll"][4][0] == pytest.approx(math.log1p(50 * math.exp(-10)), rel=1e-3)  # logit 10 vs 50 zeros
+    assert got["copy_accuracy"][5]["spans"] == spans
+    with pytest.raises(Exception, match="n > 3L/2"):
+        clm.copy_windows(docs, 20, 1, L, 0)
+
+
+def test_cluster_mean_ci_by_hand():
+    mean, lo, hi = clm.cluster_mean_ci([np.array([1.0, 2.0]), np.array([3.0, 5.0, 7.0])])
+    # ȳ = 18/5; S − ȳN = (3 − 7.2, 15 − 10.8) = (−4.2, 4.2); se = sqrt(2 · 35.28) / 5 = 1.68
+    assert mean == pytest.approx(3.6)
+    assert (hi - lo) / 2 == pytest.approx(1.96 * 1.68)
+
+
+def test_passkey_prompt_layout(llama_run):
+    pk = clm.Passkey(load_tokenizer(llama_run))
+    rng = np.random.default_rng(1)
+    for n, depth in [(pk.min_length(), 0.5), (200, 0.0), (200, 1.0), (333, 0.3)]:
+        p, a = clm.passkey_prompt(pk, n, rng, depth)
+        assert len(p) == n and len(a) == clm.DIGITS
+        key_at = [i for i in range(n - len(a) + 1) if np.array_equal(p[i:i + len(a)], a)]
+        assert len(key_at) >= 2  # "The pass key is K. Remember it. K is the pass key."
+        fill = n - pk.min_length()
+        assert key_at[0] == round(depth * fill) + len(pk.pre)
+        assert np.array_equal(p[-len(pk.question):], pk.question)
+
+
+# ---------------------------------------------------------------------------------------------
+# cached decoding == full forward, through infoscale.hf on the trained tiny model
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["softmax", "infoscale", "rerope+infoscale", "streamingllm", "pi(factor=4.0)"])
+def test_cached_greedy_equals_full_forward(llama_run, method):
+    model = _model(llama_run)
+    ihf.apply(model, method)  # L from max_position_embeddings = 96
+    pk = clm.Passkey(load_tokenizer(llama_run))
+    prompt, _ = clm.passkey_prompt(pk, 250, np.random.default_rng(0), 0.5)
+    gen = clm.passkey_generate(model, [prompt], device=torch.device("cpu"), bf16=False, new_tokens=6)[0]
+    ids = torch.from_numpy(prompt)[None]
+    with torch.no_grad():  # a plain loop of full forwards, no cache
+        for _ in range(6):
+            nxt = model(ids, use_cache=False).logits[0, -1].argmax()
+            ids = torch.cat([ids, nxt.view(1, 1)], 1)
+        full = model(ids, use_cache=False).logits[0]
+        # the cached logits of the last step equal the full forward's
+        out = model(ids[:, :-1], use_cache=True)
+        step = model(ids[:, -1:], past_key_values=out.past_key_values, use_cache=True).logits[0, -1]
+    assert gen.tolist() == ids[0, 250:].tolist()
+    assert (step - full[-1]).abs().max() < 1e-4
+    ihf.remove(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# the sweep and the reproduction
+# ---------------------------------------------------------------------------------------------
+
+
+def test_eval_records_of_a_causal_run(llama_run, tmp_path):
+    out = tmp_path / "r.jsonl"
+    res = run_cli("eval", "--models", str(llama_run), "--methods", "softmax", "rerope", "pose", "--lengths", "96",
+                  "300", "--windows", "2", "--predictions", "64", "--passkey-trials", "3", "--out", str(out),
+                  "--no-progress")
+    assert res.returncode == 0, res.stderr
+    assert "skip pose" in res.stderr  # a softmax-trained model refuses the train-time method
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    metrics = {(r["method"], r["setting"], r["length"], r["metric"]) for r in recs}
+    assert ("rerope", "contiguous", 300, "nll[192,300)") in metrics
+    assert ("softmax", "repeated", 300, "copy_accuracy") in metrics
+    assert ("softmax", "repeated", 96, "copy_nll") not in metrics  # no span longer than L fits in n = L
+    assert ("rerope", "passkey", 96, "passkey_accuracy") in metrics
+    for r in recs:
+        assert len(r["window_values"]) == r["windows_used"]
+        assert r["ci_low"] <= r["value"] <= r["ci_high"]
+        assert r["train"]["arch"] == "llama"
+    keys = {(r["key"], r["metric"]) for r in recs}
+    assert len(keys) == len(recs)  # one record per (cell, metric)
+    again = run_cli("eval", "--models", str(llama_run), "--methods", "softmax", "--lengths", "96", "--windows", "2",
+                    "--predictions", "64", "--passkey-trials", "3", "--out", str(out), "--no-progress")
+    assert again.returncode == 0 and "0 new cells" in again.stdout
+
+
+def test_clm_smoke_reproduction(tmp_path):
+    res = run_cli("reproduce", "--preset", "clm-smoke", "--runs", str(tmp_path / "runs"), "--results",
+                  str(tmp_path / "results"), "--report", str(tmp_path / "report"), "--no-progress")
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = (tmp_path / "report" / "clm-smoke" / "report.md").read_text()
+    assert "NLL by position" in report and "passkey_accuracy" in report and "copy_accuracy" in report
+    assert (tmp_path / "report" / "clm-smoke" / "nll_by_position.png").exists()
+    recs = [json.loads(x) for x in (tmp_path / "results" / "clm-smoke.jsonl").read_text().splitlines()]
+    assert {r["model_name"] for r in recs} == {"softmax", "pose"}
+    assert all(np.isfinite(r["value"]) for r in recs)
