@@ -160,3 +160,90 @@ def test_eval_records_carry_per_window_fields(tiny_run, tmp_path):
     text = "\n".join(delta_tables(recs))
     # at L (32) InfoScale is the identity: Δ exactly 0
     assert "| `infoscale` − `softmax` | +0.0 ± 0.0 |" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# calibrated InfoScale
+# ---------------------------------------------------------------------------------------------
+
+
+def test_calibration_on_isotropic_qk_agrees_with_the_closed_form():
+    """Random isotropic q, k are InfoScale's own assumption: the fitted d gives the closed form's factors (the
+    entropy is flat in d near the head dim, so compare factors, not d) and holds H / ln l at its L value."""
+    import torch
+
+    from infoscale.calibrate import calibrate_layers, infoscale_t
+
+    d, L = 32, 16
+
+    def capture(dims, n, w):
+        g = torch.Generator().manual_seed(1000 * n + w)
+        q, k = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+        return [(q @ k.T / d ** 0.5, torch.full((n,), float(n), dtype=torch.float64))]
+
+    cal = calibrate_layers(capture, 1, [64, 256], 2, L, d, rows=128, log=lambda s: None)
+    fit = cal["layers"][0]
+    assert not fit["saturated"] and d / 2 < fit["dim"] < 2 * d
+    for n in (64, 256):
+        got = float(infoscale_t(torch.tensor([float(n)]), L, fit["dim"])[0])
+        closed = float(infoscale_t(torch.tensor([float(n)]), L, d)[0])
+        assert got == pytest.approx(closed, rel=0.03)
+        stats = fit["lengths"][str(n)]
+        assert abs(stats["H_norm_calibrated"] - fit["target_H_norm"]) < 0.01
+        assert stats["H_norm_plain"] > fit["target_H_norm"] + 0.01  # unscaled attention does drift
+
+
+def test_calibration_saturates_when_no_dimension_is_enough():
+    """A layer that needs more than sqrt(log-n) (logits that must sharpen a lot) hits the d → ∞ limit."""
+    import torch
+
+    from infoscale.calibrate import D_MAX, Sample, fit_dim, h_norm
+
+    L = 16
+    g = torch.Generator().manual_seed(0)
+    z_l = 4 * torch.randn(16, L, generator=g)
+    target = h_norm(z_l, torch.full((16,), float(L)))
+    z_n = 0.3 * torch.randn(64, 1024, generator=g)  # nearly uniform at n: far above the target
+    fit = fit_dim(target, [Sample(1024, z_n, torch.full((64,), 1024.0))], L)
+    assert fit["saturated"] and fit["dim"] >= D_MAX / 2
+    assert fit["lengths"]["1024"]["needed_factor"] > fit["lengths"]["1024"]["sqrt_logn_limit"]
+
+
+def test_calibrated_method_uses_per_layer_dims(tiny_run, tmp_path):
+    import shutil
+
+    import torch
+
+    from infoscale.calibrate import CalibrateConfig, attach, calibrate
+    from infoscale.errors import MethodError
+    from infoscale.rundir import load_run
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run, run_dir)
+    model = load_run(run_dir).model
+    ids = torch.randint(5, model.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(MethodError, match="infoscale calibrate"):
+        model(ids, method="infoscale(calibrated=True)")
+    head = model.config.attention_key_size
+
+    def logits(m):
+        with torch.no_grad():
+            return model(ids, method=m).logits
+
+    attach(model, {"dims": [head, head]})
+    assert torch.allclose(logits("infoscale(calibrated=True)"), logits("infoscale"), atol=1e-5)
+    attach(model, {"dims": [3.0, 3.0]})
+    same = logits("infoscale(calibrated=True)")
+    assert torch.allclose(same, logits("infoscale(dim=3.0)"), atol=1e-5)
+    attach(model, {"dims": [3.0, 1e4]})  # per layer: neither uniform choice
+    mixed = logits("infoscale(calibrated=True)")
+    assert not torch.allclose(mixed, same, atol=1e-4) and not torch.allclose(mixed, logits("infoscale(dim=10000.0)"),
+                                                                              atol=1e-4)
+    cal = calibrate(CalibrateConfig(model=str(run_dir), lengths=[64, 128], windows=1, rows=32), log=lambda s: None)
+    saved = json.loads((run_dir / "calibration.json").read_text())
+    assert saved["dims"] == cal["dims"] and len(saved["dims"]) == 2 and all(d > 0 for d in saved["dims"])
+    reloaded = load_run(run_dir).model  # load_run attaches the saved law
+    with torch.no_grad():
+        reloaded(ids, method="infoscale(calibrated=True)")
+    with pytest.raises(MethodError, match="not both"):
+        reloaded(ids, method="infoscale(calibrated=True, dim=4.0)")
