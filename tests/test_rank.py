@@ -247,3 +247,31 @@ def test_calibrated_method_uses_per_layer_dims(tiny_run, tmp_path):
         reloaded(ids, method="infoscale(calibrated=True)")
     with pytest.raises(MethodError, match="not both"):
         reloaded(ids, method="infoscale(calibrated=True, dim=4.0)")
+
+
+def test_hf_calibrate_on_a_transformers_model():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from infoscale import hf
+    from infoscale.errors import MethodError
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8,
+                                         initializer_range=0.3)).eval()
+    ids = torch.randint(3, 64, (2, 128), generator=torch.Generator().manual_seed(1))
+    hf.apply(model, "infoscale(calibrated=True)")
+    with pytest.raises(MethodError, match="hf.calibrate"):
+        model(ids[:, :32])
+    cal = hf.calibrate(model, ids, lengths=[32, 128], rows=16)
+    assert len(cal["dims"]) == 2 and model.config.infoscale["dims"] == cal["dims"]
+    assert str(model.config.infoscale["method"]).startswith("infoscale(")
+    with torch.no_grad():
+        out = model(ids[:, :64]).logits
+        model.config.infoscale["dims"] = [8.0, 8.0]  # the head dim: the closed form
+        closed = model(ids[:, :64]).logits
+        hf.apply(model, "infoscale")
+        assert torch.allclose(model(ids[:, :64]).logits, closed, atol=1e-5)
+    assert torch.isfinite(out).all()
+    assert all(r["lengths"]["128"]["H_norm_calibrated"] is not None for r in cal["layers"])
