@@ -67,9 +67,13 @@ PRESETS = {
     "smoke": Preset("tiny", 300, 32, 30, 3e-3, (64, 256, 1024), ("softmax", "infoscale", "rerope+infoscale",
                                                                   "window", "yarn"),
                     256, 2, (64,), 128, (64, 256), 1),
-    # a laptop: small models, every method, lengths to 64x; about 40 minutes on two cores
+    # a laptop: small models, every method, lengths to 64x; about 70 minutes on two cores. At least 24
+    # windows per cell: the paired Δ of InfoScale and log-n to their reference at 4096 then has a 95% CI of
+    # about ±0.5–1 point (per-window variance measured with 16 windows of 512 predictions: ±1 needs 3–12
+    # windows for these pairs, ~16 for ReRoPE vs ReRoPE + InfoScale); 4 windows gave ±2–4 points on each
+    # accuracy and no paired Δ. Costs ~6× the evaluation time at 2048 and 4096 (≈ +30 min on two cores).
     "quick": Preset("small", 1000, 64, 100, 2e-3, (64, 128, 256, 512, 1024, 2048, 4096), tuple(METHODS),
-                    1024, 4, (64, 1024), 1024, (64, 256, 1024, 4096), 2),
+                    1024, 24, (64, 1024), 1024, (64, 256, 1024, 4096), 2),
     # a GPU: the official fine-tuning shape (6 layers, hidden 768, key 128)
     "paper": Preset("paper", 20000, 128, 2000, 1e-3, (64, 128, 256, 512, 1024, 2048, 4096), tuple(METHODS),
                     8192, 10, (64, 1024, 4096), 4096, (64, 256, 1024, 4096), 8),
