@@ -50,6 +50,8 @@ CASES = {
                                            "w": 3},
     "alibi(max_bias=2.0, right_bias=1.0)": {"pos": "alibi", "slopes": [2 ** -1, 2 ** -2],
                                             "right_slopes": [2 ** -0.5, 2 ** -1]},
+    "alibi(max_bias=1.0, right_bias=-2.0)": {"pos": "alibi", "slopes": [2 ** -0.5, 2 ** -1],
+                                             "right_slopes": [2.0, 4.0]},
     "alibi(right_bias=0.0)+infoscale(clamp=False)": {"pos": "alibi", "slopes": _slopes(H), "right_slopes": [1.0, 1.0],
                                                     "temp": "infoscale_noclamp"},
     "infoscale(dim=3.5)+rerope(window=3)": {"temp": "infoscale", "dim": 3.5, "pos": "rerope", "w": 3},

@@ -351,8 +351,8 @@ def _v_pose(p, train_len):
 
 def _v_alibi(p, train_len):
     _v_positive(max_bias=1)(p, train_len)
-    if p.right_bias is not None and not (p.right_bias >= 0 and math.isfinite(p.right_bias)):
-        raise MethodError(f"right_bias must be a finite number >= 0 (0 gives slope 1), got {p.right_bias!r}")
+    if p.right_bias is not None and not math.isfinite(p.right_bias):  # 0: slope 1; negative: steeper than 1
+        raise MethodError(f"right_bias must be a finite number, got {p.right_bias!r}")
 
 
 def _v_infoscale(p, train_len):
