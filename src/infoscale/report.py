@@ -329,7 +329,8 @@ def delta_tables(records: list[dict]) -> list[str]:
                 best.append("–")
                 continue
             first, second, d, lo, hi, sig = r
-            txt = f"`{first}` vs `{second}`: {scale * d:+.{1 if pct else 3}f} [{scale * lo:+.1f}, {scale * hi:+.1f}]"
+            p = 1 if pct else 3
+            txt = f"`{first}` vs `{second}`: {scale * d:+.{p}f} [{scale * lo:+.{p}f}, {scale * hi:+.{p}f}]"
             best.append(f"**{first}** ({txt})" if sig else f"none ({txt})")
         lines += ["| *best* (vs runner-up) | " + " | ".join(best) + " |", "",
                   "Bold Δ: the CI excludes 0.", ""]

@@ -67,13 +67,16 @@ PRESETS = {
     "smoke": Preset("tiny", 300, 32, 30, 3e-3, (64, 256, 1024), ("softmax", "infoscale", "rerope+infoscale",
                                                                   "window", "yarn"),
                     256, 2, (64,), 128, (64, 256), 1),
-    # a laptop: small models, every method, lengths to 64x; about 70 minutes on two cores. At least 24
-    # windows per cell: the paired Δ of InfoScale and log-n to their reference at 4096 then has a 95% CI of
-    # about ±0.5–1 point (per-window variance measured with 16 windows of 512 predictions: ±1 needs 3–12
-    # windows for these pairs, ~16 for ReRoPE vs ReRoPE + InfoScale); 4 windows gave ±2–4 points on each
-    # accuracy and no paired Δ. Costs ~6× the evaluation time at 2048 and 4096 (≈ +30 min on two cores).
+    # a laptop: small models, every method, lengths to 64x; about 85 minutes on two cores. At least 32
+    # windows per cell, for paired Δs: measured on the quick softmax model with 16 windows (512 predictions
+    # each at 4096), a 95% CI of ±1 point at 4096 needs 1–9 windows for X + InfoScale (or log-n) vs X and
+    # 21–33 for a position method vs softmax on contiguous text; on repeated text (tiled spans vary a lot
+    # between windows) 61–178 for ReRoPE ± a temperature and up to 250 vs softmax, out of this preset's
+    # reach (±2–3 points with 32). With the former 4 windows these
+    # CIs are about twice as wide (the half-width falls as 1/√windows). Cost: 8× the
+    # evaluation time at 2048 and 4096, ≈ +45 min on two cores.
     "quick": Preset("small", 1000, 64, 100, 2e-3, (64, 128, 256, 512, 1024, 2048, 4096), tuple(METHODS),
-                    1024, 24, (64, 1024), 1024, (64, 256, 1024, 4096), 2),
+                    1024, 32, (64, 1024), 1024, (64, 256, 1024, 4096), 2),
     # a GPU: the official fine-tuning shape (6 layers, hidden 768, key 128)
     "paper": Preset("paper", 20000, 128, 2000, 1e-3, (64, 128, 256, 512, 1024, 2048, 4096), tuple(METHODS),
                     8192, 10, (64, 1024, 4096), 4096, (64, 256, 1024, 4096), 8),
