@@ -136,7 +136,9 @@ def test_report_from_records(tiny_run, tmp_path):
     assert cli(["report", str(res), "--out", str(tmp_path / "rep")]) == 0
     md = (tmp_path / "rep" / "report.md").read_text()
     assert md.count("| `softmax` |") == 4 and md.count("| `window` |") == 4  # one table per setting and metric
-    assert "**" in md
+    # new records carry per-window results: bold only a best whose paired CI excludes 0, and a Δ table
+    assert "only where its paired 95% CI against the runner-up excludes 0" in md
+    assert "| `window` − `softmax` |" in md and "| *best* (vs runner-up) |" in md
     for s in ("contiguous", "repeated"):
         png = tmp_path / "rep" / f"accuracy_{s}_strided.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
