@@ -4,6 +4,7 @@ and asymmetric ALiBi."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -275,3 +276,32 @@ def test_hf_calibrate_on_a_transformers_model():
         assert torch.allclose(model(ids[:, :64]).logits, closed, atol=1e-5)
     assert torch.isfinite(out).all()
     assert all(r["lengths"]["128"]["H_norm_calibrated"] is not None for r in cal["layers"])
+
+
+# ---------------------------------------------------------------------------------------------
+# asymmetric ALiBi and method strings
+# ---------------------------------------------------------------------------------------------
+
+
+def test_asymmetric_alibi_tells_left_from_right():
+    """With content-free q, k the symmetric bias weighs i − 1 and i + 1 alike; separate slopes do not."""
+    import torch
+
+    import infoscale
+
+    q = k = torch.zeros(1, 1, 9, 4)
+    v = torch.randn(1, 1, 9, 2)
+    _, w = infoscale.attention(q, k, v, "alibi(max_bias=2.0)", train_len=8, return_weights=True)
+    assert torch.allclose(w[0, 0, 4, 3], w[0, 0, 4, 5])
+    _, w = infoscale.attention(q, k, v, "alibi(max_bias=2.0, right_bias=0.0)", train_len=8, return_weights=True)
+    assert w[0, 0, 4, 3] / w[0, 0, 4, 5] == pytest.approx(math.exp(1 - 0.25), rel=1e-5)
+
+
+def test_new_parameters_keep_old_method_strings():
+    """Record keys are built from resolved method strings: parameters at their defaults stay out of them."""
+    from infoscale.attn import parse_method
+
+    assert str(parse_method("alibi").resolved(64)) == "alibi(max_bias=8.0)"
+    assert str(parse_method("rerope+infoscale").resolved(64)) == "rerope(window=32)+infoscale(clamp=True)"
+    assert str(parse_method("alibi(right_bias=0.0)").resolved(64)) == "alibi(max_bias=8.0, right_bias=0.0)"
+    assert parse_method("infoscale(calibrated=True)").short() == "infoscale(calibrated=True)"

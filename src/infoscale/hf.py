@@ -702,7 +702,6 @@ def calibrate(model, input_ids, *, lengths: list[int] | None = None, train_len: 
     head. Layers are fitted in order (layer ℓ sees inputs from the calibrated layers before it), by
     ``module.layer_idx``. The dims are stored in ``config.infoscale["dims"]`` (saved by ``save_pretrained``;
     ``apply(model)`` after reloading uses them). Returns the calibration (as ``calibration.json`` holds it)."""
-    global _CAPTURE
     from .calibrate import calibrate_layers
 
     ids = torch.as_tensor(input_ids)
