@@ -305,3 +305,11 @@ def test_new_parameters_keep_old_method_strings():
     assert str(parse_method("rerope+infoscale").resolved(64)) == "rerope(window=32)+infoscale(clamp=True)"
     assert str(parse_method("alibi(right_bias=0.0)").resolved(64)) == "alibi(max_bias=8.0, right_bias=0.0)"
     assert parse_method("infoscale(calibrated=True)").short() == "infoscale(calibrated=True)"
+
+
+def test_single_window_cells_get_no_delta():
+    from infoscale.report import delta_tables
+
+    recs = [_rec("softmax", 1024, [30], [64]), _rec("window", 1024, [50], [64])]
+    text = "\n".join(delta_tables(recs))
+    assert "| `window` − `softmax` | – |" in text and "**" not in text

@@ -222,9 +222,10 @@ def _cell_groups(recs: list[dict]) -> dict:
 
 
 def paired(a: dict, b: dict):
-    """(Δ, low, high) of record a minus record b, or None if they were not measured on the same windows."""
+    """(Δ, low, high) of record a minus record b, or None if they were not measured on the same windows or on
+    a single window (a bootstrap over one cluster has nothing to resample: its CI would be zero-width)."""
     sa, sb = window_sums(a), window_sums(b)
-    if sa is None or sb is None or list(sa[1]) != list(sb[1]):
+    if sa is None or sb is None or list(sa[1]) != list(sb[1]) or len(sa[1]) < 2:
         return None
     from .stats import paired_delta
 
@@ -290,7 +291,7 @@ def delta_tables(records: list[dict]) -> list[str]:
                         f"bootstrap over windows ({RESAMPLES} resamples, the same window indices for both methods). "
                         "Reference: the model's plain method (`softmax`: its training method alone) or, for X + a "
                         "length temperature, X alone. Accuracy in points. *Best*: the top method where its Δ "
-                        "against the runner-up excludes 0.", ""]
+                        "against the runner-up excludes 0. – : not measured, or a single window (no CI).", ""]
     missing = []
     models = list(dict.fromkeys(r["model_name"] for r in records))
     for (protocol, setting, model, metric), recs in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1],
