@@ -42,7 +42,8 @@ def naive_attention(q, k, v, method: dict, L: int, causal=False, pad=None, posit
     """q, k: (B, H, n, d), v: (B, H, n, e) numpy; ``method`` is a dict of plain settings:
 
     temp: None|'infoscale'|'infoscale_noclamp'|'logn'|'softmax_plus'|'llama4' (beta, floor); cos_s: CosScale s or None;
-    pos: None|'pi'|'ntk'|'yarn'|'rerope'|'leaky'|'lminf'|'alibi' with w, k, cap, factor;
+    pos: None|'pi'|'ntk'|'yarn'|'rerope'|'leaky'|'lminf'|'alibi' with w, k, cap, factor (alibi: slopes, and
+    right_slopes for keys right of the query); infoscale's dim replaces d in its formula;
     mask: None|'window'|'sinks' with w, sinks.
     Returns (out, weights).
     """
@@ -108,12 +109,15 @@ def naive_attention(q, k, v, method: dict, L: int, causal=False, pad=None, posit
                     z = score * (method["cos_s"] if method.get("cos_s") else 1 / math.sqrt(d)) * mscale2
                     if pos == "alibi":
                         slope = method["slopes"][h]
+                        if p[j] > p[i] and method.get("right_slopes"):  # key right of the query
+                            slope = method["right_slopes"][h]
                         z -= slope * abs(p[i] - p[j])
                     logits[j] = z
                 t = 1.0
                 temp = method.get("temp")
                 if temp == "infoscale":
-                    t = math.sqrt(1 - max(l, L) ** (-2 / d)) / math.sqrt(1 - L ** (-2 / d))
+                    de = method.get("dim", d)  # infoscale(dim=...): d in the formula only
+                    t = math.sqrt(1 - max(l, L) ** (-2 / de)) / math.sqrt(1 - L ** (-2 / de))
                 elif temp == "infoscale_noclamp":
                     t = math.sqrt(1 - l ** (-2 / d)) / math.sqrt(1 - L ** (-2 / d))
                 elif temp == "logn":

@@ -48,6 +48,13 @@ CASES = {
     "leaky_rerope(window=2, k=3.0)": {"pos": "leaky", "w": 2, "k": 3.0},
     "alibi(max_bias=2.0)+window(width=3)": {"pos": "alibi", "slopes": [2 ** -1, 2 ** -2], "mask": "window",
                                            "w": 3},
+    "alibi(max_bias=2.0, right_bias=1.0)": {"pos": "alibi", "slopes": [2 ** -1, 2 ** -2],
+                                            "right_slopes": [2 ** -0.5, 2 ** -1]},
+    "alibi(max_bias=1.0, right_bias=-2.0)": {"pos": "alibi", "slopes": [2 ** -0.5, 2 ** -1],
+                                             "right_slopes": [2.0, 4.0]},
+    "alibi(right_bias=0.0)+infoscale(clamp=False)": {"pos": "alibi", "slopes": _slopes(H), "right_slopes": [1.0, 1.0],
+                                                    "temp": "infoscale_noclamp"},
+    "infoscale(dim=3.5)+rerope(window=3)": {"temp": "infoscale", "dim": 3.5, "pos": "rerope", "w": 3},
     "streamingllm(sinks=2, window=3)+infoscale": {"mask": "sinks", "sinks": 2, "w": 3, "temp": "infoscale"},
     "lm_infinite(sinks=3, window=5, cap=6)": {"mask": "sinks", "sinks": 3, "w": 5, "pos": "lminf", "cap": 6},
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -143,7 +144,7 @@ def test_report_from_records(tiny_run, tmp_path):
     checked = 0
     for t in tables:
         head = t.splitlines()[0]
-        if "strided protocol" not in head:
+        if not re.fullmatch(r".+: (contiguous|repeated), strided protocol, (accuracy|loss)", head.strip()):
             continue
         setting = "contiguous" if "contiguous" in head else "repeated"
         metric = head.rsplit(", ", 1)[1].strip()
@@ -169,6 +170,9 @@ def test_report_from_records(tiny_run, tmp_path):
             vals = [r["value"] for r in recs if r["length"] == n and r["setting"] == setting and r["metric"] == metric]
             assert v == (max(vals) if metric == "accuracy" else min(vals))
     assert checked == 2 * 2 * 2 * 2  # methods × lengths × settings × metrics
+    # new records carry per-window results: bold only a best whose paired CI excludes 0, and a Δ table
+    assert "only where its paired 95% CI against the runner-up excludes 0" in md
+    assert "| `window` − `softmax` |" in md and "| *best* (vs runner-up) |" in md
     for s in ("contiguous", "repeated"):
         png = tmp_path / "rep" / f"accuracy_{s}_strided.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000

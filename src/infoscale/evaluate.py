@@ -192,6 +192,17 @@ def _split_causal(cfg: EvalConfig):
     return causal, rest
 
 
+def per_window(hits: list[np.ndarray], losses: list[np.ndarray]) -> tuple[dict, dict]:
+    """Per-window fields of the accuracy and loss records, in window order (the windows and masked
+    positions of a cell depend only on model, length, setting, protocol and seed, so two methods' lists
+    pair window by window: :func:`infoscale.stats.paired_delta`). ``window_means`` is the metric's mean
+    in each window, ``window_counts`` its predictions; accuracy also keeps the exact ``window_hits``."""
+    counts = [int(len(h)) for h in hits]
+    return ({"window_counts": counts, "window_hits": [int(np.sum(h)) for h in hits],
+             "window_means": [float(np.mean(h)) if len(h) else 0.0 for h in hits]},
+            {"window_counts": counts, "window_means": [float(np.mean(x)) if len(x) else 0.0 for x in losses]})
+
+
 def evaluate(cfg: EvalConfig, log=print) -> list[dict]:
     """Run the sweep; returns the new records (all records are in ``cfg.out``). Causal runs (Llama) are
     evaluated by :func:`infoscale.evaluate_clm.evaluate_clm`, masked-LM runs here."""
@@ -284,8 +295,10 @@ def _evaluate_mlm(cfg: EvalConfig, log=print) -> list[dict]:
                         "precision": "bf16" if bf16 else "fp32", "precision_info": precision_info(device),
                         "version": __version__, "git_commit": commit,
                         "wall_time": time.perf_counter() - t0, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-            cell = [rec | {"metric": "accuracy", "value": float(allc.mean()), "ci_low": lo_ci, "ci_high": hi_ci},
-                    rec | {"metric": "loss", "value": float(alll.mean()), "ci_low": None, "ci_high": None}]
+            acc_win, loss_win = per_window(hits, losses)
+            cell = [rec | {"metric": "accuracy", "value": float(allc.mean()), "ci_low": lo_ci, "ci_high": hi_ci}
+                    | acc_win,
+                    rec | {"metric": "loss", "value": float(alll.mean()), "ci_low": None, "ci_high": None} | loss_win]
             new += merge_records(cfg.out, cell)
             done.add(rec["key"])
     return new

@@ -4,6 +4,7 @@
     infoscale.hf.apply(model, "rerope+infoscale")     # train_len defaults from the config
     model.generate(ids, max_new_tokens=64)
     infoscale.hf.remove(model)                        # the stock model again
+    infoscale.hf.calibrate(model, ids)                # per-layer InfoScale dims: infoscale(calibrated=True)
 
 transformers 5.1.0 or newer (pyproject.toml's range; ``make test-compat`` tests its oldest end).
 
@@ -291,6 +292,10 @@ def infoscale_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
     training = module.training
     dropout = float(dropout) if training else 0.0
 
+    pm = _layer_method(pm, s, module, L)
+    if _CAPTURE is not None:
+        _capture(module, query, key, mask, n_q, n_k, causal, scaling)
+
     if _needs_positions(pm):
         rope = getattr(module, _ROPE_ATTR, None)
         if rope is None:
@@ -317,6 +322,46 @@ def infoscale_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
                     dropout_p=dropout, training=training)
     out, w = out if want_weights else (out, None)
     return out.transpose(1, 2).contiguous(), w
+
+
+def _layer_method(pm, settings: dict, module, L: int):
+    """``infoscale(calibrated=True)`` becomes ``infoscale(dim=d_ℓ)`` with this layer's fitted d (:func:`calibrate`)."""
+    isc = pm.get("infoscale")
+    if isc is None or not isc.calibrated:
+        return pm
+    dims = settings.get("dims")
+    idx = getattr(module, "layer_idx", None)
+    if dims is None or idx is None or idx >= len(dims):
+        raise MethodError("infoscale(calibrated=True) needs this model's calibration: run "
+                          "infoscale.hf.calibrate(model, input_ids) first (it stores config.infoscale['dims'])")
+    spec = "+".join(f"infoscale(clamp={isc.clamp}, dim={float(dims[idx])!r})" if c.name == "infoscale" else str(c)
+                    for c in pm.components)
+    return _parsed(spec, L)
+
+
+# The calibration's view into attention: while set, each layer's logits for a few query rows are kept here.
+_CAPTURE: dict | None = None
+
+
+def _capture(module, query, key, mask, n_q: int, n_k: int, causal: bool, scaling) -> None:
+    """Logits of the query rows ``_CAPTURE["rows"]`` of batch row 0, every head, and their key counts (before any
+    temperature; q and k rotated as the model rotates them, which is how temperature-only methods get them)."""
+    rows = _CAPTURE["rows"](n_q)
+    H, d = query.shape[1], query.shape[-1]
+    q = query[0, :, rows].float()
+    k = _kv_repeat(key, H)[0].float()
+    z = torch.matmul(q, k.transpose(-1, -2)) * (scaling if scaling is not None else d ** -0.5)  # (H, r, n_k)
+    ok = _bool_mask(mask, n_q, n_k)
+    if ok is not None:
+        ok = ok[0, 0, rows] if ok.dim() == 4 else ok[rows]
+        allowed = ok.expand(H, -1, -1) if ok.dim() == 2 else ok
+    else:
+        q_off = n_k - n_q
+        kp = torch.arange(n_k, device=z.device)[None, :]
+        qp = (rows.to(z.device) + q_off)[:, None]
+        allowed = (kp <= qp if causal else torch.ones_like(kp + qp, dtype=torch.bool)).expand(H, -1, -1)
+    z = z.masked_fill(~allowed, torch.finfo(z.dtype).min)
+    _CAPTURE["layers"][module.layer_idx] = (z.reshape(-1, n_k).cpu(), allowed.sum(-1).reshape(-1).double().cpu())
 
 
 def _row_lengths(mask, n_q: int, n_k: int, causal: bool, device) -> torch.Tensor:
@@ -663,6 +708,74 @@ def apply(model, method: str | None = None, *, train_len: int | None = None):
                               base.register_forward_hook(_post_hook, with_kwargs=True)]
     setattr(model, _STATE_ATTR, state)
     return model
+
+
+def calibrate(model, input_ids, *, lengths: list[int] | None = None, train_len: int | None = None, rows: int = 32,
+              seed: int = 0, log=None) -> dict:
+    """Fit InfoScale's effective dimension per layer on ``model``'s own attention (see :mod:`infoscale.calibrate`)
+    and apply ``infoscale(calibrated=True)``.
+
+    ``input_ids`` (windows, N): a few windows of the user's text (unlabelled), each at least the longest length.
+    The target of layer ℓ is its mean H / ln l at the training length L (the first L tokens of each window); the
+    fit runs at ``lengths`` (default 4L, 16L, … up to N), on the first n tokens of each window, over ``rows``
+    query positions from the last half of each window (for a causal model those attend n/2 … n keys), every
+    head. Layers are fitted in order (layer ℓ sees inputs from the calibrated layers before it), by
+    ``module.layer_idx``. The dims are stored in ``config.infoscale["dims"]`` (saved by ``save_pretrained``;
+    ``apply(model)`` after reloading uses them). Returns the calibration (as ``calibration.json`` holds it)."""
+    from .calibrate import calibrate_layers
+
+    ids = torch.as_tensor(input_ids)
+    ids = ids[None] if ids.dim() == 1 else ids
+    L = int(train_len) if train_len is not None else train_len_of(model.config)
+    N = ids.shape[1]
+    lengths = list(lengths) if lengths else [n for n in (4 * L, 16 * L, 64 * L) if n <= N]
+    if not lengths or any(n <= L or n > N for n in lengths):
+        raise ConfigError(f"calibrate needs lengths above L = {L} and at most the text's {N} tokens; got "
+                          f"{lengths or 'none (the text is shorter than 4L: give longer windows or lengths=)'}")
+    saved = getattr(model.config, "infoscale", None)
+    if isinstance(saved, dict) and saved.get("method"):
+        merged = parse_method(saved["method"], L)
+        if any(c.name != "infoscale" and "temperature" in c.method.slots for c in merged.components):
+            raise MethodError(f"the model runs {saved['method']}, another length temperature; calibrate fits InfoScale")
+    apply(model, "infoscale(calibrated=True)", train_len=L)
+    layers = max(m.layer_idx for _, m in _attention_modules(model)) + 1
+    head_dim = None
+    gen = torch.Generator().manual_seed(seed)
+
+    def pick(n_q):
+        lo = n_q // 2
+        if n_q - lo <= rows:
+            return torch.arange(lo, n_q)
+        return (lo + torch.randperm(n_q - lo, generator=gen)[:rows]).sort().values
+
+    def capture(dims, n, w):
+        nonlocal head_dim
+        global _CAPTURE
+        hd = head_dim or 64
+        model.config.infoscale["dims"] = [hd if d is None else float(d) for d in dims]
+        _CAPTURE = {"rows": pick, "layers": {}}
+        try:
+            with torch.no_grad():
+                model(ids[w:w + 1, :n].to(model.device))
+            got = _CAPTURE["layers"]
+        finally:
+            _CAPTURE = None
+        if len(got) != layers:
+            raise ConfigError(f"calibrate saw {len(got)} of {layers} attention layers; this model does not route "
+                              "every layer through transformers' attention interface")
+        return [got[i] for i in range(layers)]
+
+    was_training = model.training
+    model.eval()
+    try:
+        first = _attention_modules(model)[0][1]
+        head_dim = int(getattr(first, "head_dim", 0) or model.config.hidden_size // model.config.num_attention_heads)
+        cal = calibrate_layers(capture, layers, lengths, ids.shape[0], L, head_dim, rows=rows, seed=seed,
+                               log=log or (lambda s: None))
+    finally:
+        model.train(was_training)
+    model.config.infoscale["dims"] = cal["dims"]
+    return cal
 
 
 def _restore_config(config, previous):

@@ -151,6 +151,10 @@ def eval_tables(records: list[dict]) -> list[str]:
         cell = _cells(recs)
         pick = max if higher else min
         best = {n: pick((cell[m, n][0] for m in methods if (m, n) in cell), default=None) for n in lengths}
+        ranked = {n: best_by_ci(recs, n, higher) for n in lengths}  # None where records lack per-window fields
+        for n, r in ranked.items():
+            if r is not None:  # paired data: bold only a best whose CI against the runner-up excludes 0
+                best[n] = cell[r[0], n][0] if r[5] else None
         train = recs[0].get("train", {})
         dup = any(c[3] > 1 for c in cell.values())
         lines += [f"### {model}: {setting}, {protocol} protocol, {metric}",
@@ -158,7 +162,7 @@ def eval_tables(records: list[dict]) -> list[str]:
                   f"Trained with `{train.get('attention')}` at L = {train.get('train_len')} on {train.get('corpus')} "
                   f"({train.get('steps')} steps). {metric.replace('_', ' ').capitalize()}{' (%)' if pct else ''}"
                   f"{' ± 95% CI half-width' if any(c[1] is not None for c in cell.values()) else ''}; best per "
-                  f"length in bold{'; † = mean of several records' if dup else ''}.",
+                  f"length in bold{bold_rule(ranked)}{'; † = mean of several records' if dup else ''}.",
                   "",
                   "| method | " + " | ".join(str(n) for n in lengths) + " |",
                   "|---|" + "---:|" * len(lengths)]
@@ -178,6 +182,163 @@ def eval_tables(records: list[dict]) -> list[str]:
                 row.append(f"**{txt}**" if best[n] is not None and value == best[n] else txt)
             lines.append(f"| `{m}` | " + " | ".join(row) + " |")
         lines.append("")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------
+# paired differences (from the per-window fields of the records)
+# ---------------------------------------------------------------------------------------------
+
+RESAMPLES = 2000  # cluster-bootstrap resamples of the paired Δ
+
+
+def window_sums(rec: dict):
+    """(per-window sums of the metric, per-window counts) of a record, or None for records written without
+    per-window fields."""
+    counts = rec.get("window_counts")
+    if not counts:
+        return None
+    if rec.get("window_hits") is not None:
+        return [float(h) for h in rec["window_hits"]], counts
+    means = rec.get("window_means")
+    if means is None or len(means) != len(counts):
+        return None
+    return [m * c for m, c in zip(means, counts, strict=True)], counts
+
+
+def _cell_groups(recs: list[dict]) -> dict:
+    """length -> {label: record} for records measured on the same windows (same model, setting, protocol,
+    seed, windows and predictions; only records with per-window fields)."""
+    out = defaultdict(dict)
+    for r in recs:
+        if window_sums(r) is None:
+            continue
+        ident = (r["length"], r.get("seed"), str(r.get("protocol_params")), r.get("windows"), r.get("predictions"))
+        out[ident].setdefault(_label(r), r)
+    by_n = defaultdict(dict)
+    for (n, *_), g in out.items():  # several seeds: the first group of each length
+        if len(g) > len(by_n[n]):
+            by_n[n] = g
+    return by_n
+
+
+def paired(a: dict, b: dict):
+    """(Δ, low, high) of record a minus record b, or None if they were not measured on the same windows or on
+    a single window (a bootstrap over one cluster has nothing to resample: its CI would be zero-width)."""
+    sa, sb = window_sums(a), window_sums(b)
+    if sa is None or sb is None or list(sa[1]) != list(sb[1]) or len(sa[1]) < 2:
+        return None
+    from .stats import paired_delta
+
+    return paired_delta(sa[0], sb[0], sa[1], resamples=RESAMPLES, seed=int(a.get("seed") or 0))
+
+
+def best_by_ci(recs: list[dict], n: int, higher: bool):
+    """(best, runner-up, Δ, low, high, significant) at length n from the records' per-window fields; None when
+    fewer than two methods there have them."""
+    g = _cell_groups([r for r in recs if r["length"] == n]).get(n, {})
+    if len(g) < 2:
+        return None
+    order = sorted(g, key=lambda m: g[m]["value"], reverse=higher)
+    first, second = order[0], order[1]
+    d = paired(g[first], g[second])
+    if d is None:
+        return None
+    sig = d[1] > 0 or d[2] < 0
+    return first, second, *d, sig
+
+
+def bold_rule(ranked: dict) -> str:
+    if all(r is None for r in ranked.values()):
+        return ""
+    return " only where its paired 95% CI against the runner-up excludes 0 (see the Δ table)"
+
+
+def _strip_temperature(label: str):
+    """(the label without its length temperature term, that term), or None."""
+    terms = label.split("+")
+    temps = [t for t in terms if t.split("(")[0] in ("infoscale", "logn")]
+    if len(temps) != 1 or len(terms) < 2:
+        return None
+    rest = [t for t in terms if t is not temps[0]]
+    return "+".join(rest), temps[0]
+
+
+def delta_pairs(labels: list[str], base: str = "softmax") -> list[tuple[str, str]]:
+    """(method, reference) rows of a Δ table: every method against the model's plain method, each position
+    method X + a temperature against X alone, and a parametrised InfoScale against plain InfoScale."""
+    have = set(labels)
+    rows = [(m, base) for m in labels if m != base and base in have]
+    for m in labels:
+        s = _strip_temperature(m)
+        if s and s[0] in have and s[0] != base:
+            rows.append((m, s[0]))
+        if s and s[1].startswith("infoscale(") and m.replace(s[1], "infoscale") in have:
+            rows.append((m, m.replace(s[1], "infoscale")))
+        if m.startswith("infoscale(") and "+" not in m and "infoscale" in have:
+            rows.append((m, "infoscale"))
+    return list(dict.fromkeys(rows))
+
+
+def delta_tables(records: list[dict]) -> list[str]:
+    """Markdown lines: per (protocol, setting, model, metric) the paired Δ of each method to its reference on
+    the same windows, with a cluster-bootstrap 95% CI, and the best method per length where it is
+    distinguishable from the runner-up."""
+    by = defaultdict(list)
+    for r in records:
+        by[(r["protocol"], r["setting"], r["model_name"], r["metric"])].append(r)
+    lines: list[str] = ["### Paired differences", "",
+                        f"Δ = method − reference on the identical windows and masked positions, 95% CI from a cluster "
+                        f"bootstrap over windows ({RESAMPLES} resamples, the same window indices for both methods). "
+                        "Reference: the model's plain method (`softmax`: its training method alone) or, for X + a "
+                        "length temperature, X alone. Accuracy in points. *Best*: the top method where its Δ "
+                        "against the runner-up excludes 0. – : not measured, or a single window (no CI).", ""]
+    missing = []
+    models = list(dict.fromkeys(r["model_name"] for r in records))
+    for (protocol, setting, model, metric), recs in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1],
+                                                                                       models.index(kv[0][2]),
+                                                                                       kv[0][3])):
+        higher, pct = METRICS.get(metric, (True, False))
+        groups = _cell_groups(recs)
+        if not groups:
+            missing.append(f"{model} ({setting}, {protocol}, {metric})")
+            continue
+        lengths = sorted(groups)
+        labels = list(dict.fromkeys(_label(r) for r in recs if window_sums(r) is not None))
+        rows = delta_pairs(labels)
+        if not rows:
+            continue
+        scale = 100 if pct else 1
+        lines += [f"#### {model}: {setting}, {protocol} protocol, Δ {metric}", "",
+                  "| method − reference | " + " | ".join(str(n) for n in lengths) + " |",
+                  "|---|" + "---:|" * len(lengths)]
+        for m, ref in rows:
+            cells = []
+            for n in lengths:
+                g = groups[n]
+                d = paired(g[m], g[ref]) if m in g and ref in g else None
+                if d is None:
+                    cells.append("–")
+                    continue
+                half = max(d[0] - d[1], d[2] - d[0])
+                txt = f"{scale * d[0]:+.{1 if pct else 3}f} ± {scale * half:.{1 if pct else 3}f}"
+                cells.append(f"**{txt}**" if d[1] > 0 or d[2] < 0 else txt)
+            lines.append(f"| `{m}` − `{ref}` | " + " | ".join(cells) + " |")
+        best = []
+        for n in lengths:
+            r = best_by_ci(recs, n, higher)
+            if r is None:
+                best.append("–")
+                continue
+            first, second, d, lo, hi, sig = r
+            p = 1 if pct else 3
+            txt = f"`{first}` vs `{second}`: {scale * d:+.{p}f} [{scale * lo:+.{p}f}, {scale * hi:+.{p}f}]"
+            best.append(f"**{first}** ({txt})" if sig else f"none ({txt})")
+        lines += ["| *best* (vs runner-up) | " + " | ".join(best) + " |", "",
+                  "Bold Δ: the CI excludes 0.", ""]
+    if missing:
+        lines += [f"No paired Δ for {', '.join(missing)}: those records have no per-window results (written before "
+                  "`infoscale eval` stored them); rerun the evaluation into a new file to get them.", ""]
     return lines
 
 
@@ -278,7 +439,7 @@ def write_report(records: list[dict], out_dir: str | Path) -> Path:
         lines += ["## NLL by position", ""] + bucket_tables(buckets)
         lines += [f"![{p.stem}]({p.name})\n" for p in plot_buckets(buckets, out)]
     if evals:
-        lines += ["## Extrapolation", ""] + eval_tables(evals) + protocol_comparison(evals)
+        lines += ["## Extrapolation", ""] + eval_tables(evals) + delta_tables(evals) + protocol_comparison(evals)
         for p in plot_eval(evals, out):
             lines += [f"![{p.stem}]({p.name})", ""]
     if analyses:

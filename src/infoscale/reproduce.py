@@ -72,9 +72,16 @@ PRESETS = {
     "smoke": Preset("tiny", 300, 32, 30, 3e-3, (64, 256, 1024), ("softmax", "infoscale", "rerope+infoscale",
                                                                   "window", "yarn"),
                     256, 2, (64,), 128, (64, 256), 1),
-    # a laptop: small models, every method, lengths to 64x; about 40 minutes on two cores
+    # a laptop: small models, every method, lengths to 64x; about 85 minutes on two cores. At least 32
+    # windows per cell, for paired Δs: measured on the quick softmax model with 16 windows (512 predictions
+    # each at 4096), a 95% CI of ±1 point at 4096 needs 1–9 windows for X + InfoScale (or log-n) vs X and
+    # 21–33 for a position method vs softmax on contiguous text; on repeated text (tiled spans vary a lot
+    # between windows) 61–178 for ReRoPE ± a temperature and up to 250 vs softmax, out of this preset's
+    # reach (±2–3 points with 32). The half-width falls as 1/√windows:
+    # the former 4 windows gave CIs 2.8× wider than 32. Cost: 8× the
+    # evaluation time at 2048 and 4096, ≈ +45 min on two cores.
     "quick": Preset("small", 1000, 64, 100, 2e-3, (64, 128, 256, 512, 1024, 2048, 4096), tuple(METHODS),
-                    1024, 4, (64, 1024), 1024, (64, 256, 1024, 4096), 2),
+                    1024, 32, (64, 1024), 1024, (64, 256, 1024, 4096), 2),
     # a GPU: the official fine-tuning shape (6 layers, hidden 768, key 128)
     "paper": Preset("paper", 20000, 128, 2000, 1e-3, (64, 128, 256, 512, 1024, 2048, 4096), tuple(METHODS),
                     8192, 10, (64, 1024, 4096), 4096, (64, 256, 1024, 4096), 8),

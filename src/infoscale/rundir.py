@@ -120,4 +120,8 @@ def load_run(path: str | Path, device="cpu") -> Run:
         raise DataError(f"{p} has no train_config.json, so its corpus and training settings are unknown; evaluate a "
                         "run directory written by `infoscale train` (or restore that file)")
     tcfg = _read_json(p / "train_config.json")
+    if (p / "calibration.json").exists():  # `infoscale calibrate`: per-layer d for infoscale(calibrated=True)
+        from .calibrate import attach
+
+        attach(model, p / "calibration.json")
     return Run(p, model, tok, tcfg)

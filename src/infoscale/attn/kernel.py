@@ -119,6 +119,8 @@ def _block(plan: Plan, rot, v, r0: int, r1: int, ranges, dtype, dropout_p: float
             scores = scores * t.float()
     if plan.slopes is not None:
         bias = plan.slopes.view(1, -1, 1, 1) * rel.abs().float()
+        if plan.slopes_right is not None:  # asymmetric ALiBi: keys right of the query (Δ > 0) have own slopes
+            bias = torch.where(rel > 0, plan.slopes_right.view(1, -1, 1, 1) * rel.float(), bias)
         scores = scores.float() - (bias if t is None else bias * t.float())
 
     inplace = not (torch.is_grad_enabled() and scores.requires_grad)

@@ -48,8 +48,10 @@ __all__ = ["MethodError", "Component", "Method", "ParsedMethod", "REGISTRY", "pa
 # --------------------------------------------------------------------------------------------
 
 
-def param(default, doc: str):
-    return field(default=default, metadata={"doc": doc})
+def param(default, doc: str, quiet: bool = False):
+    """A parameter; ``quiet`` ones are left out of the method string at their default, so adding one keeps
+    existing resolved strings (and the record keys built from them) unchanged."""
+    return field(default=default, metadata={"doc": doc, "quiet": quiet})
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,10 @@ class NoParams:
 class InfoScaleParams:
     clamp: bool = param(True, "factor is 1 for l <= L (identity inside the training length); "
                               "False gives the official code's form, < 1 for l < L")
+    dim: float | None = param(None, "d in the formula, the effective dimension of q and k; None = the head dim "
+                                    "(the paper's isotropic assumption)", quiet=True)
+    calibrated: bool = param(False, "use a per-layer d fitted on the model's own attention (`infoscale calibrate`): "
+                                    "the calibration the model or layer carries; an error if it has none", quiet=True)
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,9 @@ class LeakyReRoPEParams:
 class AlibiParams:
     max_bias: float = param(8.0, "slopes 2^(-max_bias*h/H) (Press et al. 2022); a single head "
                                  "(GAU) gets 2^-max_bias")
+    right_bias: float | None = param(None, "keys right of the query (j > i) get their own slopes "
+                                           "2^(-right_bias*h/H); None = max_bias: the official symmetric form",
+                                     quiet=True)
 
 
 @dataclass(frozen=True)
@@ -158,6 +167,7 @@ class Context:
     heads: int
     rope: rope.Rope | None
     seq_len: torch.Tensor  # (B or 1,) float64
+    dims: float | None = None  # the layer's calibrated effective dimension (infoscale(calibrated=True))
 
 
 @dataclass
@@ -189,6 +199,7 @@ class PositionEffect:
     logit_factor: torch.Tensor | None = None
     regions: list[Region] | None = None
     slopes: torch.Tensor | None = None
+    slopes_right: torch.Tensor | None = None  # ALiBi slopes for keys right of the query; None = ``slopes``
 
 
 # --------------------------------------------------------------------------------------------
@@ -262,7 +273,17 @@ def _lm_infinite_positions(p, ctx):
 
 
 def _alibi(p, ctx):
-    return PositionEffect(slopes=torch.tensor(scales.alibi_slopes(ctx.heads, p.max_bias), dtype=torch.float32))
+    """Bias −m_h·(i − j) for keys left of the query, −m'_h·(j − i) for keys right of it. Symmetric (m' = m,
+    the official bidirectional form −m_h·|i − j|) unless ``right_bias`` is set. Separate slopes per side make
+    a bidirectional model see order (with one head, a symmetric bias weighs i − 1 and i + 1 alike):
+    direction-aware relative biases as in T5 (Raffel et al. 2020, arXiv 1910.10683, separate buckets per
+    direction); the ALiBi authors discuss ALiBi for encoders in
+    github.com/ofirpress/attention_with_linear_biases/issues/5."""
+    slopes = torch.tensor(scales.alibi_slopes(ctx.heads, p.max_bias), dtype=torch.float32)
+    right = None
+    if p.right_bias is not None and p.right_bias != p.max_bias:
+        right = torch.tensor(scales.alibi_slopes(ctx.heads, p.right_bias), dtype=torch.float32)
+    return PositionEffect(slopes=slopes, slopes_right=right)
 
 
 def _pose_training(p, train_len: int):
@@ -328,6 +349,36 @@ def _v_pose(p, train_len):
         raise MethodError(f"pose: target ({p.target}) must be at least the training length ({train_len})")
 
 
+def _v_alibi(p, train_len):
+    _v_positive(max_bias=1)(p, train_len)
+    if p.right_bias is not None and not math.isfinite(p.right_bias):  # 0: slope 1; negative: steeper than 1
+        raise MethodError(f"right_bias must be a finite number, got {p.right_bias!r}")
+
+
+def _v_infoscale(p, train_len):
+    if p.dim is not None and not (p.dim > 0 and math.isfinite(p.dim)):
+        raise MethodError(f"dim must be a positive finite number, got {p.dim!r}")
+    if p.dim is not None and p.calibrated:
+        raise MethodError("give dim or calibrated=True, not both (calibrated fits a dim per layer)")
+
+
+def _infoscale_temperature(p, l, ctx):
+    """sqrt(1 − l^(−2/d)) / sqrt(1 − L^(−2/d)) with d = ``dim``, the layer's calibrated dim, or the head dim."""
+    d = p.dim
+    if p.calibrated:
+        if ctx.dims is None:
+            raise MethodError("infoscale(calibrated=True) needs a calibration: run `infoscale calibrate --model RUN` "
+                              "(GAU runs) or infoscale.hf.calibrate(model, input_ids) first")
+        d = ctx.dims
+    if d is None:
+        return scales.infoscale_factor(l, ctx.train_len, ctx.head_dim, clamp=p.clamp)
+    d, L = float(d), float(ctx.train_len)  # a fitted d is a real number, not the head's integer dim
+    l = l.double().clamp(min=1.0)
+    if p.clamp:
+        l = l.clamp(min=L)
+    return (1.0 - l ** (-2.0 / d)).sqrt() / math.sqrt(1.0 - L ** (-2.0 / d))
+
+
 def _v_llama4(p, train_len):
     _v_positive(floor=1)(p, train_len)
     if not (p.beta >= 0 and math.isfinite(p.beta)):
@@ -368,8 +419,9 @@ REGISTRY: dict[str, Method] = {
                trainable=True),
         Method("infoscale", ("temperature",), InfoScaleParams,
                "logits × sqrt(1 − l^(−2/d)) / sqrt(1 − L^(−2/d)); training-free",
-               "Li et al. 2025, arXiv 2501.08570", trainable=True,
-               temperature=lambda p, l, c: scales.infoscale_factor(l, c.train_len, c.head_dim, clamp=p.clamp)),
+               "Li et al. 2025, arXiv 2501.08570; dim/calibrated: d as an effective dimension fitted so each "
+               "layer's attention entropy stays at its training-length value", trainable=True,
+               validate=_v_infoscale, temperature=_infoscale_temperature),
         Method("logn", ("temperature",), LognParams,
                "logits × max(1, log l / log L)", "Su 2021, kexue.fm/archives/8823, 9444", trainable=True,
                temperature=lambda p, l, c: scales.logn_factor(l, c.train_len, clamp=p.clamp)),
@@ -403,8 +455,10 @@ REGISTRY: dict[str, Method] = {
                "Su 2023, kexue.fm/archives/9708", validate=_v_leaky, defaults=_fill(window=_half),
                positions=_leaky),
         Method("alibi", ("positions",), AlibiParams,
-               "no RoPE; bias −m·|i − j| with geometric slopes m", "Press et al. 2022, arXiv 2108.12409",
-               train_time=True, trainable=True, validate=_v_positive(max_bias=1), positions=_alibi),
+               "no RoPE; bias −m·|i − j| with geometric slopes m; with right_bias, keys right of the query "
+               "get slopes m' (−m'·(j − i))",
+               "Press et al. 2022, arXiv 2108.12409; direction-aware biases: Raffel et al. 2020 (T5)",
+               train_time=True, trainable=True, validate=_v_alibi, positions=_alibi),
         Method("pose", ("training",), PoseParams,
                "positional skip-wise training toward target; plain RoPE at evaluation",
                "Zhu et al. 2023, arXiv 2309.10400", train_time=True, trainable=True, validate=_v_pose,
@@ -441,7 +495,8 @@ class Component:
         return Component(self.name, d(self.params, train_len)) if d else self
 
     def __str__(self) -> str:
-        kv = dataclasses.asdict(self.params)
+        quiet = {f.name: f.default for f in dataclasses.fields(self.params) if f.metadata.get("quiet")}
+        kv = {k: v for k, v in dataclasses.asdict(self.params).items() if not (k in quiet and v == quiet[k])}
         if not kv:
             return self.name
         return f"{self.name}(" + ", ".join(f"{k}={v!r}" for k, v in kv.items()) + ")"

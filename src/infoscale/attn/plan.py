@@ -6,6 +6,7 @@ Nothing here names a method: every effect comes from a function the method regis
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from .errors import MethodError
 from .methods import Context, ParsedMethod, Region, parse_method
 from .rope import Rope
 
-__all__ = ["Plan", "build_plan"]
+__all__ = ["Plan", "build_plan", "with_dims"]
 
 
 @dataclass
@@ -38,6 +39,7 @@ class Plan:
     logit_scale: torch.Tensor  # (B or 1,) the base scale (1/sqrt(d), the caller's, or CosScale's s) × factors
     normalize: bool  # CosScale
     slopes: torch.Tensor | None  # ALiBi (H,)
+    slopes_right: torch.Tensor | None  # ALiBi slopes for keys right of the query (H,); None = symmetric
     window: int | None  # mask band half-width
     sinks: int
     temperature: object  # (l) -> factor, or None
@@ -106,11 +108,12 @@ def _call_temperature(f, params, ctx, l):
 def build_plan(method, *, n: int | None = None, batch: int, heads: int, head_dim: int, train_len: int,
                n_q: int | None = None, n_k: int | None = None, causal: bool = False, key_padding_mask=None,
                attn_mask=None, positions=None, key_positions=None, rope: Rope | bool | None = None,
-               scale: float | None = None, softcap: float | None = None, seq_len=None,
+               scale: float | None = None, softcap: float | None = None, seq_len=None, dims: float | None = None,
                device: torch.device | str = "cpu") -> Plan:
     """Resolve a method for one call: frequencies, regions, scales, masks (see :mod:`infoscale.attn.kernel`).
 
     ``n`` sets both lengths; ``n_q`` < ``n_k`` when queries are the last ``n_q`` of the keys (decoding).
+    ``dims``: the calibrated effective dimension ``infoscale(calibrated=True)`` uses (see :func:`with_dims`).
     """
     if not isinstance(train_len, int) or isinstance(train_len, bool) or train_len < 1:
         raise MethodError(f"train_len must be a positive integer, got {train_len!r}")
@@ -148,14 +151,14 @@ def build_plan(method, *, n: int | None = None, batch: int, heads: int, head_dim
         n_eff = torch.full((1,), float(n_k), dtype=torch.float64, device=device)
     n_eff = n_eff.clamp(min=1).cpu()
     rows = n_eff.shape[0]
-    ctx = Context(train_len=train_len, head_dim=head_dim, heads=heads, rope=rope, seq_len=n_eff)
+    ctx = Context(train_len=train_len, head_dim=head_dim, heads=heads, rope=rope, seq_len=n_eff, dims=dims)
 
     base_scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     logit_scale = torch.full((rows,), base_scale, dtype=torch.float64)
     inv_freq = rope.frequencies()[None] if rope is not None else None
     ones = torch.ones(rows, 1, dtype=torch.float64)
     regions = [Region("all", 0.0, ones, 0 * ones, ones)]
-    normalize, slopes, window, sinks, temperature = False, None, None, 0, None
+    normalize, slopes, slopes_right, window, sinks, temperature = False, None, None, None, 0, None
     for c in pm.components:
         m, p = c.method, c.params
         if m.normalize is not None:
@@ -173,6 +176,7 @@ def build_plan(method, *, n: int | None = None, batch: int, heads: int, head_dim
                 regions = eff.regions
             if eff.slopes is not None:
                 slopes, inv_freq = eff.slopes.to(device), None
+                slopes_right = eff.slopes_right.to(device) if eff.slopes_right is not None else None
         if m.mask is not None:
             window, sinks = m.mask(p)
     if softcap is not None and not (softcap > 0 and math.isfinite(softcap)):
@@ -182,5 +186,16 @@ def build_plan(method, *, n: int | None = None, batch: int, heads: int, head_dim
                 k_pos=k_pos, banded=bool(banded), rope=rope if inv_freq is not None else None,
                 inv_freq=inv_freq.to(**to) if inv_freq is not None else None,
                 regions=[Region(r.select, r.width, r.qa.to(**to), r.qb.to(**to), r.ka.to(**to)) for r in regions],
-                logit_scale=logit_scale.to(**to), normalize=normalize, slopes=slopes, window=window, sinks=sinks,
+                logit_scale=logit_scale.to(**to), normalize=normalize, slopes=slopes,
+                slopes_right=slopes_right, window=window, sinks=sinks,
                 temperature=temperature, softcap=softcap, key_padding_mask=kpm, attn_mask=attn_mask)
+
+
+def with_dims(plan: Plan, dims: float | None) -> Plan:
+    """The same plan with another calibrated dimension for ``infoscale(calibrated=True)`` (one per layer):
+    only the length temperature changes, everything else is shared, so a per-layer variant costs nothing."""
+    if plan.temperature is None:
+        return plan
+    f, p, ctx = plan.temperature.args
+    return dataclasses.replace(plan, temperature=functools.partial(_call_temperature, f, p,
+                                                                   dataclasses.replace(ctx, dims=dims)))

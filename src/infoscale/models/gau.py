@@ -30,7 +30,9 @@ from transformers import initialization as hf_init
 from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
 
 from ..attn import attention, build_plan, merge_with_training, parse_method
+from ..attn.errors import MethodError
 from ..attn.methods import ParsedMethod
+from ..attn.plan import with_dims
 from ..errors import ConfigError
 
 PRESETS = {
@@ -219,10 +221,18 @@ class GAUModel(GAUPreTrainedModel):
         b, n = input_ids.shape
         plan = build_plan(pm, n=n, batch=b, heads=1, head_dim=cfg.attention_key_size, train_len=cfg.train_len,
                           key_padding_mask=attention_mask, positions=position_ids, device=input_ids.device)
+        plans = [plan] * len(self.encoder.layer)  # one plan for all layers: same method, shapes and masks
+        isc = pm.get("infoscale")
+        if isc is not None and isc.calibrated:  # per-layer d (infoscale calibrate): only the temperature differs
+            dims = getattr(self, "infoscale_dims", None)
+            if dims is None:
+                raise MethodError("infoscale(calibrated=True) needs this model's calibration: run `infoscale calibrate "
+                                  "--model RUN` (then load the run again) or infoscale.calibrate.attach(model, ...)")
+            plans = [with_dims(plan, d) for d in dims]
         x = self.embeddings(input_ids, token_type_ids)
         hidden = (x,) if output_hidden_states else None
-        for layer in self.encoder.layer:  # one plan for all layers: same method, shapes and masks
-            x = layer(x, plan, attn_options)
+        for layer, lplan in zip(self.encoder.layer, plans, strict=True):
+            x = layer(x, lplan, attn_options)
             if output_hidden_states:
                 hidden = hidden + (x,)
         return BaseModelOutput(last_hidden_state=x, hidden_states=hidden)

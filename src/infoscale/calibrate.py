@@ -1,0 +1,274 @@
+"""``infoscale calibrate``: InfoScale with a per-layer effective dimension fitted on the model's own attention.
+
+InfoScale (Li et al. 2025, arXiv 2501.08570) multiplies the logits of a query that attends l keys by
+
+    t_d(l) = sqrt(1 − l^(−2/d)) / sqrt(1 − L^(−2/d)),
+
+derived for isotropic random q, k of dimension d: it then holds the attention entropy H / ln l at its
+training-length value. A trained model's q, k are far from isotropic (a few directions carry the scores),
+and the closed form with d = head dim under-corrects: on the quick softmax model, layer 3, H / ln l rises
+from 0.287 at 64 to 0.365 at 4096 with InfoScale (0.485 without). Here d is treated as an *effective*
+dimension and fitted per layer:
+
+    d_ℓ = argmin_d Σ_n ( mean_i H_ℓ,n,i(t_d) / ln l_i − mean_i H_ℓ,L,i / ln l_i )²
+
+over a few lengths n > L, on a few unlabelled held-out windows, where H_ℓ,n,i(t) is the entropy of query i's
+attention in layer ℓ at length n with its logits × t. Layers are fitted in order, each on inputs that went
+through the already-calibrated earlier layers. The family t_d is bounded: as d → ∞,
+t_d(l) → sqrt(ln l / ln L) (the square root of log-n's factor), and t_d → 1 as d → 0. A layer that needs more
+than sqrt(ln l / ln L) cannot be matched by any d; its fit saturates at :data:`D_MAX` (≈ that limit) and
+the calibration file says so (``saturated``).
+
+The fitted law is saved as ``calibration.json`` in the run directory; ``infoscale(calibrated=True)`` then
+uses d_ℓ in layer ℓ (:func:`attach` sets it on a loaded model; ``load_run`` does it for run directories).
+:func:`infoscale.hf.calibrate` does the same for a transformers model through ``infoscale.hf.apply``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import ConfigError
+from .io import atomic_write_bytes
+from .options import add_flags, from_args, option
+
+HELP = "fit InfoScale's effective dimension per layer on held-out text (for infoscale(calibrated=True))"
+FILE = "calibration.json"
+D_MAX = 1e6  # "d = ∞": t_d(l) is within 1e-5 of sqrt(ln l / ln L)
+D_MIN = 1.0
+_GRID = np.geomspace(D_MIN, D_MAX, 61)
+
+
+# ---------------------------------------------------------------------------------------------
+# the fit (pure: logits in, dimension out)
+# ---------------------------------------------------------------------------------------------
+
+
+def infoscale_t(l: torch.Tensor, train_len: int, d: float) -> torch.Tensor:
+    """t_d(l) with clamp (1 for l <= L), float64; d = D_MAX behaves as its limit sqrt(ln l / ln L)."""
+    l = l.double().clamp(min=float(train_len))
+    if d >= D_MAX:
+        return (l.log() / math.log(train_len)).sqrt()
+    return (1.0 - l ** (-2.0 / d)).sqrt() / math.sqrt(1.0 - train_len ** (-2.0 / d))
+
+
+def h_norm(z: torch.Tensor, l: torch.Tensor, t: torch.Tensor | float = 1.0) -> float:
+    """Mean over rows of H / ln l of softmax(t · z); z (rows, n_k) with masked logits at −inf or the dtype's
+    minimum, l (rows,) the keys each row attends (at least 2), t a number or (rows,)."""
+    t = torch.as_tensor(t, dtype=torch.float64)
+    zz = z.double() * (t[:, None] if t.dim() else t)
+    zz = zz.masked_fill(z <= torch.finfo(z.dtype).min / 2, -math.inf)
+    logp = torch.log_softmax(zz, -1)
+    p = logp.exp()
+    ent = -(p * logp.nan_to_num(neginf=0.0)).sum(-1)
+    return float((ent / l.double().clamp(min=2).log()).mean())
+
+
+@dataclass
+class Sample:
+    """One window's logits of one layer: ``z`` (rows, n_k) for a subset of queries, ``l`` (rows,) their key counts."""
+
+    length: int
+    z: torch.Tensor
+    l: torch.Tensor
+
+
+def fit_dim(target: float, samples: list[Sample], train_len: int) -> dict:
+    """The effective dimension d whose InfoScale factor brings each length's mean H / ln l closest to
+    ``target`` (least squares over lengths; per length, the mean over its windows). A grid over log d, then a
+    golden-section refinement between the best grid point's neighbours. Returns d, whether it saturated at
+    D_MAX, and per length the achieved H / ln l, the value without scaling and the factor needed at the mean
+    l (for the record)."""
+    lengths = sorted({s.length for s in samples})
+    by_n = {n: [s for s in samples if s.length == n] for n in lengths}
+
+    def level(n: int, d: float | None) -> float:
+        return float(np.mean([h_norm(s.z, s.l, 1.0 if d is None else infoscale_t(s.l, train_len, d))
+                              for s in by_n[n]]))
+
+    def loss(d: float) -> float:
+        return sum((level(n, d) - target) ** 2 for n in lengths)
+
+    losses = [loss(float(d)) for d in _GRID]
+    i = int(np.argmin(losses))
+    lo, hi = math.log(_GRID[max(i - 1, 0)]), math.log(_GRID[min(i + 1, len(_GRID) - 1)])
+    g = (math.sqrt(5) - 1) / 2
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    fa, fb = loss(math.exp(a)), loss(math.exp(b))
+    for _ in range(18):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - g * (hi - lo)
+            fa = loss(math.exp(a))
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + g * (hi - lo)
+            fb = loss(math.exp(b))
+    d = math.exp((lo + hi) / 2)
+    if losses[i] <= loss(d):
+        d = float(_GRID[i])
+    d = min(max(d, D_MIN), D_MAX)
+    out = {"dim": d, "saturated": d >= D_MAX / 2, "target_H_norm": target, "lengths": {}}
+    for n in lengths:
+        def at(t, n=n):
+            return float(np.mean([h_norm(s.z, s.l, t) for s in by_n[n]]))
+
+        lo_t, hi_t = 1.0, 16.0  # the factor that would match the target exactly (H falls as t grows)
+        for _ in range(40):
+            mid = (lo_t + hi_t) / 2
+            lo_t, hi_t = (mid, hi_t) if at(mid) > target else (lo_t, mid)
+        mean_l = float(np.mean([float(s.l.double().mean()) for s in by_n[n]]))
+        out["lengths"][str(n)] = {"H_norm_plain": level(n, None), "H_norm_calibrated": level(n, d),
+                                  "H_norm_head_dim": None, "needed_factor": (lo_t + hi_t) / 2,
+                                  "factor": float(infoscale_t(torch.tensor([mean_l]), train_len, d)[0]),
+                                  "sqrt_logn_limit": math.sqrt(max(math.log(mean_l) / math.log(train_len), 1.0))}
+    return out
+
+
+def sample_rows(z: torch.Tensor, rows: int, gen: torch.Generator) -> torch.Tensor:
+    """Indices of at most ``rows`` query rows (all when fewer), seeded."""
+    n = z.shape[-2]
+    if n <= rows:
+        return torch.arange(n)
+    return torch.randperm(n, generator=gen)[:rows].sort().values
+
+
+def calibrate_layers(capture: Callable[[list[float | None], int, int], list[tuple[torch.Tensor, torch.Tensor]]],
+                     layers: int, lengths: list[int], windows: int, train_len: int, head_dim: int,
+                     rows: int = 256, seed: int = 0, log=print) -> dict:
+    """Fit every layer in order. ``capture(dims, n, w)`` runs window w at length n with
+    ``infoscale(calibrated=True)`` at per-layer ``dims`` (None = head dim) and returns per layer
+    (logits (rows_all, n_k) as :func:`infoscale.attention_logits` gives them before the temperature, l per row).
+    The target is each layer's mean H / ln l at the training length (where the factor is 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    ref = [[] for _ in range(layers)]
+    for w in range(windows):
+        for li, (z, l) in enumerate(capture([None] * layers, train_len, w)):
+            ref[li].append(h_norm(z, l))
+    dims: list[float | None] = [None] * layers
+    per_layer = []
+    for li in range(layers):
+        samples = []
+        for n in lengths:
+            for w in range(windows):
+                z, l = capture(dims, n, w)[li]
+                idx = sample_rows(z, rows, gen)
+                samples.append(Sample(n, z[idx], l[idx]))
+        target = float(np.mean(ref[li]))
+        fit = fit_dim(target, samples, train_len)
+        for n in lengths:  # the closed form, for comparison
+            fit["lengths"][str(n)]["H_norm_head_dim"] = float(np.mean(
+                [h_norm(s.z, s.l, infoscale_t(s.l, train_len, head_dim)) for s in samples if s.length == n]))
+        dims[li] = fit["dim"]
+        per_layer.append({"layer": li, **fit})
+        sat = " (saturated: needs more than sqrt(log-n))" if fit["saturated"] else ""
+        log(f"layer {li}: d_eff = {fit['dim']:.4g}{sat}; H/ln l at L {target:.3f}; at n={lengths[-1]}: plain "
+            f"{fit['lengths'][str(lengths[-1])]['H_norm_plain']:.3f}, head-dim InfoScale "
+            f"{fit['lengths'][str(lengths[-1])]['H_norm_head_dim']:.3f}, calibrated "
+            f"{fit['lengths'][str(lengths[-1])]['H_norm_calibrated']:.3f}")
+    return {"method": "infoscale", "train_len": train_len, "head_dim": head_dim, "lengths": lengths,
+            "windows": windows, "rows": rows, "seed": seed, "dims": [float(d) for d in dims], "layers": per_layer}
+
+
+# ---------------------------------------------------------------------------------------------
+# GAU runs
+# ---------------------------------------------------------------------------------------------
+
+
+def attach(model, calibration: dict | str | Path | None) -> None:
+    """Give a GAU model its calibrated dimensions (from a dict or a calibration.json); None removes them."""
+    if isinstance(calibration, (str, Path)):
+        calibration = json.loads(Path(calibration).read_text())
+    base = getattr(model, "base_model", model)
+    dims = None if calibration is None else [float(d) for d in calibration["dims"]]
+    if dims is not None and len(dims) != len(base.encoder.layer):
+        raise ConfigError(f"the calibration has {len(dims)} layers but the model has {len(base.encoder.layer)}; "
+                          "rerun `infoscale calibrate` for this model")
+    base.infoscale_dims = dims
+
+
+def gau_capture(model, windows_by_n: dict[int, list[np.ndarray]]):
+    """``capture`` for :func:`calibrate_layers` on a GAU model."""
+    from .attn import attention_logits
+    from .models.gau import attention_inputs
+
+    cfg = model.config
+    L = cfg.train_len
+
+    def capture(dims, n, w):
+        head = cfg.attention_key_size
+        attach(model, {"dims": [head if d is None else d for d in dims]})
+        ids = torch.from_numpy(windows_by_n[n][w])[None]
+        method = model.resolve_method("infoscale(calibrated=True)")
+        plain = model.resolve_method("softmax")
+        out = []
+        for q, k in attention_inputs(model, ids, method):
+            z = attention_logits(q, k, plain, train_len=L)[0, 0]
+            allowed = z > torch.finfo(z.dtype).min / 2
+            out.append((z, allowed.sum(-1).double()))
+        return out
+
+    return capture
+
+
+@dataclass
+class CalibrateConfig:
+    model: str = option(dataclasses.MISSING, "run directory written by `infoscale train`")
+    lengths: list[int] = option((), "lengths n > L to fit on; default 4L, 16L, 64L (those the held-out text allows)")
+    windows: int = option(2, "unlabelled held-out windows per length")
+    rows: int = option(256, "query rows per window used in the fit (a seeded subset at long lengths)")
+    seed: int = option(0, "seed of the windows and rows")
+    corpus: str = option("", "held-out text for runs without split.json (converted checkpoints)")
+
+    def __post_init__(self):
+        for name in ("windows", "rows"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
+
+
+def calibrate(cfg: CalibrateConfig, log=print) -> dict:
+    from .data import make_windows
+    from .rundir import load_run
+
+    run = load_run(cfg.model)
+    model, L = run.model, run.train_len
+    if not hasattr(getattr(model, "base_model", model), "encoder"):
+        raise ConfigError(f"{cfg.model}: calibrate supports GAU runs; for transformers models use "
+                          "infoscale.hf.calibrate(model, input_ids)")
+    docs = run.heldout_docs(cfg.corpus or None)
+    longest = max(len(a) for a in docs.arrays)
+    lengths = list(cfg.lengths) or [n for n in (4 * L, 16 * L, 64 * L) if n <= longest]
+    bad = [n for n in lengths if n <= L or n > longest]
+    if bad or not lengths:
+        raise ConfigError(f"lengths must be above L = {L} and at most the longest held-out document ({longest}); "
+                          f"got {bad or lengths}")
+    wins = {n: make_windows(docs, n, "contiguous", cfg.windows, L, None, cfg.seed + 17) for n in [L, *lengths]}
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        cal = calibrate_layers(gau_capture(model, wins), model.config.num_hidden_layers, lengths, cfg.windows, L,
+                               model.config.attention_key_size, cfg.rows, cfg.seed, log=log)
+    cal |= {"model": str(Path(cfg.model).resolve()), "seconds": time.perf_counter() - t0,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    path = Path(cfg.model) / FILE
+    atomic_write_bytes(path, (json.dumps(cal, indent=1) + "\n").encode("utf-8"))
+    log(f"wrote {path} ({cal['seconds']:.0f} s); evaluate with --methods 'infoscale(calibrated=True)'")
+    return cal
+
+
+def add_arguments(parser) -> None:
+    add_flags(parser, CalibrateConfig)
+
+
+def run(args) -> int:
+    calibrate(from_args(CalibrateConfig, args), log=lambda s: print(s, file=sys.stderr))
+    return 0
