@@ -215,8 +215,9 @@ def test_calibrated_method_uses_per_layer_dims(tiny_run, tmp_path):
 
     import torch
 
-    from infoscale.calibrate import CalibrateConfig, attach, calibrate
+    from infoscale.calibrate import CalibrateConfig, calibrate
     from infoscale.errors import MethodError
+    from infoscale.models.gau import attach
     from infoscale.rundir import load_run
 
     run_dir = tmp_path / "run"

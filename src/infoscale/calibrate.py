@@ -20,7 +20,8 @@ than sqrt(ln l / ln L) cannot be matched by any d; its fit saturates at :data:`D
 the calibration file says so (``saturated``).
 
 The fitted law is saved as ``calibration.json`` in the run directory; ``infoscale(calibrated=True)`` then
-uses d_ℓ in layer ℓ (:func:`attach` sets it on a loaded model; ``load_run`` does it for run directories).
+uses d_ℓ in layer ℓ (:func:`infoscale.models.gau.attach` sets it on a loaded model; ``load_run`` does it
+for run directories).
 :func:`infoscale.hf.calibrate` does the same for a transformers model through ``infoscale.hf.apply``.
 """
 
@@ -185,22 +186,10 @@ def calibrate_layers(capture: Callable[[list[float | None], int, int], list[tupl
 # ---------------------------------------------------------------------------------------------
 
 
-def attach(model, calibration: dict | str | Path | None) -> None:
-    """Give a GAU model its calibrated dimensions (from a dict or a calibration.json); None removes them."""
-    if isinstance(calibration, (str, Path)):
-        calibration = json.loads(Path(calibration).read_text())
-    base = getattr(model, "base_model", model)
-    dims = None if calibration is None else [float(d) for d in calibration["dims"]]
-    if dims is not None and len(dims) != len(base.encoder.layer):
-        raise ConfigError(f"the calibration has {len(dims)} layers but the model has {len(base.encoder.layer)}; "
-                          "rerun `infoscale calibrate` for this model")
-    base.infoscale_dims = dims
-
-
 def gau_capture(model, windows_by_n: dict[int, list[np.ndarray]]):
     """``capture`` for :func:`calibrate_layers` on a GAU model."""
     from .attn import attention_logits
-    from .models.gau import attention_inputs
+    from .models.gau import attach, attention_inputs
 
     cfg = model.config
     L = cfg.train_len

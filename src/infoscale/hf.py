@@ -75,6 +75,7 @@ from torch import nn
 from .attn import attention, build_plan, merge_with_training, parse_method
 from .attn.rope import Rope, rotate
 from .errors import ConfigError, MethodError
+from .models import train_len_of
 
 __all__ = ["NAME", "apply", "remove", "infoscale_attention", "infoscale_mask", "train_len_of"]
 
@@ -142,21 +143,6 @@ def _settings(config) -> dict:
         raise ConfigError("the model's attention implementation is 'infoscale' but config.infoscale has no method; "
                           "call infoscale.hf.apply(model, method)")
     return s
-
-
-def train_len_of(config) -> int:
-    """The training length L: ``rope_parameters["original_max_position_embeddings"]`` when present (the length
-    before a RoPE extension such as YaRN or Llama 3's), else ``max_position_embeddings``."""
-    rp = getattr(config, "rope_parameters", None) or {}
-    params = [rp] if "rope_type" in rp or "rope_theta" in rp else [v for v in rp.values() if isinstance(v, dict)]
-    for p in params:
-        if p.get("original_max_position_embeddings"):
-            return int(p["original_max_position_embeddings"])
-    L = getattr(config, "max_position_embeddings", None)
-    if not isinstance(L, int) or L < 2:
-        raise ConfigError("cannot tell the training length: the config has no max_position_embeddings; "
-                          "pass train_len=")
-    return L
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import torch
 
 from .data import CORPORA, CharTokenizer, TokenDocs, load_corpus, load_tokenizer
 from .errors import DataError
-from .models import family
+from .models import family, train_len_of
 
 __all__ = ["Run", "load_run"]
 
@@ -40,11 +40,9 @@ class Run:
 
     @property
     def train_len(self) -> int:
-        """L: GAU's ``config.train_len``; for a transformers model (Llama) :func:`infoscale.hf.train_len_of`."""
+        """L: GAU's ``config.train_len``; for a transformers model (Llama) :func:`infoscale.models.train_len_of`."""
         L = getattr(self.model.config, "train_len", None)
         if L is None:
-            from .hf import train_len_of
-
             return train_len_of(self.model.config)
         return int(L)
 
@@ -121,7 +119,7 @@ def load_run(path: str | Path, device="cpu") -> Run:
                         "run directory written by `infoscale train` (or restore that file)")
     tcfg = _read_json(p / "train_config.json")
     if (p / "calibration.json").exists():  # `infoscale calibrate`: per-layer d for infoscale(calibrated=True)
-        from .calibrate import attach
+        from .models.gau import attach
 
         attach(model, p / "calibration.json")
     return Run(p, model, tok, tcfg)

@@ -20,7 +20,9 @@ length temperature); a single forward can use another one with ``forward(..., me
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -227,7 +229,7 @@ class GAUModel(GAUPreTrainedModel):
             dims = getattr(self, "infoscale_dims", None)
             if dims is None:
                 raise MethodError("infoscale(calibrated=True) needs this model's calibration: run `infoscale calibrate "
-                                  "--model RUN` (then load the run again) or infoscale.calibrate.attach(model, ...)")
+                                  "--model RUN` (then load the run again) or infoscale.models.gau.attach(model, ...)")
             plans = [with_dims(plan, d) for d in dims]
         x = self.embeddings(input_ids, token_type_ids)
         hidden = (x,) if output_hidden_states else None
@@ -315,3 +317,15 @@ def attention_inputs(model: GAUForMaskedLM, input_ids, method: str | ParsedMetho
         for h in hooks:
             h.remove()
     return [(q[:, None], k[:, None]) for q, k in captured]
+
+
+def attach(model, calibration: dict | str | Path | None) -> None:
+    """Give a GAU model its calibrated dimensions (from a dict or a calibration.json); None removes them."""
+    if isinstance(calibration, (str, Path)):
+        calibration = json.loads(Path(calibration).read_text())
+    base = getattr(model, "base_model", model)
+    dims = None if calibration is None else [float(d) for d in calibration["dims"]]
+    if dims is not None and len(dims) != len(base.encoder.layer):
+        raise ConfigError(f"the calibration has {len(dims)} layers but the model has {len(base.encoder.layer)}; "
+                          "rerun `infoscale calibrate` for this model")
+    base.infoscale_dims = dims
