@@ -543,7 +543,7 @@ def test_help_shows_list_defaults():
     text = sub["eval"].format_help().replace("\n", " ")
     text = " ".join(text.split())
     assert "(default: 64 128 256 512 1024 2048 4096)" in text
-    assert "(default: softmax infoscale)" in text and "(default: contiguous repeated)" in text
+    assert "(default: softmax infoscale)" in text and "(default: contiguous repeated passkey)" in text
     a = " ".join(sub["analyze"].format_help().split())
     assert "(default: 4.0 8.0 16.0 32.0 64.0 128.0 256.0)" in a
 
