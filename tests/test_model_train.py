@@ -264,3 +264,22 @@ def test_ddp_two_processes_equal_one(tmp_path, corpus):
         assert (a[k] - b[k]).abs().max() < 2e-5, k
         moved = max(moved, float((a[k] - init[k]).abs().max()))
     assert moved > 1e-3
+
+
+def test_init_from_starts_from_another_runs_weights(tmp_path, tiny_run, corpus, capsys):
+    """Pretrain long, fine-tune short: the new run starts from the other run's weights and tokenizer,
+    with its own training length, attention and optimizer; the shape comes from that run."""
+    out = tmp_path / "ft"
+    res = run_cli("train", "--out", str(out), "--corpus", str(corpus), *TINY, "--init-from", str(tiny_run),
+                  "--preset", "small", "--train-len", "16", "--attention", "cosscale(s=32)", "--steps", "1",
+                  "--lr", "1e-9", "--warmup-steps", "0", "--eval-every", "1", "--save-every", "1")
+    assert res.returncode == 0, res.stderr
+    assert (out / "vocab.txt").read_text() == (tiny_run / "vocab.txt").read_text()
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["train_len"] == 16 and cfg["attention"] == "cosscale(s=32.0)" and cfg["hidden_size"] == 64
+    a, b = load_file(tiny_run / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5  # one step at lr 1e-9
+    assert cli(["train", "--out", str(tmp_path / "bad"), "--corpus", str(corpus), *TINY,
+                "--init-from", str(tmp_path)]) == 2
+    assert "not a finished run directory" in capsys.readouterr().err

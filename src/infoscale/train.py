@@ -67,6 +67,8 @@ class TrainConfig:
     eval_every: int = option(400, "steps between held-out evaluations")
     save_every: int = option(400, "steps between checkpoints")
     seed: int = option(0, "seed of the split, init, data order, masking and dropout")
+    init_from: str = option("", "start from another run's weights and tokenizer (pretrain long, fine-tune short: a "
+                                "new --train-len, --attention and optimizer; the model's shape comes from that run)")
     bf16: str = option("auto", "bf16 autocast: auto (when the device supports it), on, off")
     cosscale_init: str = option("apart", "CosScale init of γ_q, γ_k: apart (random signs) or ones (GAU-α)")
     device: str = option("auto", "auto | cpu | cuda")
@@ -263,6 +265,30 @@ def _clear_run(out: Path) -> None:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
+# The fields of a GAU config that fix the weights' shapes (taken from the --init-from run).
+GAU_SHAPE = ("hidden_size", "intermediate_size", "attention_key_size", "num_hidden_layers", "type_vocab_size")
+
+
+def _init_run_dir(path: str) -> Path:
+    p = Path(path)
+    if not (p / "config.json").exists() or not (p / "model.safetensors").exists():
+        raise DataError(f"--init-from {path}: not a finished run directory (config.json + model.safetensors); give a "
+                        "run written by `infoscale train` or `infoscale convert`")
+    return p
+
+
+def _init_source(cfg: TrainConfig):
+    """The model of the --init-from run, whose family must be the one trained here."""
+    from .rundir import load_run
+
+    src = load_run(_init_run_dir(cfg.init_from)).model
+    want = "llama" if cfg.arch == "llama" else "gau_alpha"
+    if src.config.model_type != want:
+        raise ConfigError(f"--init-from {cfg.init_from} holds a {src.config.model_type!r} model but --arch {cfg.arch} "
+                          f"trains {want!r}; give a run of the same family")
+    return src
+
+
 def prepare_run(cfg: TrainConfig, rank: int):
     """Create (or reopen with --resume, or replace with --overwrite) the run directory; returns
     (tokenizer, train docs, eval docs, ckpt). Everything is checked before the first file is written
@@ -284,7 +310,9 @@ def prepare_run(cfg: TrainConfig, rank: int):
     else:
         split = split_documents(docs, cfg.seed, cfg.eval_docs)
         train_texts = [d.text for d in docs if d.name in set(split["train"])]
-        if cfg.tokenizer == "bpe":
+        if cfg.init_from:  # the weights' vocabulary: the token ids must mean what they meant
+            tok = load_tokenizer(_init_run_dir(cfg.init_from))
+        elif cfg.tokenizer == "bpe":
             tok = BPETokenizer.train(train_texts, cfg.vocab_size)
         else:
             tok = CharTokenizer.train(train_texts, cfg.min_count)
@@ -358,13 +386,21 @@ def train(cfg: TrainConfig) -> int:
 
     torch.manual_seed(cfg.seed)
     causal = cfg.arch == "llama"
+    source = _init_source(cfg) if cfg.init_from and ckpt is None else None
     if causal:
         model = build_llama(cfg, tok).to(device)
     else:
+        shape = {k: getattr(source.config, k) for k in GAU_SHAPE} if source is not None else {}
         mcfg = build_config(cfg.preset, vocab_size=len(tok), train_len=cfg.train_len, attention=cfg.attention,
                             hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
-                            cosscale_init=cfg.cosscale_init)
+                            cosscale_init=cfg.cosscale_init, **shape)
         model = GAUForMaskedLM(mcfg).to(device)
+    if source is not None:
+        try:
+            model.load_state_dict(source.state_dict())
+        except RuntimeError as e:
+            raise ConfigError(f"--init-from {cfg.init_from}: its weights do not fit this model "
+                              f"({str(e).splitlines()[0][:150]}); use that run's --arch and --preset") from None
     opt, sched = make_optimizer(model, cfg)
     start = 0
     if ckpt is not None:
