@@ -51,7 +51,9 @@ METHODS = [
 
 
 @dataclass
-class Preset:
+class Schedule:
+    """What every preset fixes: model size, training schedule, and the evaluation sweep."""
+
     model_preset: str
     steps: int
     batch_size: int
@@ -61,6 +63,10 @@ class Preset:
     methods: tuple
     predictions: int
     windows: int
+
+
+@dataclass
+class Preset(Schedule):
     compare_lengths: tuple  # lengths where the exact protocol is run next to the strided one
     compare_predictions: int
     analysis_lengths: tuple
@@ -102,16 +108,7 @@ CLM_QUICK_METHODS = ("softmax", "infoscale", "logn", "ntk", "ntk+infoscale", "ya
 
 
 @dataclass
-class ClmPreset:
-    model_preset: str
-    steps: int
-    batch_size: int
-    warmup_steps: int
-    lr: float
-    lengths: tuple
-    methods: tuple
-    predictions: int  # least scored tokens per contiguous / copy cell
-    windows: int
+class ClmPreset(Schedule):  # predictions: least scored tokens per contiguous / copy cell
     passkey_trials: int
     passkey_share: float
 
