@@ -258,4 +258,41 @@ def test_reproduce(tmp_path, preset):
     assert any(r["protocol"] == "exact" for r in recs)
     md = Path(res["report"]).read_text()
     assert "### softmax: contiguous, strided protocol" in md and "Protocols compared" in md
+
+
+def test_paper_recipe_pretrains_long_then_fine_tunes_short(tmp_path):
+    """paper-smoke: pretrain at 256 with softmax_plus, fine-tune at 64 from those weights, evaluate both models."""
+    from infoscale.reproduce import PRESETS, RECIPE_MODELS, ReproduceConfig, reproduce
+    from infoscale.rundir import load_run
+
+    cfg = ReproduceConfig(preset="paper-smoke", runs=str(tmp_path / "runs"), results=str(tmp_path / "results"),
+                          report=str(tmp_path / "report"), progress=False)
+    res = reproduce(cfg, log=lambda s: None)
+    p = PRESETS["paper-smoke"]
+    runs = tmp_path / "runs" / "paper-smoke"
+    pre = json.loads((runs / "pretrain" / "train_config.json").read_text())
+    assert (pre["train_len"], pre["attention"], pre["steps"]) == (256, "softmax_plus", p.pretrain.steps)
+    pre_w = load_run(runs / "pretrain").model.state_dict()
+    fresh = build_model_like(load_run(runs / "pretrain").model)
+    for name, attention in RECIPE_MODELS.items():
+        ft = json.loads((runs / name / "train_config.json").read_text())
+        assert (ft["train_len"], ft["attention"], ft["init_from"]) == (64, attention, str(runs / "pretrain"))
+        run = load_run(runs / name)
+        assert run.train_len == 64
+        # the fine-tune starts from the pretrained weights: it ends far nearer them than a fresh init is
+        w = run.model.state_dict()
+        key = next(k for k in w if k.endswith("word_embeddings.weight"))
+        assert (w[key] - pre_w[key]).norm() < 0.5 * (fresh[key] - pre_w[key]).norm()
+    recs = read_records(res["records"])
+    models = {r["model_name"] for r in recs}
+    assert models == set(RECIPE_MODELS)  # the fine-tunes are evaluated, not the pretrained model
+    assert {r["length"] for r in recs if r["protocol"] == "strided"} == set(p.lengths)
+    assert "### cosscale: contiguous, strided protocol" in Path(res["report"]).read_text()
+
+
+def build_model_like(model):
+    """A freshly initialised model of the same configuration (the same seed as a run's init is not needed:
+    any fresh init is far from trained weights)."""
+    torch.manual_seed(123)
+    return type(model)(model.config).state_dict()
     assert (Path(res["report"]).parent / "cos_window.png").exists()
