@@ -143,6 +143,20 @@ def test_shakespeare_markup_removed():
     assert "THESEUS" in text and "Enter THESEUS" in text
 
 
+def test_spaces_corpus_gives_every_character_a_token():
+    docs = data.load_corpus("shakespeare-spaces")
+    plain = data.load_corpus("shakespeare")
+    assert [d.name for d in docs] == [d.name for d in plain]
+    text = docs[0].text[:2000]
+    assert " " not in text and corpora.SPACE in text and corpora.NEWLINE in text
+    tok = data.CharTokenizer.train([d.text for d in docs[:5]])
+    ids = tok.encode(text)
+    # one token per character (spaces and line breaks included), none unknown
+    assert len(ids) == len(text) and 1 not in ids
+    space_ids = {tok.ids[corpora.SPACE], tok.ids["##" + corpora.SPACE]}
+    assert sum(i in space_ids for i in ids) == text.count(corpora.SPACE) > 200
+
+
 def test_split_by_document_holds_out_long_documents():
     docs = corpora.shakespeare()
     split = corpora.split_documents(docs, seed=0, eval_docs=4)

