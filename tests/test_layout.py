@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import subprocess
 import sys
 import typing
 from pathlib import Path
@@ -123,6 +124,12 @@ def test_every_subcommand_help_works(command, capsys):
         cli([command, "--help"])
     assert e.value.code == 0
     assert "usage: infoscale " + command in capsys.readouterr().out
+
+
+def test_python_dash_m_runs_the_command_line():
+    res = subprocess.run([sys.executable, "-m", "infoscale", "methods"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "infoscale" in res.stdout and "rerope" in res.stdout
 
 
 def _value_for(action: argparse.Action) -> list[str]:
