@@ -258,6 +258,19 @@ def test_reproduce(tmp_path, preset):
     assert any(r["protocol"] == "exact" for r in recs)
     md = Path(res["report"]).read_text()
     assert "### softmax: contiguous, strided protocol" in md and "Protocols compared" in md
+    assert (Path(res["report"]).parent / "cos_window.png").exists()
+
+
+def test_reproductions_on_two_corpora_keep_apart(tmp_path):
+    from infoscale.reproduce import ReproduceConfig, paths
+
+    def where(corpus):
+        return paths(ReproduceConfig(preset="quick", corpus=corpus, runs=str(tmp_path / "r")))
+
+    assert where("shakespeare")["runs"] == tmp_path / "r" / "quick"
+    assert where("sanguo")["runs"] == tmp_path / "r" / "quick-sanguo"
+    assert where("sanguo")["records"].name == "quick-sanguo.jsonl"
+    assert where(str(tmp_path / "my text.txt"))["report"].name == "quick-my_text"
 
 
 def test_paper_recipe_pretrains_long_then_fine_tunes_short(tmp_path):
@@ -295,4 +308,3 @@ def build_model_like(model):
     any fresh init is far from trained weights)."""
     torch.manual_seed(123)
     return type(model)(model.config).state_dict()
-    assert (Path(res["report"]).parent / "cos_window.png").exists()

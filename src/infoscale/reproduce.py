@@ -19,6 +19,7 @@ training-free method, alone and with ``+infoscale`` / ``+logn``, in the three ca
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,9 +172,18 @@ class ReproduceConfig:
     progress: bool = option(True, "show progress bars")
 
 
+def tag(cfg: ReproduceConfig) -> str:
+    """The preset's name, with the corpus after it when it is not Shakespeare (``quick-sanguo``), so reproductions
+    on two corpora keep apart (a model trained on one is never taken for the other's)."""
+    if cfg.corpus == "shakespeare":
+        return cfg.preset
+    name = Path(cfg.corpus).stem if any(c in cfg.corpus for c in "/\\.") else cfg.corpus
+    return f"{cfg.preset}-{re.sub(r'[^A-Za-z0-9_-]+', '_', name)}"
+
+
 def paths(cfg: ReproduceConfig) -> dict:
-    return {"runs": Path(cfg.runs) / cfg.preset, "records": Path(cfg.results) / f"{cfg.preset}.jsonl",
-            "report": Path(cfg.report) / cfg.preset}
+    t = tag(cfg)
+    return {"runs": Path(cfg.runs) / t, "records": Path(cfg.results) / f"{t}.jsonl", "report": Path(cfg.report) / t}
 
 
 def reproduce(cfg: ReproduceConfig, log=print) -> dict:
@@ -221,7 +231,7 @@ def reproduce(cfg: ReproduceConfig, log=print) -> dict:
                         out=str(where["records"]), seed=cfg.seed, progress=cfg.progress), log=log)
     t_eval = time.perf_counter() - t0 - t_train
     log("== analysing attention (entropy, dilution, CosScale vs window)")
-    analysis_file = where["records"].with_name(f"{cfg.preset}-analysis.jsonl")
+    analysis_file = where["records"].with_name(f"{tag(cfg)}-analysis.jsonl")
     if not analysis_file.exists():
         recs = []
         for i, m in enumerate([models[0], models[1]]):  # softmax and CosScale models, synthetic once
@@ -231,7 +241,8 @@ def reproduce(cfg: ReproduceConfig, log=print) -> dict:
         write_records(analysis_file, recs)
     records = read_records(where["records"])
     report = write_report(records + read_records(analysis_file), where["report"])
-    timing = {"preset": cfg.preset, "train_s": t_train, "eval_s": t_eval, "total_s": time.perf_counter() - t0}
+    timing = {"preset": cfg.preset, "corpus": cfg.corpus, "train_s": t_train, "eval_s": t_eval,
+              "total_s": time.perf_counter() - t0}
     (where["report"] / "timing.json").write_text(json.dumps(timing, indent=1))
     log(f"== done in {timing['total_s'] / 60:.1f} min: {report}")
     return {"records": where["records"], "analysis": analysis_file, "report": report, "models": models, **timing}
@@ -264,7 +275,8 @@ def reproduce_clm(cfg: ReproduceConfig, log=print) -> dict:
                         seed=cfg.seed, progress=cfg.progress), log=log)
     t_eval = time.perf_counter() - t0 - t_train
     report = write_report(read_records(where["records"]), where["report"])
-    timing = {"preset": cfg.preset, "train_s": t_train, "eval_s": t_eval, "total_s": time.perf_counter() - t0}
+    timing = {"preset": cfg.preset, "corpus": cfg.corpus, "train_s": t_train, "eval_s": t_eval,
+              "total_s": time.perf_counter() - t0}
     (where["report"] / "timing.json").write_text(json.dumps(timing, indent=1))
     log(f"== done in {timing['total_s'] / 60:.1f} min: {report}")
     return {"records": where["records"], "report": report, "models": models, **timing}
