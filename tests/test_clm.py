@@ -190,7 +190,9 @@ def test_token_nll_and_buckets_by_hand():
     for lo, hi in [(0, 64), (64, 128), (128, 256)]:
         part = [h[max(lo, 1) - 1:hi - 1] for h in hand]  # targets t in [lo, hi); t = 0 has none
         assert got[f"nll[{lo},{hi})"][1] == pytest.approx(np.mean(part), abs=1e-5)
-        assert got[f"nll[{lo},{hi})"][4] == pytest.approx([np.mean(p) for p in part], abs=1e-5)  # window_values
+        fields = got[f"nll[{lo},{hi})"][4]  # per-window fields of the record
+        assert fields["window_means"] == pytest.approx([np.mean(p) for p in part], abs=1e-5)
+        assert fields["window_counts"] == [len(p) for p in part] and "window_hits" not in fields
         assert got[f"nll[{lo},{hi})"][5]["bucket"] == [lo, hi]
     assert clm.bucket_edges(300, 64) == [(0, 64), (64, 128), (128, 256), (256, 300)]
     assert clm.bucket_edges(64, 64) == [(0, 64)]
@@ -228,8 +230,10 @@ def test_copy_metric_by_hand():
     # a plain loop: window w is right at target t >= m_w iff its own period equals m (the model's lag)
     hand = [[1.0 if mw == m else 0.0 for t in range(mw, n)] for mw in spans]
     assert got["copy_accuracy"][1] == pytest.approx(np.concatenate(hand).mean())
-    assert got["copy_accuracy"][4] == pytest.approx([np.mean(h) for h in hand])
-    assert got["copy_nll"][4][0] == pytest.approx(math.log1p(50 * math.exp(-10)), rel=1e-3)  # logit 10 vs 50 zeros
+    assert got["copy_accuracy"][4]["window_means"] == pytest.approx([np.mean(h) for h in hand])
+    assert got["copy_accuracy"][4]["window_hits"] == [int(sum(h)) for h in hand]
+    assert got["copy_accuracy"][4]["window_counts"] == [n - mw for mw in spans]  # targets t = m … n − 1
+    assert got["copy_nll"][4]["window_means"][0] == pytest.approx(math.log1p(50 * math.exp(-10)), rel=1e-3)
     assert got["copy_accuracy"][5]["spans"] == spans
     with pytest.raises(Exception, match="n > 3L/2"):
         clm.copy_windows(docs, 20, 1, L, 0)
@@ -300,7 +304,11 @@ def test_eval_records_of_a_causal_run(llama_run, tmp_path):
     assert ("softmax", "repeated", 96, "copy_nll") not in metrics  # no span longer than L fits in n = L
     assert ("rerope", "passkey", 96, "passkey_accuracy") in metrics
     for r in recs:
-        assert len(r["window_values"]) == r["windows_used"]
+        c = r["window_counts"]
+        assert len(c) == len(r["window_means"]) == r["windows_used"] and sum(c) == r["n_predictions"]
+        assert sum(m * k for m, k in zip(r["window_means"], c, strict=True)) / sum(c) == pytest.approx(r["value"])
+        if r["metric"].endswith(("accuracy", "exact")):
+            assert sum(r["window_hits"]) / sum(c) == pytest.approx(r["value"])
         assert r["ci_low"] <= r["value"] <= r["ci_high"]
         assert r["train"]["arch"] == "llama"
     keys = {(r["key"], r["metric"]) for r in recs}

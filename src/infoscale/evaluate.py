@@ -44,7 +44,7 @@ from .io import git_commit, merge_records, read_records, record_key
 from .options import add_flags, from_args, option
 from .rundir import load_run
 from .runtime import available_memory, precision_info, quiet_libraries, use_bf16
-from .stats import cluster_ci
+from .stats import cluster_ci, window_fields
 from .tasks import mlm
 
 HELP = "evaluate models × methods × lengths (contiguous and repeated text) into JSONL records"
@@ -197,10 +197,7 @@ def per_window(hits: list[np.ndarray], losses: list[np.ndarray]) -> tuple[dict, 
     positions of a cell depend only on model, length, setting, protocol and seed, so two methods' lists
     pair window by window: :func:`infoscale.stats.paired_delta`). ``window_means`` is the metric's mean
     in each window, ``window_counts`` its predictions; accuracy also keeps the exact ``window_hits``."""
-    counts = [int(len(h)) for h in hits]
-    return ({"window_counts": counts, "window_hits": [int(np.sum(h)) for h in hits],
-             "window_means": [float(np.mean(h)) if len(h) else 0.0 for h in hits]},
-            {"window_counts": counts, "window_means": [float(np.mean(x)) if len(x) else 0.0 for x in losses]})
+    return window_fields(hits, binary=True), window_fields(losses)
 
 
 def evaluate(cfg: EvalConfig, log=print) -> list[dict]:

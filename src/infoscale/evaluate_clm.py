@@ -14,9 +14,13 @@ Every method runs inside the stock transformers model through :func:`infoscale.h
   cache; metrics ``passkey_accuracy`` (share of correct digits) and ``passkey_exact`` (all five right).
 
 Records are tidy (one per metric) with a cell key per (model, method, length, setting, protocol, parameters,
-seed, windows, predictions); ``window_values`` holds the per-window (per-trial) value of the metric, so paired
-comparisons between methods can be made later on the same windows. 95% CIs treat windows as clusters
-(:func:`infoscale.stats.cluster_ci` for 0/1 outcomes, :func:`infoscale.tasks.clm.cluster_mean_ci` for NLL).
+seed, windows, predictions). Like the masked-LM records they keep per-window results in window order
+(:func:`infoscale.stats.window_fields`: ``window_counts``, ``window_means``, and ``window_hits`` for 0/1
+outcomes; a passkey trial is a window of 5 digits, or of 1 outcome for ``passkey_exact``). The windows, copy
+spans and passkey prompts of a cell depend only on (model, length, setting, seed), so two methods' records pair
+window by window and the report's paired Δ tables (:func:`infoscale.stats.paired_delta`) apply. 95% CIs treat
+windows as clusters (:func:`infoscale.stats.cluster_ci` for 0/1 outcomes, :func:`infoscale.tasks.clm.cluster_mean_ci`
+for NLL).
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from .errors import DataError, MethodError
 from .io import git_commit, merge_records, read_records, record_key
 from .rundir import load_run
 from .runtime import precision_info, use_bf16
-from .stats import cluster_ci
+from .stats import cluster_ci, window_fields
 from .tasks import clm
 
 __all__ = ["CLM_SETTINGS", "evaluate_clm", "is_causal_run"]
@@ -73,20 +77,20 @@ def _finite(values: np.ndarray, what: str) -> None:
 
 
 def contiguous_records(model, docs, n: int, L: int, count: int, seed: int, device, bf16, tokens_per_batch):
-    """(metric, value, ci, window_values, extra) tuples of the contiguous setting."""
+    """(metric, value, ci_low, ci_high, per-window fields, extra) tuples of the contiguous setting."""
     from .data import make_windows
 
     wins = make_windows(docs, n, "contiguous", count, L, None, seed)
     nll, _ = clm.token_nll(model, wins, device=device, bf16=bf16, tokens_per_batch=tokens_per_batch)
     _finite(np.concatenate(nll), "the method")
     total = int(sum(map(len, nll)))
-    out = [("nll", *clm.cluster_mean_ci(nll), [float(v.mean()) for v in nll], {"n_predictions": total})]
+    out = [("nll", *clm.cluster_mean_ci(nll), window_fields(nll), {"n_predictions": total})]
     for lo, hi in clm.bucket_edges(n, L):
         # entry t−1 is target position t; bucket [lo, hi) of target positions, position 0 has no target
         part = [v[max(lo, 1) - 1:hi - 1] for v in nll]
         if not len(part[0]):
             continue
-        out.append((f"nll[{lo},{hi})", *clm.cluster_mean_ci(part), [float(v.mean()) for v in part],
+        out.append((f"nll[{lo},{hi})", *clm.cluster_mean_ci(part), window_fields(part),
                     {"bucket": [lo, hi], "n_predictions": int(sum(map(len, part)))}))
     return out, len(wins)
 
@@ -99,8 +103,8 @@ def copy_records(model, docs, n: int, L: int, count: int, seed: int, device, bf1
     ch = [h[m - 1:].astype(float) for h, m in zip(hits, spans, strict=True)]
     extra = {"spans": spans, "n_predictions": int(sum(map(len, cn)))}
     acc = float(np.concatenate(ch).mean())
-    return [("copy_nll", *clm.cluster_mean_ci(cn), [float(v.mean()) for v in cn], extra),
-            ("copy_accuracy", acc, *cluster_ci(ch), [float(v.mean()) for v in ch], extra)], len(wins)
+    return [("copy_nll", *clm.cluster_mean_ci(cn), window_fields(cn), extra),
+            ("copy_accuracy", acc, *cluster_ci(ch), window_fields(ch, binary=True), extra)], len(wins)
 
 
 def passkey_records(model, pk, n: int, depths, trials: int, seed: int, device, bf16, tokens_per_batch):
@@ -120,8 +124,9 @@ def passkey_records(model, pk, n: int, depths, trials: int, seed: int, device, b
     extra = {"depth_of_window": used, "per_depth": per_depth, "n_predictions": int(sum(map(len, right)))}
     acc = float(np.concatenate(right).mean())
     ex = float(np.mean([e[0] for e in exact]))
-    return [("passkey_accuracy", acc, *cluster_ci(right), [float(r.mean()) for r in right], extra),
-            ("passkey_exact", ex, *cluster_ci(exact), [float(e[0]) for e in exact], extra)], trials
+    return [("passkey_accuracy", acc, *cluster_ci(right), window_fields(right, binary=True), extra),
+            ("passkey_exact", ex, *cluster_ci(exact), window_fields(exact, binary=True),
+             extra | {"n_predictions": trials})], trials  # one outcome per trial, not per digit
 
 
 def evaluate_clm(cfg, models: list[str], log=print) -> list[dict]:
@@ -204,9 +209,9 @@ def evaluate_clm(cfg, models: list[str], log=print) -> list[dict]:
                             "precision": "bf16" if bf16 else "fp32", "precision_info": precision_info(device),
                             "version": __version__, "git_commit": commit, "wall_time": time.perf_counter() - t0,
                             "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-                cell = [rec | extra | {"metric": metric, "value": float(v), "ci_low": float(lo), "ci_high": float(hi),
-                                       "window_values": wv}
-                        for metric, v, lo, hi, wv, extra in rows]
+                cell = [rec | extra | fields | {"metric": metric, "value": float(v), "ci_low": float(lo),
+                                                "ci_high": float(hi)}
+                        for metric, v, lo, hi, fields, extra in rows]
                 new += merge_records(cfg.out, cell)
                 done.add(rec["key"])
         finally:

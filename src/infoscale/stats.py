@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-__all__ = ["cluster_ci", "pooled", "bootstrap_indices", "paired_delta", "windows_for_halfwidth"]
+__all__ = ["cluster_ci", "pooled", "bootstrap_indices", "paired_delta", "windows_for_halfwidth", "window_fields"]
 
 
 def cluster_ci(correct_per_window: list[np.ndarray]) -> tuple[float, float]:
@@ -76,6 +76,18 @@ def paired_delta(sums_a, sums_b, counts, resamples: int = 2000, seed: int = 0, l
     alpha = (1.0 - level) / 2
     lo, hi = np.quantile(reps, [alpha, 1.0 - alpha])
     return delta, float(min(lo, delta)), float(max(hi, delta))
+
+
+def window_fields(values_per_window, binary: bool = False) -> dict:
+    """The per-window fields a record carries so that two methods can be paired later (:func:`paired_delta`):
+    ``window_counts`` (predictions per window), ``window_means`` (the metric's mean in each window) and, for
+    0/1 outcomes (``binary``), the exact ``window_hits``. In window order; an empty window has mean 0."""
+    counts = [int(len(v)) for v in values_per_window]
+    out = {"window_counts": counts,
+           "window_means": [float(np.mean(v)) if len(v) else 0.0 for v in values_per_window]}
+    if binary:
+        out["window_hits"] = [int(round(float(np.sum(v)))) for v in values_per_window]
+    return out
 
 
 def windows_for_halfwidth(sums_a, sums_b, counts, target: float, level: float = 0.95) -> int:
