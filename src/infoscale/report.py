@@ -16,6 +16,8 @@ from pathlib import Path
 
 from .errors import DataError
 from .io import atomic_write_bytes, iter_records, record_identity
+from .ranking import RESAMPLES, best_by_ci, bold_rule, cell_groups, paired, window_sums
+from .ranking import label as _label
 
 HELP = "markdown tables and PNG plots from result records"
 
@@ -113,11 +115,6 @@ def _fmt(metric: str, x: float) -> str:
     return f"{100 * x:.1f}" if METRICS.get(metric, (True, False))[1] else f"{x:.3f}"
 
 
-def _label(rec: dict) -> str:
-    """The method as it ran (inherited train-time parts included), short form."""
-    return rec.get("method_label") or rec["method"]
-
-
 def _cells(recs: list[dict]) -> dict:
     """(label, length) -> (value, ci_low, ci_high, count); duplicate cells (two seeds, a rerun at other
     settings) are averaged and counted."""
@@ -186,72 +183,8 @@ def eval_tables(records: list[dict]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# paired differences (from the per-window fields of the records)
+# paired differences (from the per-window fields of the records; the pairing itself: infoscale.ranking)
 # ---------------------------------------------------------------------------------------------
-
-RESAMPLES = 2000  # cluster-bootstrap resamples of the paired Δ
-
-
-def window_sums(rec: dict):
-    """(per-window sums of the metric, per-window counts) of a record, or None for records written without
-    per-window fields."""
-    counts = rec.get("window_counts")
-    if not counts:
-        return None
-    if rec.get("window_hits") is not None:
-        return [float(h) for h in rec["window_hits"]], counts
-    means = rec.get("window_means")
-    if means is None or len(means) != len(counts):
-        return None
-    return [m * c for m, c in zip(means, counts, strict=True)], counts
-
-
-def _cell_groups(recs: list[dict]) -> dict:
-    """length -> {label: record} for records measured on the same windows (same model, setting, protocol,
-    seed, windows and predictions; only records with per-window fields)."""
-    out = defaultdict(dict)
-    for r in recs:
-        if window_sums(r) is None:
-            continue
-        ident = (r["length"], r.get("seed"), str(r.get("protocol_params")), r.get("windows"), r.get("predictions"))
-        out[ident].setdefault(_label(r), r)
-    by_n = defaultdict(dict)
-    for (n, *_), g in out.items():  # several seeds: the first group of each length
-        if len(g) > len(by_n[n]):
-            by_n[n] = g
-    return by_n
-
-
-def paired(a: dict, b: dict):
-    """(Δ, low, high) of record a minus record b, or None if they were not measured on the same windows or on
-    a single window (a bootstrap over one cluster has nothing to resample: its CI would be zero-width)."""
-    sa, sb = window_sums(a), window_sums(b)
-    if sa is None or sb is None or list(sa[1]) != list(sb[1]) or len(sa[1]) < 2:
-        return None
-    from .stats import paired_delta
-
-    return paired_delta(sa[0], sb[0], sa[1], resamples=RESAMPLES, seed=int(a.get("seed") or 0))
-
-
-def best_by_ci(recs: list[dict], n: int, higher: bool):
-    """(best, runner-up, Δ, low, high, significant) at length n from the records' per-window fields; None when
-    fewer than two methods there have them."""
-    g = _cell_groups([r for r in recs if r["length"] == n]).get(n, {})
-    if len(g) < 2:
-        return None
-    order = sorted(g, key=lambda m: g[m]["value"], reverse=higher)
-    first, second = order[0], order[1]
-    d = paired(g[first], g[second])
-    if d is None:
-        return None
-    sig = d[1] > 0 or d[2] < 0
-    return first, second, *d, sig
-
-
-def bold_rule(ranked: dict) -> str:
-    if all(r is None for r in ranked.values()):
-        return ""
-    return " only where its paired 95% CI against the runner-up excludes 0 (see the Δ table)"
 
 
 def _strip_temperature(label: str):
@@ -291,15 +224,16 @@ def delta_tables(records: list[dict]) -> list[str]:
                         f"Δ = method − reference on the identical windows and masked positions, 95% CI from a cluster "
                         f"bootstrap over windows ({RESAMPLES} resamples, the same window indices for both methods). "
                         "Reference: the model's plain method (`softmax`: its training method alone) or, for X + a "
-                        "length temperature, X alone. Accuracy in points. *Best*: the top method where its Δ "
-                        "against the runner-up excludes 0. – : not measured, or a single window (no CI).", ""]
+                        "length temperature, X alone. Accuracy in points, loss and NLL in nats. *Best*: the top "
+                        "method where its Δ against the runner-up excludes 0. – : not measured, or a single window "
+                        "(no CI).", ""]
     missing = []
     models = list(dict.fromkeys(r["model_name"] for r in records))
     for (protocol, setting, model, metric), recs in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1],
                                                                                        models.index(kv[0][2]),
                                                                                        kv[0][3])):
         higher, pct = METRICS.get(metric, (True, False))
-        groups = _cell_groups(recs)
+        groups = cell_groups(recs)
         if not groups:
             missing.append(f"{model} ({setting}, {protocol}, {metric})")
             continue

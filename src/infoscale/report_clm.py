@@ -2,7 +2,9 @@
 
 Pure readers of the records, like :mod:`infoscale.report`: per model, a table of NLL per position bucket at the
 longest length (rows: methods, columns: buckets [0, L), [L, 2L), …) and a figure of NLL against position
-(log₂ axis, one line per method), where a method that breaks beyond L shows a rising line.
+(log₂ axis, one line per method), where a method that breaks beyond L shows a rising line. A bucket's lowest NLL
+is bold only when it is separated from the runner-up (:func:`infoscale.ranking.best_by_ci`: the paired 95% CI of
+their difference on the same windows excludes 0), the rule of every other report table.
 """
 
 from __future__ import annotations
@@ -11,15 +13,14 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from .ranking import best_by_ci, bold_rule
+from .ranking import label as _label
+
 __all__ = ["is_bucket", "bucket_tables", "plot_buckets"]
 
 
 def is_bucket(rec: dict) -> bool:
     return isinstance(rec.get("bucket"), list) and rec.get("metric", "").startswith("nll[")
-
-
-def _label(rec: dict) -> str:
-    return rec.get("method_label") or rec["method"]
 
 
 def _by_model(records):
@@ -39,11 +40,16 @@ def bucket_tables(records: list[dict]) -> list[str]:
         methods = list(dict.fromkeys(_label(r) for r in recs))
         cell = {(_label(r), tuple(r["bucket"])): r for r in recs}
         best = {b: min((cell[m, b]["value"] for m in methods if (m, b) in cell), default=None) for b in buckets}
+        # the bucket's records alone: all buckets of a length share (length, seed, windows), the key of a cell
+        ranked = {b: best_by_ci([r for r in recs if tuple(r["bucket"]) == b], n, higher=False) for b in buckets}
+        for b, r in ranked.items():
+            if r is not None:  # paired data: bold only a best separated from the runner-up
+                best[b] = cell[r[0], b]["value"] if r[5] else None
         train = recs[0].get("train", {})
         lines += [f"### {model}: next-token NLL by target position at n = {n}", "",
                   f"Trained with `{train.get('attention')}` at L = {train.get('train_len')}. Mean NLL (nats) of the "
                   "tokens whose position falls in each bucket ± 95% CI half-width (windows as clusters); lowest per "
-                  "bucket in bold.", "",
+                  f"bucket in bold{bold_rule(ranked)}.", "",
                   "| method | " + " | ".join(f"[{lo}, {hi})" for lo, hi in buckets) + " |",
                   "|---|" + "---:|" * len(buckets)]
         for m in methods:
@@ -54,10 +60,21 @@ def bucket_tables(records: list[dict]) -> list[str]:
                     row.append("–")
                     continue
                 txt = f"{r['value']:.3f} ± {(r['ci_high'] - r['ci_low']) / 2:.3f}"
-                row.append(f"**{txt}**" if r["value"] == best[b] else txt)
+                row.append(f"**{txt}**" if best[b] is not None and r["value"] == best[b] else txt)
             lines.append(f"| `{m}` | " + " | ".join(row) + " |")
+        if any(r is not None for r in ranked.values()):
+            lines.append("| *best* (Δ vs runner-up, 95% CI) | " + " | ".join(_best_cell(ranked[b]) for b in buckets)
+                         + " |")
         lines.append("")
     return lines
+
+
+def _best_cell(r) -> str:
+    if r is None:
+        return "–"
+    first, second, d, lo, hi, sig = r
+    txt = f"`{first}` − `{second}`: {d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    return f"**{first}** ({txt})" if sig else f"none ({txt})"
 
 
 def plot_buckets(records: list[dict], out: Path) -> list[Path]:

@@ -1,0 +1,86 @@
+"""Which method is best, from the per-window fields of result records (``window_counts`` with
+``window_means`` or ``window_hits``, written by ``infoscale eval`` for both tracks).
+
+Two records of one cell measured on the same windows pair window by window: :func:`paired` gives their Δ with
+a cluster-bootstrap 95% CI (:func:`infoscale.stats.paired_delta`), and :func:`best_by_ci` names the best method
+at a length and whether its Δ against the runner-up excludes 0, the rule every report table uses before it
+marks a best in bold. Pure readers of the records, shared by :mod:`infoscale.report` and
+:mod:`infoscale.report_clm`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from .stats import paired_delta
+
+__all__ = ["RESAMPLES", "label", "window_sums", "cell_groups", "paired", "best_by_ci", "bold_rule"]
+
+
+def label(rec: dict) -> str:
+    """The method as it ran (inherited train-time parts included), short form."""
+    return rec.get("method_label") or rec["method"]
+
+
+RESAMPLES = 2000  # cluster-bootstrap resamples of the paired Δ
+
+
+def window_sums(rec: dict):
+    """(per-window sums of the metric, per-window counts) of a record, or None for records written without
+    per-window fields."""
+    counts = rec.get("window_counts")
+    if not counts:
+        return None
+    if rec.get("window_hits") is not None:
+        return [float(h) for h in rec["window_hits"]], counts
+    means = rec.get("window_means")
+    if means is None or len(means) != len(counts):
+        return None
+    return [m * c for m, c in zip(means, counts, strict=True)], counts
+
+
+def cell_groups(recs: list[dict]) -> dict:
+    """length -> {label: record} for records measured on the same windows (same model, setting, protocol,
+    seed, windows and predictions; only records with per-window fields)."""
+    out = defaultdict(dict)
+    for r in recs:
+        if window_sums(r) is None:
+            continue
+        ident = (r["length"], r.get("seed"), str(r.get("protocol_params")), r.get("windows"), r.get("predictions"))
+        out[ident].setdefault(label(r), r)
+    by_n = defaultdict(dict)
+    for (n, *_), g in out.items():  # several seeds: the first group of each length
+        if len(g) > len(by_n[n]):
+            by_n[n] = g
+    return by_n
+
+
+def paired(a: dict, b: dict):
+    """(Δ, low, high) of record a minus record b, or None if they were not measured on the same windows or on
+    a single window (a bootstrap over one cluster has nothing to resample: its CI would be zero-width)."""
+    sa, sb = window_sums(a), window_sums(b)
+    if sa is None or sb is None or list(sa[1]) != list(sb[1]) or len(sa[1]) < 2:
+        return None
+    return paired_delta(sa[0], sb[0], sa[1], resamples=RESAMPLES, seed=int(a.get("seed") or 0))
+
+
+def best_by_ci(recs: list[dict], n: int, higher: bool):
+    """(best, runner-up, Δ, low, high, significant) at length n from the records' per-window fields; None when
+    fewer than two methods there have them."""
+    g = cell_groups([r for r in recs if r["length"] == n]).get(n, {})
+    if len(g) < 2:
+        return None
+    order = sorted(g, key=lambda m: g[m]["value"], reverse=higher)
+    first, second = order[0], order[1]
+    d = paired(g[first], g[second])
+    if d is None:
+        return None
+    sig = d[1] > 0 or d[2] < 0
+    return first, second, *d, sig
+
+
+def bold_rule(ranked: dict) -> str:
+    """The caption's words for the bold rule, when any column was ranked by :func:`best_by_ci`."""
+    if all(r is None for r in ranked.values()):
+        return ""
+    return " only where its paired 95% CI against the runner-up excludes 0 (see the Δ table)"
