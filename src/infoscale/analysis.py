@@ -14,10 +14,19 @@ Three measurements, each as tidy records (``kind`` field) that ``infoscale repor
 Sources: a trained model (its per-layer q, k on held-out text) or synthetic q, k: isotropic Gaussian
 (d = 128) for entropy and dilution, and q_i = u + ε_i, k_j = u + ε'_j with a shared u for the
 window measurement (with RoPE, cos(R_i u, R_j u) decays with |i − j|, so nearby keys score highest).
+
+A causal run (``--arch llama``, transformers' Llama) is measured inside the stock model: each method is applied
+with :func:`infoscale.hf.apply` and every layer's logits under it come from :func:`infoscale.hf.capture_attention`
+(the reference path's logits with the model's own q, k, positions and masks), per head and query row, on held-out
+contiguous windows. Causal attention has l_i = i + 1 keys (fewer under a window, StreamingLLM's sinks and band);
+rows with l_i = 1 (the first token: H = ln 1 = 0) are left out of the means. The records have the same shape as a
+masked-LM run's, so ``infoscale report`` draws both with the same code. No ``cos_window`` measurement on a causal
+run: CosScale is a train-time method these runs do not have (the synthetic one still applies).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import sys
 from dataclasses import dataclass
@@ -68,18 +77,38 @@ class AnalyzeConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def row_stats(logits: torch.Tensor, train_len: int) -> dict:
-    """Mean entropy, normalised entropy and near-key share of the attention of ``logits`` (..., n, n),
-    masked entries at the dtype's minimum (as :func:`infoscale.attention_logits` returns them)."""
-    n = logits.shape[-1]
+MEASURES = ("H", "H_norm", "near_share")
+
+
+def row_sums(logits: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, train_len: int) -> dict:
+    """Sums over the query rows of ``logits`` (..., r, n_k) of three measures of the row's attention
+    a_ij = softmax_j(z_ij), and the number of rows summed (``rows``):
+
+        H_i = −Σ_j a_ij ln a_ij,   H_i / ln l_i,   Σ_{j : |p_i − p_j| <= L/2} a_ij  (near share)
+
+    with l_i the keys row i may attend (its entries above the dtype's minimum, where
+    :func:`infoscale.attention_logits` puts masked keys) and p the positions ``q_pos`` (r,), ``k_pos`` (n_k,).
+    H / ln l is 1 for uniform attention over the l keys and 0 for attention on one key. Rows with l_i < 2 are
+    left out (one key: H = ln l = 0, nothing to normalise; the first token of a causal window)."""
     allowed = logits > torch.finfo(logits.dtype).min / 2
     w = torch.softmax(logits.double(), -1)
     ent = -(w * w.clamp(min=1e-300).log()).sum(-1)
-    l = allowed.sum(-1).clamp(min=2).double()  # keys the query may attend
-    i = torch.arange(n)
-    near = ((i[:, None] - i[None, :]).abs() <= train_len // 2).to(w.dtype)
+    l = allowed.sum(-1).double()
+    near = ((q_pos.double()[:, None] - k_pos.double()[None, :]).abs() <= train_len // 2).to(w.device)
     share = (w * near).sum(-1)
-    return {"H": float(ent.mean()), "H_norm": float((ent.double() / l.log()).mean()), "near_share": float(share.mean())}
+    keep = l >= 2
+    return {"H": float(ent[keep].sum()), "H_norm": float((ent[keep] / l[keep].log()).sum()),
+            "near_share": float(share[keep].sum()), "rows": int(keep.sum())}
+
+
+def row_stats(logits: torch.Tensor, train_len: int) -> dict:
+    """Mean entropy, normalised entropy and near-key share (:func:`row_sums`) of the attention of ``logits``
+    (..., n, n) at positions 0 … n − 1, masked entries at the dtype's minimum."""
+    i = torch.arange(logits.shape[-1], dtype=torch.float64)
+    s = row_sums(logits, i, i, train_len)
+    if not s["rows"]:
+        raise MethodError("every query attends fewer than two keys: its attention entropy is not defined")
+    return {k: s[k] / s["rows"] for k in MEASURES}
 
 
 def window_distance(logits: torch.Tensor, width: int) -> dict:
@@ -156,6 +185,44 @@ def entropy_dilution_records(cfg: AnalyzeConfig, model=None, docs=None, name="sy
     return recs
 
 
+def causal_entropy_records(cfg: AnalyzeConfig, run, docs) -> list[dict]:
+    """Records of kinds ``entropy`` and ``dilution`` for a causal run (see the module docstring): per method,
+    length and layer, the means over heads and query rows (l_i >= 2) of all ``cfg.windows`` windows of
+    :func:`row_sums`, from the logits :func:`infoscale.hf.capture_attention` hands over."""
+    from . import hf
+
+    model, L = run.model, run.train_len
+    reduce = functools.partial(row_sums, train_len=L)
+    recs = []
+    for m in cfg.methods:
+        parse_method(m, L)  # a bad value for this training length is an error
+        try:  # a method that does not apply to this model (a train-time method it was not trained with) is skipped
+            hf.apply(model, m, train_len=L)
+        except MethodError as e:
+            print(f"skip {m} on {run.name}: {e}", file=sys.stderr)
+            continue
+        resolved = model.config.infoscale["method"]
+        try:
+            for n in cfg.lengths:
+                totals: dict[int, dict] = {}
+                for ids in make_windows(docs, n, "contiguous", cfg.windows, L, None, cfg.seed):
+                    layers = hf.capture_attention(model, torch.from_numpy(ids)[None], reduce)
+                    for li, chunks in enumerate(layers):
+                        acc = totals.setdefault(li, dict.fromkeys((*MEASURES, "rows"), 0.0))
+                        for c in chunks:
+                            for k in acc:
+                                acc[k] += c[k]
+                for li, acc in totals.items():
+                    mean = {k: acc[k] / acc["rows"] for k in MEASURES}
+                    base = {"source": run.name, "method": m, "method_resolved": resolved, "length": n, "layer": li,
+                            "train_len": L}
+                    recs.append({"kind": "entropy", **base, "H": mean["H"], "H_norm": mean["H_norm"]})
+                    recs.append({"kind": "dilution", **base, "near_share": mean["near_share"]})
+        finally:
+            hf.remove(model)
+    return recs
+
+
 def cos_window_records(cfg: AnalyzeConfig, model=None, docs=None, name="synthetic") -> list[dict]:
     """Records of kind ``cos_window``: CosScale attention vs windowed attention, against s."""
     from .attn.rope import rope_inv_freq, rotate
@@ -212,8 +279,11 @@ def analyze(cfg: AnalyzeConfig) -> list[dict]:
 
         run = load_run(cfg.model)
         docs = run.heldout_docs()
-        recs += entropy_dilution_records(cfg, run.model, docs, run.name)
-        recs += cos_window_records(cfg, run.model, docs, run.name)
+        if run.task == "clm":
+            recs += causal_entropy_records(cfg, run, docs)
+        else:
+            recs += entropy_dilution_records(cfg, run.model, docs, run.name)
+            recs += cos_window_records(cfg, run.model, docs, run.name)
     check_finite(recs)
     return recs
 

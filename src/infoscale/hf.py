@@ -5,6 +5,7 @@
     model.generate(ids, max_new_tokens=64)
     infoscale.hf.remove(model)                        # the stock model again
     infoscale.hf.calibrate(model, ids)                # per-layer InfoScale dims: infoscale(calibrated=True)
+    infoscale.hf.capture_attention(model, ids, fn)    # every layer's logits under the method, to fn (analysis)
 
 transformers 5.1.0 or newer (pyproject.toml's range; ``make test-compat`` tests its oldest end).
 
@@ -72,12 +73,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attn import attention, build_plan, merge_with_training, parse_method
+from .attn import attention, attention_logits, build_plan, merge_with_training, parse_method
 from .attn.rope import Rope, rotate
 from .errors import ConfigError, MethodError
 from .models import train_len_of
 
-__all__ = ["NAME", "apply", "remove", "infoscale_attention", "infoscale_mask", "train_len_of"]
+__all__ = ["NAME", "apply", "remove", "calibrate", "capture_attention", "infoscale_attention", "infoscale_mask",
+           "train_len_of"]
 
 NAME = "infoscale"
 SEQ_LEN_KWARG = "infoscale_seq_len"  # the per-row n of dynamic methods, injected into the forward kwargs
@@ -279,7 +281,7 @@ def infoscale_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
     dropout = float(dropout) if training else 0.0
 
     pm = _layer_method(pm, s, module, L)
-    if _CAPTURE is not None:
+    if _CAPTURE is not None and "rows" in _CAPTURE:
         _capture(module, query, key, mask, n_q, n_k, causal, scaling)
 
     if _needs_positions(pm):
@@ -292,22 +294,32 @@ def infoscale_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
             pm = _parsed(_without_positions(pm), L)
     else:
         rope = False  # q and k arrive rotated by the model
+    if _CAPTURE is not None and "reduce" in _CAPTURE:
+        _capture_method(module, pm, L, query, key, mask, attention_mask, n_q, n_k, causal, scaling, softcap, rope,
+                        kwargs)
 
     if _fast_ok(pm) and softcap is None and not want_weights:
         return _fast(pm, L, query, key, value, mask, n_q, n_k, causal, scaling, dropout)
 
-    q_pos, k_pos, kpm = _geometry(mask, attention_mask, n_q, n_k, causal, query.device)
-    seq_len = kwargs.get(SEQ_LEN_KWARG)
-    if seq_len is not None and seq_len.shape[0] != B and B % seq_len.shape[0] == 0:
-        seq_len = seq_len.repeat_interleave(B // seq_len.shape[0])  # beams / expanded batches
-    if seq_len is None:  # real tokens up to the last query
-        seq_len = q_pos[:, -1] + 1
+    q_pos, k_pos, kpm, seq_len = _core_geometry(mask, attention_mask, n_q, n_k, causal, B, query.device, kwargs)
     out = attention(query, _kv_repeat(key, H), _kv_repeat(value, H), pm, train_len=L, causal=causal,
                     key_padding_mask=kpm, attn_mask=mask, positions=q_pos, key_positions=k_pos, rope=rope,
                     scale=scaling, softcap=softcap, seq_len=seq_len, return_weights=want_weights,
                     dropout_p=dropout, training=training)
     out, w = out if want_weights else (out, None)
     return out.transpose(1, 2).contiguous(), w
+
+
+def _core_geometry(mask, raw_mask, n_q: int, n_k: int, causal: bool, B: int, device, kwargs):
+    """(query positions, key positions, key padding, n per row) as the core takes them (:func:`_geometry`; n: the
+    prompt's real tokens kept by the forward hook for dynamic methods, else the real tokens up to the last query)."""
+    q_pos, k_pos, kpm = _geometry(mask, raw_mask, n_q, n_k, causal, device)
+    seq_len = kwargs.get(SEQ_LEN_KWARG)
+    if seq_len is not None and seq_len.shape[0] != B and B % seq_len.shape[0] == 0:
+        seq_len = seq_len.repeat_interleave(B // seq_len.shape[0])  # beams / expanded batches
+    if seq_len is None:  # real tokens up to the last query
+        seq_len = q_pos[:, -1] + 1
+    return q_pos, k_pos, kpm, seq_len
 
 
 def _layer_method(pm, settings: dict, module, L: int):
@@ -325,7 +337,10 @@ def _layer_method(pm, settings: dict, module, L: int):
     return _parsed(spec, L)
 
 
-# The calibration's view into attention: while set, each layer's logits for a few query rows are kept here.
+# The view into attention of calibrate and capture_attention. While set, each layer reports here:
+# {"rows": pick, "layers": {}}: logits before the method for a few query rows (calibrate, _capture);
+# {"reduce": fn, "chunk": r, "layers": {}}: the method's own logits, r query rows at a time, through fn
+# (capture_attention, _capture_method).
 _CAPTURE: dict | None = None
 
 
@@ -348,6 +363,33 @@ def _capture(module, query, key, mask, n_q: int, n_k: int, causal: bool, scaling
         allowed = (kp <= qp if causal else torch.ones_like(kp + qp, dtype=torch.bool)).expand(H, -1, -1)
     z = z.masked_fill(~allowed, torch.finfo(z.dtype).min)
     _CAPTURE["layers"][module.layer_idx] = (z.reshape(-1, n_k).cpu(), allowed.sum(-1).reshape(-1).double().cpu())
+
+
+def _capture_method(module, pm, L: int, query, key, mask, raw_mask, n_q: int, n_k: int, causal: bool, scaling,
+                    softcap, rope, kwargs) -> None:
+    """The logits of batch row 0 under the layer's method, every head, ``_CAPTURE["chunk"]`` query rows at a time:
+    :func:`infoscale.attn.attention_logits`, the reference path's own logits, with the arguments the reference
+    call below gets (the fast path computes the same attention), so temperatures, moved positions, the method's
+    masks and the model's mask are all in; masked keys sit at the dtype's minimum. Each chunk (H, r, n_k) goes to
+    ``_CAPTURE["reduce"](logits, q_pos (r,), k_pos (n_k,))`` and its results are kept per ``layer_idx``: only the
+    reductions are kept, so memory stays O(H · r · n_k) at any length."""
+    q_pos, k_pos, kpm, seq_len = _core_geometry(mask, raw_mask, n_q, n_k, causal, query.shape[0], query.device,
+                                                kwargs)
+    H = query.shape[1]
+    k = _kv_repeat(key[:1], H)
+    if mask is not None:  # 4-D from _bool_mask; batch row 0, every query row (a padding mask has one row)
+        mask = mask[:1].expand(1, mask.shape[1], n_q, n_k)
+    chunk = int(_CAPTURE.get("chunk", 256))
+    got = []
+    for r0 in range(0, n_q, chunk):
+        r1 = min(n_q, r0 + chunk)
+        z = attention_logits(query[:1, :, r0:r1], k, pm, train_len=L, causal=causal,
+                             key_padding_mask=None if kpm is None else kpm[:1],
+                             attn_mask=None if mask is None else mask[..., r0:r1, :],
+                             positions=q_pos[:1, r0:r1], key_positions=k_pos[:1], rope=rope, scale=scaling,
+                             softcap=softcap, seq_len=seq_len[:1])
+        got.append(_CAPTURE["reduce"](z[0], q_pos[0, r0:r1], k_pos[0]))
+    _CAPTURE["layers"][module.layer_idx] = got
 
 
 def _row_lengths(mask, n_q: int, n_k: int, causal: bool, device) -> torch.Tensor:
@@ -762,6 +804,43 @@ def calibrate(model, input_ids, *, lengths: list[int] | None = None, train_len: 
         model.train(was_training)
     model.config.infoscale["dims"] = cal["dims"]
     return cal
+
+
+def capture_attention(model, input_ids, reduce, *, chunk: int = 256) -> list[list]:
+    """Run ``model`` (a method applied with :func:`apply`) once on ``input_ids`` and hand every layer's attention
+    logits under its method to ``reduce``, ``chunk`` query rows at a time; returns, per layer in ``layer_idx``
+    order, the list of ``reduce``'s results (one per chunk, in row order).
+
+    ``reduce(logits, q_pos, k_pos)``: ``logits`` (H, r, n_k) float32 of batch row 0, every head (GQA heads
+    repeated), with masked keys (causal, the method's window or sinks, padding) at the dtype's minimum;
+    ``q_pos`` (r,), ``k_pos`` (n_k,) float64, the positions of the queries and keys as the core sees them. The
+    logits are the reference path's (:func:`infoscale.attn.attention_logits`) with the call's own arguments,
+    after the length temperature, moved positions and masks of the method; a row's weights are their softmax.
+    The forward's output is unchanged (the usual path still computes it). Used by ``infoscale analyze`` for
+    attention entropy on causal runs; keep ``reduce`` small (per-row sums), not the logits."""
+    global _CAPTURE
+    if getattr(model, _STATE_ATTR, None) is None:
+        raise ConfigError("capture_attention needs a model whose attention runs a method: call "
+                          "infoscale.hf.apply(model, method) first")
+    if chunk < 1:
+        raise ConfigError(f"chunk must be a positive number of query rows, got {chunk}")
+    ids = torch.as_tensor(input_ids)
+    ids = ids[None] if ids.dim() == 1 else ids
+    want = sorted({m.layer_idx for _, m in _attention_modules(model)})
+    was_training = model.training
+    model.eval()
+    _CAPTURE = {"reduce": reduce, "chunk": chunk, "layers": {}}
+    try:
+        with torch.no_grad():
+            model(ids.to(model.device))
+        got = _CAPTURE["layers"]
+    finally:
+        _CAPTURE = None
+        model.train(was_training)
+    if sorted(got) != want:
+        raise ConfigError(f"capture_attention saw {len(got)} of {len(want)} attention layers; this model does not "
+                          "route every layer through transformers' attention interface")
+    return [got[i] for i in want]
 
 
 def _restore_config(config, previous):
