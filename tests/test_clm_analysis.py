@@ -151,5 +151,5 @@ def test_bucket_table_bolds_only_a_separated_best():
     assert rows["| `rerope`"][0].startswith("**3.267") and not rows["| `rerope`"][1].startswith("**")
     assert text.count("**3.") == 1  # only the separated best is bold
     best = rows["| *best* (Δ vs runner-up, 95% CI)"]
-    assert best[0].startswith("**rerope** (`rerope` − `softmax`: -0.500 [-0.500, -0.500])")
+    assert best[0].startswith("**rerope** (`rerope` vs `softmax`: -0.500 [-0.500, -0.500])")
     assert best[1].startswith("none (") and "[-0.007, +0.007]" in best[1]  # the tie: a CI around 0

@@ -377,12 +377,42 @@ def write_report(records: list[dict], out_dir: str | Path) -> Path:
         for p in plot_eval(evals, out):
             lines += [f"![{p.stem}]({p.name})", ""]
     if analyses:
-        lines += ["## Attention analysis", ""]
+        lines += ["## Attention analysis", ""] + analysis_tables(analyses)
         for p in plot_analysis(analyses, out):
             lines += [f"![{p.stem}]({p.name})", ""]
     path = out / "report.md"
     atomic_write_bytes(path, "\n".join(lines).encode("utf-8"))
     return path
+
+
+def analysis_tables(records: list[dict]) -> list[str]:
+    """Markdown lines: per source (a model or synthetic q, k), the entropy and dilution records as one table,
+    rows methods, columns lengths, cells H / ln l and the near share, each the mean over layers."""
+    lines: list[str] = []
+    ent = [r for r in records if r["kind"] in ("entropy", "dilution")]
+    for src in dict.fromkeys(r["source"] for r in ent):
+        rs = [r for r in ent if r["source"] == src]
+        lengths = sorted({r["length"] for r in rs})
+        methods = list(dict.fromkeys(r["method"] for r in rs))
+        cell = defaultdict(list)
+        for r in rs:
+            key = "H_norm" if r["kind"] == "entropy" else "near_share"
+            cell[r["method"], r["length"], key].append(r[key])
+        L, layers = rs[0]["train_len"], len({r["layer"] for r in rs})
+        lines += [f"### Attention of {src}: H / ln l and near share", "",
+                  f"Mean over {layers} layer{'s' if layers > 1 else ''} (and heads, query rows, windows) of the "
+                  f"normalised entropy H / ln l (1: uniform over the l keys a query attends, 0: one key) and, after "
+                  f"the slash, the share of attention on keys within |i − j| ≤ {L // 2} (L/2, L = {L}), in %.", "",
+                  "| method | " + " | ".join(str(n) for n in lengths) + " |", "|---|" + "---:|" * len(lengths)]
+        for m in methods:
+            row = []
+            for n in lengths:
+                h, near = cell.get((m, n, "H_norm")), cell.get((m, n, "near_share"))
+                row.append(" / ".join(x for x in (f"{sum(h) / len(h):.3f}" if h else "",
+                                                  f"{100 * sum(near) / len(near):.1f}" if near else "") if x) or "–")
+            lines.append(f"| `{m}` | " + " | ".join(row) + " |")
+        lines.append("")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------

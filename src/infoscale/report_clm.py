@@ -73,7 +73,7 @@ def _best_cell(r) -> str:
     if r is None:
         return "–"
     first, second, d, lo, hi, sig = r
-    txt = f"`{first}` − `{second}`: {d:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    txt = f"`{first}` vs `{second}`: {d:+.3f} [{lo:+.3f}, {hi:+.3f}]"  # as the Δ tables' best row
     return f"**{first}** ({txt})" if sig else f"none ({txt})"
 
 
