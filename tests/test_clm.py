@@ -313,9 +313,48 @@ def test_eval_records_of_a_causal_run(llama_run, tmp_path):
         assert r["train"]["arch"] == "llama"
     keys = {(r["key"], r["metric"]) for r in recs}
     assert len(keys) == len(recs)  # one record per (cell, metric)
+    by = {(r["method"], r["setting"], r["length"], r["metric"]): r for r in recs}
+    for metric, setting in [("nll", "contiguous"), ("nll[96,192)", "contiguous"), ("copy_accuracy", "repeated"),
+                            ("passkey_exact", "passkey")]:  # two methods' records pair window by window
+        a, b = by["softmax", setting, 300, metric], by["rerope", setting, 300, metric]
+        assert a["window_counts"] == b["window_counts"] and len(a["window_counts"]) >= 2
+    from infoscale.report import write_report
+
+    text = write_report(recs, tmp_path / "report").read_text()
+    for metric in ("nll", "copy_nll", "copy_accuracy", "passkey_accuracy", "passkey_exact"):
+        table = text.split(f"Δ {metric}\n\n")[1].split("\n\n")[0]  # the table under the heading
+        row = next(line for line in table.splitlines() if line.startswith("| `rerope` − `softmax`"))
+        assert row.count("±") >= 1, row  # a paired CI at every length with several windows
+        assert "| *best* (vs runner-up) |" in table
+    assert "No paired Δ" not in text
+    assert "| *best* (Δ vs runner-up, 95% CI) |" in text  # the NLL-by-position table's best row
     again = run_cli("eval", "--models", str(llama_run), "--methods", "softmax", "--lengths", "96", "--windows", "2",
                     "--predictions", "64", "--passkey-trials", "3", "--out", str(out), "--no-progress")
     assert again.returncode == 0 and "0 new cells" in again.stdout
+
+
+def test_analyze_a_causal_run(llama_run, tmp_path):
+    """`infoscale analyze --model RUN` on a Llama run: finite entropy and dilution records for every layer, method
+    and length, in the report with its plots."""
+    out = tmp_path / "an"
+    res = run_cli("analyze", "--model", str(llama_run), "--no-synthetic", "--methods", "softmax", "logn",
+                  "rerope+infoscale", "window", "--lengths", "96", "300", "--windows", "2", "--out", str(out))
+    assert res.returncode == 0, res.stderr[-2000:]
+    recs = [json.loads(x) for x in (out / "analysis.jsonl").read_text().splitlines()]
+    methods, layers = ["softmax", "logn", "rerope+infoscale", "window"], [0, 1]
+    for kind, keys in (("entropy", ("H", "H_norm")), ("dilution", ("near_share",))):
+        got = {(r["method"], r["length"], r["layer"]): r for r in recs if r["kind"] == kind}
+        assert set(got) == {(m, n, li) for m in methods for n in (96, 300) for li in layers}
+        for r in got.values():
+            assert r["source"] == "run" and r["train_len"] == 96
+            assert all(math.isfinite(r[k]) for k in keys)
+            assert (0 < r["H_norm"] <= 1 + 1e-9 and r["H"] > 0) if kind == "entropy" else 0 < r["near_share"] <= 1
+    near = {(r["method"], r["length"]): r["near_share"] for r in recs if r["kind"] == "dilution" and r["layer"] == 0}
+    assert near["window", 300] == pytest.approx(1.0)  # a window of L/2 attends near keys only
+    assert near["softmax", 300] < near["softmax", 96]  # full attention spreads beyond L/2 as n grows
+    report = (out / "analysis" / "report.md").read_text()
+    assert "### Attention of run: H / ln l and near share" in report
+    assert (out / "analysis" / "entropy_run.png").exists() and (out / "analysis" / "dilution_run.png").exists()
 
 
 def test_clm_smoke_reproduction(tmp_path):
@@ -328,3 +367,17 @@ def test_clm_smoke_reproduction(tmp_path):
     recs = [json.loads(x) for x in (tmp_path / "results" / "clm-smoke.jsonl").read_text().splitlines()]
     assert {r["model_name"] for r in recs} == {"softmax", "pose"}
     assert all(np.isfinite(r["value"]) for r in recs)
+    assert all(len(r["window_counts"]) == len(r["window_means"]) == r["windows_used"] for r in recs)
+    assert "#### softmax: contiguous, teacher_forced protocol, Δ nll" in report
+    assert "| `infoscale` − `softmax` |" in report and "No paired Δ" not in report
+    an = [json.loads(x) for x in (tmp_path / "results" / "clm-smoke-analysis.jsonl").read_text().splitlines()]
+    assert {(r["source"], r["kind"]) for r in an} == {(m, k) for m in ("softmax", "pose") for k in ("entropy",
+                                                                                                      "dilution")}
+    assert {r["layer"] for r in an} == {0, 1} and {r["length"] for r in an} == {64, 128, 512}
+    assert "### Attention of softmax: H / ln l and near share" in report
+    assert (tmp_path / "report" / "clm-smoke" / "entropy_softmax.png").exists()
+    # rerunning resumes: nothing is trained, evaluated or analysed again
+    again = run_cli("reproduce", "--preset", "clm-smoke", "--runs", str(tmp_path / "runs"), "--results",
+                    str(tmp_path / "results"), "--report", str(tmp_path / "report"), "--no-progress")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "== training" not in again.stdout and "== analysing" not in again.stdout

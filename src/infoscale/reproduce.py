@@ -11,9 +11,11 @@ run (training from its checkpoint, the sweep from its last record).
     report/<preset>/report.md + *.png              tables and plots (analysis/ for the attention study)
 
 The causal track (``--preset clm-smoke|clm-quick``, :func:`reproduce_clm`) trains transformers' Llama with
-softmax and PoSE at L = 64 (byte-level BPE, a share of short passkey samples) and evaluates every
+softmax and PoSE at L = 64 (byte-level BPE, a share of short passkey samples), evaluates every
 training-free method, alone and with ``+infoscale`` / ``+logn``, in the three causal tests of
-:mod:`infoscale.evaluate_clm` (NLL by position, copying beyond L, passkey retrieval).
+:mod:`infoscale.evaluate_clm` (NLL by position, copying beyond L, passkey retrieval), measures each layer's
+attention entropy and dilution inside the Llamas (:func:`infoscale.analysis.causal_entropy_records`), and writes
+the same kind of report (paired Δ tables, entropy plots).
 """
 
 from __future__ import annotations
@@ -141,24 +143,32 @@ CLM_METHODS = [
     "window", "streamingllm", "streamingllm+infoscale", "lm_infinite", "lm_infinite+infoscale",
 ]
 
-CLM_QUICK_METHODS = ("softmax", "infoscale", "logn", "ntk", "ntk+infoscale", "yarn", "yarn+infoscale", "rerope",
-                     "rerope+infoscale", "rerope+logn", "window", "streamingllm", "streamingllm+infoscale")
+# The attention analysis of the causal track: the length temperatures alone and on ReRoPE.
+CLM_ANALYSIS_METHODS = ("softmax", "infoscale", "logn", "rerope", "rerope+infoscale")
 
 
 @dataclass
 class ClmPreset(Schedule):  # predictions: least scored tokens per contiguous / copy cell
     passkey_trials: int
     passkey_share: float
+    analysis_lengths: tuple
+    analysis_windows: int
 
 
 CLM_PRESETS = {
     # the test suite: tiny models, four methods, lengths to 8x; about two minutes
     "clm-smoke": ClmPreset("tiny", 60, 16, 10, 3e-3, (64, 128, 512), ("softmax", "infoscale", "rerope", "window"),
-                           128, 2, 3, 0.05),
-    # a shared two-core CPU in about 30 minutes: the mini Llama (2 layers, hidden 128, head dim 64), the main
-    # methods with +infoscale / +logn, lengths to 64x (the small preset and CLM_METHODS need a free machine)
-    # (400 steps at batch 16 left the model unable to copy even within L: 1500 steps at batch 32, 10% passkey)
-    "clm-quick": ClmPreset("mini", 1500, 32, 100, 3e-3, (64, 256, 1024, 4096), CLM_QUICK_METHODS, 256, 2, 6, 0.1),
+                           128, 2, 3, 0.05, (64, 128, 512), 2),
+    # a shared two-core CPU: the mini Llama (2 layers, hidden 128, head dim 64), every method of CLM_METHODS,
+    # lengths to 64x (400 steps at batch 16 left the model unable to copy even within L: 1500 steps at batch 32,
+    # 10% passkey). 16 windows per contiguous / copy cell (2 before): paired Δs need several windows, and the CI
+    # half-width falls as 1/√windows (16 windows: 2.8× narrower than 2). Cost, estimated (not measured) from the
+    # 2-window run of 13 methods on 2 models, 117 s of evaluation on a loaded two-core machine
+    # (docs/clm-quick/timing.json): the 1024 and 4096 cells dominate, each 2 contiguous + 2 copy windows + 6
+    # passkey prompts; with 16 windows that is 38 forwards instead of 10 (3.8×), and 20 methods instead of 13
+    # (1.5×): about 6× the evaluation, 12–15 minutes, plus a few minutes for the attention analysis (4 windows).
+    "clm-quick": ClmPreset("mini", 1500, 32, 100, 3e-3, (64, 256, 1024, 4096), tuple(CLM_METHODS), 256, 16, 6, 0.1,
+                           (64, 256, 1024, 4096), 4),
 }
 
 
@@ -251,7 +261,9 @@ def reproduce(cfg: ReproduceConfig, log=print) -> dict:
 
 
 def reproduce_clm(cfg: ReproduceConfig, log=print) -> dict:
-    """The causal track: train the Llama models, evaluate every method in the three tests, write the report."""
+    """The causal track: train the Llama models, evaluate every method in the three tests, measure attention
+    entropy and dilution, write the report. Every stage resumes (the analysis is skipped when its file exists)."""
+    from .analysis import AnalyzeConfig, analyze
     from .evaluate import EvalConfig, evaluate
     from .report import write_report
 
@@ -276,12 +288,22 @@ def reproduce_clm(cfg: ReproduceConfig, log=print) -> dict:
                         windows=p.windows, passkey_trials=p.passkey_trials, out=str(where["records"]),
                         seed=cfg.seed, progress=cfg.progress), log=log)
     t_eval = time.perf_counter() - t0 - t_train
-    report = write_report(read_records(where["records"]), where["report"])
+    analysis_file = where["records"].with_name(f"{tag(cfg)}-analysis.jsonl")
+    if not analysis_file.exists():  # written whole at the end: a killed analysis reruns from the start
+        log(f"== analysing attention (entropy, dilution) of {len(models)} models x {len(CLM_ANALYSIS_METHODS)} methods")
+        recs = []
+        for m in models:
+            recs += analyze(AnalyzeConfig(model=m, methods=list(CLM_ANALYSIS_METHODS), lengths=list(p.analysis_lengths),
+                                          windows=p.analysis_windows, synthetic=False, seed=cfg.seed,
+                                          progress=cfg.progress))
+        write_records(analysis_file, recs)
+    t_analysis = time.perf_counter() - t0 - t_train - t_eval
+    report = write_report(read_records(where["records"]) + read_records(analysis_file), where["report"])
     timing = {"preset": cfg.preset, "corpus": cfg.corpus, "train_s": t_train, "eval_s": t_eval,
-              "total_s": time.perf_counter() - t0}
+              "analysis_s": t_analysis, "total_s": time.perf_counter() - t0}
     (where["report"] / "timing.json").write_text(json.dumps(timing, indent=1))
     log(f"== done in {timing['total_s'] / 60:.1f} min: {report}")
-    return {"records": where["records"], "report": report, "models": models, **timing}
+    return {"records": where["records"], "analysis": analysis_file, "report": report, "models": models, **timing}
 
 
 def add_arguments(parser) -> None:
@@ -294,4 +316,4 @@ def run(args) -> int:
 
 
 __all__ = ["reproduce", "reproduce_clm", "ReproduceConfig", "PRESETS", "MODELS", "METHODS", "CLM_PRESETS",
-           "CLM_METHODS"]
+           "CLM_METHODS", "CLM_ANALYSIS_METHODS"]
