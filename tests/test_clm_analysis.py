@@ -153,3 +153,31 @@ def test_bucket_table_bolds_only_a_separated_best():
     best = rows["| *best* (Δ vs runner-up, 95% CI)"]
     assert best[0].startswith("**rerope** (`rerope` vs `softmax`: -0.500 [-0.500, -0.500])")
     assert best[1].startswith("none (") and "[-0.007, +0.007]" in best[1]  # the tie: a CI around 0
+
+
+# ---------------------------------------------------------------------------------------------
+# the clm-quick preset
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("train_method", ["softmax", "pose"])
+def test_clm_quick_runs_every_method_on_both_llamas(train_method):
+    """clm-quick evaluates every method of CLM_METHODS on enough windows for a paired Δ at 4096; each applies to
+    a Llama of each training method and gives finite logits beyond L (so none is skipped from the sweep)."""
+    from transformers import LlamaForCausalLM
+
+    from infoscale.models.llama import build_config
+    from infoscale.reproduce import CLM_ANALYSIS_METHODS, CLM_METHODS, CLM_MODELS, CLM_PRESETS
+
+    quick = CLM_PRESETS["clm-quick"]
+    assert quick.methods == tuple(CLM_METHODS) and quick.windows >= 8 and max(quick.lengths) == 64 * 64
+    assert set(CLM_ANALYSIS_METHODS) <= set(CLM_METHODS) and train_method in CLM_MODELS.values()
+    assert len(CLM_PRESETS["clm-smoke"].methods) <= 4  # the test suite's preset stays small
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(build_config("tiny", vocab_size=50, train_len=64, attention=train_method)).eval()
+    ids = torch.randint(0, 50, (1, 200), generator=torch.Generator().manual_seed(0))
+    for m in CLM_METHODS:
+        hf.apply(model, m)
+        with torch.no_grad():
+            assert torch.isfinite(model(ids).logits).all(), m
+    hf.remove(model)
