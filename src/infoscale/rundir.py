@@ -118,7 +118,9 @@ def load_run(path: str | Path, device="cpu") -> Run:
         raise DataError(f"{p} has no train_config.json, so its corpus and training settings are unknown; evaluate a "
                         "run directory written by `infoscale train` (or restore that file)")
     tcfg = _read_json(p / "train_config.json")
-    if (p / "calibration.json").exists():  # `infoscale calibrate`: per-layer d for infoscale(calibrated=True)
+    # `infoscale calibrate` (GAU runs): per-layer d for infoscale(calibrated=True); a transformers model keeps its
+    # fitted dims in config.infoscale (infoscale.hf.calibrate), so a stray file beside one is not read
+    if fam.module == "gau" and (p / "calibration.json").exists():
         from .models.gau import attach
 
         attach(model, p / "calibration.json")
