@@ -193,6 +193,30 @@ def test_training_copies_come_from_the_training_split(tmp_path, corpus, monkeypa
     assert len(spans) >= 4  # 24 rows at one half
     assert all(_contains(train_arrays, s) for s in spans)
     assert not all(_contains(held_arrays, s) for s in spans)
+    last = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x][-1]
+    assert 0 <= last["copy_acc"] <= 1 and 0 <= last["copy_first_acc"] <= 1
+
+
+def test_copy_accuracy_of_a_step_by_hand():
+    """The logged copy accuracy: a model right exactly on the later copies (t ≥ m) of the copy rows."""
+    from infoscale.train import _copy_accuracy
+
+    L, V = 12, 20
+    labels = torch.randint(1, V, (3, L))
+    kind = torch.tensor([clm.COPY, clm.TEXT, clm.COPY], dtype=torch.int8)
+    span = torch.tensor([4, 0, 5])
+    logits = torch.zeros(3, L, V)
+    for r in range(3):
+        for t in range(1, L):  # position t − 1 predicts target t
+            right = kind[r] == clm.COPY and t >= span[r]
+            logits[r, t - 1, labels[r, t] if right else (labels[r, t] + 1) % V] = 1.0
+    got = _copy_accuracy(logits, labels, kind, span)
+    assert got == {"copy_acc": 1.0, "copy_first_acc": 0.0}
+    logits[0, 5, :] = 0  # row 0, target 6 (a later copy) now wrong: argmax is token 0, labels are ≥ 1
+    logits[0, 5, 0] = 1.0
+    later = (L - 4) + (L - 5)
+    assert _copy_accuracy(logits, labels, kind, span)["copy_acc"] == pytest.approx((later - 1) / later)
+    assert _copy_accuracy(logits, labels, torch.zeros(3, dtype=torch.int8), span) == {}
 
 
 def test_pose_training_positions_reach_the_model(tmp_path, corpus):

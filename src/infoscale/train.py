@@ -490,7 +490,10 @@ def train(cfg: TrainConfig) -> int:
                 acc = float((res.logits.detach()[sel].argmax(-1) == y[sel]).float().mean())
             rate = tokens / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{acc:.3f}", tok_s=f"{rate:,.0f}")
-            log({"step": done, "loss": loss_value, "acc": acc, "lr": sched.get_last_lr()[0], "tok_s": rate})
+            rec = {"step": done, "loss": loss_value, "acc": acc, "lr": sched.get_last_lr()[0], "tok_s": rate}
+            if causal and cfg.copy_share > 0:
+                rec |= _copy_accuracy(res.logits.detach(), y, b.kind[shard], b.span[shard])
+            log(rec)
         if done % cfg.eval_every == 0 or done == cfg.steps:
             if causal:
                 rec = {"step": done, **clm.heldout_loss(model, eval_docs, seed=cfg.seed, windows=cfg.val_windows,
@@ -532,6 +535,19 @@ def train(cfg: TrainConfig) -> int:
         dist.barrier()
         dist.destroy_process_group()
     return 0
+
+
+def _copy_accuracy(logits: torch.Tensor, labels: torch.Tensor, kind: torch.Tensor, span: torch.Tensor) -> dict:
+    """This step's top-1 accuracy on the copy rows' later copies (targets t ≥ m, whose source is m tokens back)
+    and on their first copy (targets 1 ≤ t < m), as ``copy_acc`` / ``copy_first_acc`` (this process's rows); {}
+    when the step drew no copy row. The gap is the copying the model has learnt."""
+    rows = kind.to(logits.device) == clm.COPY
+    if not rows.any():
+        return {}
+    hit = logits[rows, :-1].argmax(-1) == labels[rows, 1:]  # entry t − 1 is target t
+    t = torch.arange(1, labels.shape[1], device=logits.device)
+    later = t[None, :] >= span.to(logits.device)[rows][:, None]
+    return {"copy_acc": float(hit[later].float().mean()), "copy_first_acc": float(hit[~later].float().mean())}
 
 
 def _targets(labels: torch.Tensor, causal: bool) -> int:
