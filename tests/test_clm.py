@@ -466,6 +466,18 @@ def test_eval_records_of_a_causal_run(llama_run, tmp_path):
     assert again.returncode == 0 and "0 new cells" in again.stdout
 
 
+def test_clm_presets_are_valid_training_configs():
+    """Every causal preset's schedule and shares pass TrainConfig's checks (passkey + copy < 1, llama only)."""
+    from infoscale.reproduce import CLM_PRESETS
+    from infoscale.train import TrainConfig
+
+    for p in CLM_PRESETS.values():
+        cfg = TrainConfig(out="x", arch="llama", preset=p.model_preset, steps=p.steps, batch_size=p.batch_size,
+                          passkey_share=p.passkey_share, copy_share=p.copy_share)
+        assert 0 <= cfg.copy_share < 1 and cfg.passkey_share + cfg.copy_share < 1
+    assert CLM_PRESETS["clm-quick"].copy_share > 0 and CLM_PRESETS["clm-smoke"].copy_share > 0
+
+
 def test_clm_smoke_reproduction(tmp_path):
     res = run_cli("reproduce", "--preset", "clm-smoke", "--runs", str(tmp_path / "runs"), "--results",
                   str(tmp_path / "results"), "--report", str(tmp_path / "report"), "--no-progress")
