@@ -45,9 +45,10 @@ def _model(run):
 
 
 def test_llama_sigkill_then_resume_equals_uninterrupted(tmp_path, corpus):
-    """PoSE + passkey samples + dropout: SIGKILL after the step-10 checkpoint, --resume, same weights."""
+    """PoSE + passkey samples + copy samples + dropout: SIGKILL after the step-10 checkpoint, --resume, same
+    weights."""
     args = ["--corpus", str(corpus), "--steps", "20", "--save-every", "5", "--eval-every", "10", "--attention",
-            "pose", "--passkey-share", "0.25", "--dropout", "0.1", *LLAMA]
+            "pose", "--passkey-share", "0.25", "--copy-share", "0.2", "--dropout", "0.1", *LLAMA]
     ref = run_cli("train", "--out", str(tmp_path / "ref"), *args)
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "killed"
@@ -65,6 +66,157 @@ def test_llama_sigkill_then_resume_equals_uninterrupted(tmp_path, corpus):
     assert cfg["infoscale"]["train_method"] == "pose"
     tcfg = json.loads((out / "train_config.json").read_text())
     assert tcfg["arch"] == "llama" and tcfg["passkey_share"] == 0.25 and tcfg["tokenizer"] == "bpe"
+    assert tcfg["copy_share"] == 0.2 and cfg["infoscale"]["copy_share"] == 0.2
+    # a resume must keep the share: another one would change the data order of the remaining steps
+    other = run_cli("train", "--out", str(out), *[a if a != "0.2" else "0.3" for a in args], "--resume",
+                    "--steps", "25")
+    assert other.returncode == 2 and "copy_share: run has 0.2, asked 0.3" in other.stderr
+
+
+def _period(row: np.ndarray, most: int) -> int:
+    """The least p ≤ most with row[t] == row[t − p] for every t ≥ p; 0 if there is none."""
+    for q in range(1, most + 1):
+        if np.array_equal(row[q:], row[:-q]):
+            return q
+    return 0
+
+
+def _contains(arrays, span: np.ndarray) -> bool:
+    """Whether ``span`` is a contiguous piece of one of ``arrays`` (a plain scan)."""
+    m = len(span)
+    for a in arrays:
+        for s in np.flatnonzero(a[:len(a) - m + 1] == span[0]):
+            if np.array_equal(a[s:s + m], span):
+                return True
+    return False
+
+
+@pytest.fixture(scope="module")
+def copy_setup(corpus):
+    from infoscale.data import load_corpus
+
+    docs = load_corpus(str(corpus))
+    tok = BPETokenizer.train([d.text for d in docs[:4]], 1000)
+    train, heldout = TokenDocs(docs[:4], tok), TokenDocs(docs[4:], tok)
+    return tok, train, heldout
+
+
+def test_copy_samples_are_tiled_training_spans_at_the_asked_share(copy_setup):
+    """Over 250 batches of 32 rows at L = 96 with 10% passkey and 15% copy samples: every copy row is a span of
+    m ∈ [8, 48] tokens of a training document tiled to L (token t = token t − m), the rows that are periodic
+    with a period ≤ L/2 are exactly the rows marked as copies, and the counts of copy and passkey rows (found
+    from the tokens, not the marks) are within 4 binomial standard deviations of the shares."""
+    from infoscale.runtime import step_generator
+
+    tok, train, heldout = copy_setup
+    pk = clm.Passkey(tok)
+    L, B, steps, p, c = 96, 32, 250, 0.1, 0.15
+    lo, hi = clm.copy_span_range(L)
+    assert (lo, hi) == (8, 48)
+    copies = passkeys = 0
+    spans = []
+    for step in range(steps):
+        b = clm.train_batch(train, [step_generator(0, step, i) for i in range(6)], batch_size=B, train_len=L,
+                            passkey=pk, passkey_share=p, copy_share=c)
+        x = b.input_ids.numpy()
+        assert torch.equal(b.input_ids, b.labels)  # the loss is on every position, copies included
+        for r in range(B):
+            period = _period(x[r], L // 2)
+            is_passkey = np.array_equal(x[r, L - clm.DIGITS - len(pk.question):L - clm.DIGITS], pk.question)
+            passkeys += is_passkey
+            assert (int(b.kind[r]) == clm.PASSKEY) == is_passkey
+            assert (int(b.kind[r]) == clm.COPY) == (period > 0), (step, r)
+            if period:
+                m = int(b.span[r])
+                assert lo <= m <= hi
+                assert all(x[r, t] == x[r, t - m] for t in range(m, L))  # a plain loop: tiled with period m
+                assert period == m  # (no shorter period: a real text span)
+                assert _contains(train.arrays, x[r, :m])
+                copies += 1
+                spans.append(m)
+            else:
+                assert int(b.span[r]) == 0
+    n = steps * B
+    for count, share in ((copies, c), (passkeys, p)):
+        assert abs(count - n * share) < 4 * math.sqrt(n * share * (1 - share)), (count, n * share)
+    assert min(spans) == lo and max(spans) == hi  # both ends of the range are drawn
+
+
+def test_copy_share_is_deterministic_and_leaves_the_other_rows_alone(copy_setup):
+    """Same (seed, step): the same batch. With --copy-share 0 the sixth generator is never read (the batches of
+    runs from before the option), and turning copies on changes only the rows that become copies."""
+    from infoscale.runtime import step_generator
+
+    tok, train, _ = copy_setup
+    pk = clm.Passkey(tok)
+    kw = {"batch_size": 32, "train_len": 96, "passkey": pk, "passkey_share": 0.2}
+    for step in (0, 7, 1234):
+        def gens(k, step=step):
+            return [step_generator(3, step, i) for i in range(k)]
+
+        a = clm.train_batch(train, gens(6), copy_share=0.3, **kw)
+        b = clm.train_batch(train, gens(6), copy_share=0.3, **kw)
+        assert torch.equal(a.input_ids, b.input_ids) and torch.equal(a.span, b.span)
+        off = clm.train_batch(train, gens(5), copy_share=0.0, **kw)  # gens[5] would raise IndexError
+        assert not (off.kind == clm.COPY).any()
+        keep = a.kind != clm.COPY
+        assert torch.equal(a.input_ids[keep], off.input_ids[keep]) and torch.equal(a.kind[keep], off.kind[keep])
+        assert (a.kind == clm.COPY).sum() > 0 and not torch.equal(a.input_ids, off.input_ids)
+
+
+def test_training_copies_come_from_the_training_split(tmp_path, corpus, monkeypatch):
+    """`infoscale train` hands its training documents to the batch builder: every copy span it trains on is a
+    piece of a document of split.json's training list, drawn with the run's tokenizer."""
+    from infoscale.cli import main as cli
+    from infoscale.data import load_corpus
+
+    seen = []
+    real = clm.train_batch
+
+    def spy(docs, gens, **kw):
+        b = real(docs, gens, **kw)
+        seen.append((docs.names, b))
+        return b
+
+    monkeypatch.setattr(clm, "train_batch", spy)
+    out = tmp_path / "run"
+    assert cli(["train", "--out", str(out), "--corpus", str(corpus), "--steps", "3", "--copy-share", "0.5",
+                "--passkey-share", "0", *LLAMA]) == 0
+    split = json.loads((out / "split.json").read_text())
+    tok = load_tokenizer(out)
+    by_name = {d.name: d for d in load_corpus(str(corpus))}
+    train_arrays = [np.asarray(tok.encode(by_name[n].text)) for n in split["train"]]
+    held_arrays = [np.asarray(tok.encode(by_name[n].text)) for n in split["eval"]]
+    assert len(seen) == 3 and all(names == split["train"] for names, _ in seen)
+    spans = [b.input_ids[r, :int(b.span[r])].numpy() for _, b in seen for r in torch.nonzero(b.kind == clm.COPY)
+             .flatten().tolist()]
+    assert len(spans) >= 4  # 24 rows at one half
+    assert all(_contains(train_arrays, s) for s in spans)
+    assert not all(_contains(held_arrays, s) for s in spans)
+    last = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in x][-1]
+    assert 0 <= last["copy_acc"] <= 1 and 0 <= last["copy_first_acc"] <= 1
+
+
+def test_copy_accuracy_of_a_step_by_hand():
+    """The logged copy accuracy: a model right exactly on the later copies (t ≥ m) of the copy rows."""
+    from infoscale.train import _copy_accuracy
+
+    L, V = 12, 20
+    labels = torch.randint(1, V, (3, L))
+    kind = torch.tensor([clm.COPY, clm.TEXT, clm.COPY], dtype=torch.int8)
+    span = torch.tensor([4, 0, 5])
+    logits = torch.zeros(3, L, V)
+    for r in range(3):
+        for t in range(1, L):  # position t − 1 predicts target t
+            right = kind[r] == clm.COPY and t >= span[r]
+            logits[r, t - 1, labels[r, t] if right else (labels[r, t] + 1) % V] = 1.0
+    got = _copy_accuracy(logits, labels, kind, span)
+    assert got == {"copy_acc": 1.0, "copy_first_acc": 0.0}
+    logits[0, 5, :] = 0  # row 0, target 6 (a later copy) now wrong: argmax is token 0, labels are ≥ 1
+    logits[0, 5, 0] = 1.0
+    later = (L - 4) + (L - 5)
+    assert _copy_accuracy(logits, labels, kind, span)["copy_acc"] == pytest.approx((later - 1) / later)
+    assert _copy_accuracy(logits, labels, torch.zeros(3, dtype=torch.int8), span) == {}
 
 
 def test_pose_training_positions_reach_the_model(tmp_path, corpus):
@@ -94,6 +246,10 @@ def test_pose_training_positions_reach_the_model(tmp_path, corpus):
     (["--arch", "gau", "--tokenizer", "bpe"], "--tokenizer bpe is for --arch llama"),
     (["--arch", "gpt"], "unknown --arch"),
     (["--arch", "llama", "--train-len", "16", "--passkey-share", "0.1"], "a passkey sample needs"),
+    (["--arch", "gau", "--copy-share", "0.1"], "--copy-share is for --arch llama"),
+    (["--arch", "llama", "--copy-share", "1"], "--copy-share must be in [0, 1)"),
+    (["--arch", "llama", "--copy-share", "-0.1"], "--copy-share must be in [0, 1)"),
+    (["--arch", "llama", "--passkey-share", "0.5", "--copy-share", "0.5"], "keep their sum below 1"),
 ])
 def test_bad_arch_flags(tmp_path, corpus, flags, msg):
     res = run_cli("train", "--out", str(tmp_path / "r"), "--corpus", str(corpus), *TINY, "--vocab-size", "300",
@@ -355,6 +511,18 @@ def test_analyze_a_causal_run(llama_run, tmp_path):
     report = (out / "analysis" / "report.md").read_text()
     assert "### Attention of run: H / ln l and near share" in report
     assert (out / "analysis" / "entropy_run.png").exists() and (out / "analysis" / "dilution_run.png").exists()
+
+
+def test_clm_presets_are_valid_training_configs():
+    """Every causal preset's schedule and shares pass TrainConfig's checks (passkey + copy < 1, llama only)."""
+    from infoscale.reproduce import CLM_PRESETS
+    from infoscale.train import TrainConfig
+
+    for p in CLM_PRESETS.values():
+        cfg = TrainConfig(out="x", arch="llama", preset=p.model_preset, steps=p.steps, batch_size=p.batch_size,
+                          passkey_share=p.passkey_share, copy_share=p.copy_share)
+        assert 0 <= cfg.copy_share < 1 and cfg.passkey_share + cfg.copy_share < 1
+    assert CLM_PRESETS["clm-quick"].copy_share > 0 and CLM_PRESETS["clm-smoke"].copy_share > 0
 
 
 def test_clm_smoke_reproduction(tmp_path):

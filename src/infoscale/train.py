@@ -50,6 +50,8 @@ class TrainConfig:
     vocab_size: int = option(2048, "bpe: vocabulary size, trained on the training split")
     passkey_share: float = option(-1.0, "llama: share of training windows replaced by passkey samples of L tokens "
                                         "(-1: 0.05 for llama, 0 for gau)")
+    copy_share: float = option(0.0, "llama: share of training windows replaced by copy samples: a training span of m "
+                                    "tokens, m uniform in [min(8, L/2), L/2], tiled to L (teaches copying at L)")
     corpus: str = option("shakespeare", "shakespeare | sanguo | peoples-daily | a .txt file, folder or .jsonl")
     preset: str = option("small", "model size: " + ", ".join(MODEL_PRESETS))
     attention: str = option("softmax", "training method: softmax, cosscale(s=..), alibi, pose(target=..)")
@@ -114,8 +116,8 @@ class TrainConfig:
 
 
     def _check_arch(self) -> None:
-        """--arch, --tokenizer and --passkey-share; resolves the 'auto' values (so train_config.json records
-        what ran)."""
+        """--arch, --tokenizer, --passkey-share and --copy-share; resolves the 'auto' values (so train_config.json
+        records what ran)."""
         if self.arch not in ARCHS:
             raise ConfigError(f"unknown --arch {self.arch!r}; choose gau or llama")
         if self.tokenizer == "auto":
@@ -134,6 +136,14 @@ class TrainConfig:
         if self.passkey_share and self.arch != "llama":
             raise ConfigError("--passkey-share is for --arch llama (a causal model); a masked LM is not asked for "
                               "passkeys")
+        if not (isinstance(self.copy_share, (int, float)) and 0 <= self.copy_share < 1):
+            raise ConfigError(f"--copy-share must be in [0, 1), got {self.copy_share}")
+        if self.copy_share and self.arch != "llama":
+            raise ConfigError("--copy-share is for --arch llama (a causal model learns to copy from next-token loss); "
+                              "drop --copy-share or give --arch llama")
+        if self.passkey_share + self.copy_share >= 1:
+            raise ConfigError(f"--passkey-share {self.passkey_share} + --copy-share {self.copy_share} leaves no text "
+                              "windows; keep their sum below 1")
         if self.preset == "mini" and self.arch != "llama":
             raise ConfigError("--preset mini is a Llama size (--arch llama); GAU-α has tiny, small and paper")
         if self.arch == "llama":
@@ -440,9 +450,10 @@ def train(cfg: TrainConfig) -> int:
     t0, tokens = time.perf_counter(), 0
     for step in range(start, cfg.steps):
         if causal:
-            gens = [step_generator(cfg.seed, step, i) for i in (0, 1, 2, 3, 4)]
+            gens = [step_generator(cfg.seed, step, i) for i in (0, 1, 2, 3, 4, 5)]
             b = clm.train_batch(train_docs, gens, batch_size=cfg.batch_size, train_len=cfg.train_len,
-                                positions=positions, passkey=passkey, passkey_share=cfg.passkey_share)
+                                positions=positions, passkey=passkey, passkey_share=cfg.passkey_share,
+                                copy_share=cfg.copy_share)
         else:
             gens = [step_generator(cfg.seed, step, i) for i in range(3)]
             b = mlm.train_batch(train_docs, gens, batch_size=cfg.batch_size, train_len=cfg.train_len,
@@ -479,7 +490,10 @@ def train(cfg: TrainConfig) -> int:
                 acc = float((res.logits.detach()[sel].argmax(-1) == y[sel]).float().mean())
             rate = tokens / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{acc:.3f}", tok_s=f"{rate:,.0f}")
-            log({"step": done, "loss": loss_value, "acc": acc, "lr": sched.get_last_lr()[0], "tok_s": rate})
+            rec = {"step": done, "loss": loss_value, "acc": acc, "lr": sched.get_last_lr()[0], "tok_s": rate}
+            if causal and cfg.copy_share > 0:
+                rec |= _copy_accuracy(res.logits.detach(), y, b.kind[shard], b.span[shard])
+            log(rec)
         if done % cfg.eval_every == 0 or done == cfg.steps:
             if causal:
                 rec = {"step": done, **clm.heldout_loss(model, eval_docs, seed=cfg.seed, windows=cfg.val_windows,
@@ -523,6 +537,19 @@ def train(cfg: TrainConfig) -> int:
     return 0
 
 
+def _copy_accuracy(logits: torch.Tensor, labels: torch.Tensor, kind: torch.Tensor, span: torch.Tensor) -> dict:
+    """This step's top-1 accuracy on the copy rows' later copies (targets t ≥ m, whose source is m tokens back)
+    and on their first copy (targets 1 ≤ t < m), as ``copy_acc`` / ``copy_first_acc`` (this process's rows); {}
+    when the step drew no copy row. The gap is the copying the model has learnt."""
+    rows = kind.to(logits.device) == clm.COPY
+    if not rows.any():
+        return {}
+    hit = logits[rows, :-1].argmax(-1) == labels[rows, 1:]  # entry t − 1 is target t
+    t = torch.arange(1, labels.shape[1], device=logits.device)
+    later = t[None, :] >= span.to(logits.device)[rows][:, None]
+    return {"copy_acc": float(hit[later].float().mean()), "copy_first_acc": float(hit[~later].float().mean())}
+
+
 def _targets(labels: torch.Tensor, causal: bool) -> int:
     """Predictions in a batch: masked positions (MLM), or every position after the first (next-token)."""
     return int((labels[:, 1:] != -100).sum()) if causal else int((labels != -100).sum())
@@ -542,6 +569,7 @@ def build_llama(cfg: TrainConfig, tok):
     mcfg = llama_config(cfg.preset, vocab_size=len(tok), train_len=cfg.train_len, attention=cfg.attention,
                         dropout=cfg.dropout, **ids)
     mcfg.infoscale["passkey_share"] = cfg.passkey_share
+    mcfg.infoscale["copy_share"] = cfg.copy_share
     return LlamaForCausalLM(mcfg)
 
 

@@ -2,7 +2,9 @@
 
 Training: windows of L tokens; the loss is the mean next-token cross-entropy
 ``−(1/(B(L−1))) Σ_b Σ_{t=1}^{L−1} log p(x_t | x_<t)`` (transformers shifts the labels). A share of the rows may be
-replaced by short passkey samples (below), so the model knows the retrieval task at L before it is asked at 64L.
+replaced by short passkey samples (below), so the model knows the retrieval task at L before it is asked at 64L,
+and another share by copy samples (:func:`copy_sample`: a training span of m ≤ L/2 tokens tiled to L), so it learns
+to copy (induction) at L before it is asked to copy a span whose source lies beyond L.
 
 Evaluation (Press et al. 2022 "Train short, test long", arXiv 2108.12409, for perplexity by position; the
 tiled-document copy test of Su, kexue.fm/archives/9708; passkey retrieval of Mohtashami & Jaggi 2023,
@@ -28,13 +30,16 @@ import torch.nn.functional as F
 
 from ..errors import DataError
 
-__all__ = ["Batch", "Passkey", "train_batch", "heldout_loss", "token_nll", "bucket_edges", "copy_windows",
-           "passkey_prompt", "passkey_generate", "cluster_mean_ci"]
+__all__ = ["Batch", "Passkey", "train_batch", "copy_sample", "copy_span_range", "TEXT", "PASSKEY", "COPY",
+           "heldout_loss", "token_nll", "bucket_edges", "copy_windows", "passkey_prompt", "passkey_generate",
+           "cluster_mean_ci"]
 
 FILLER = " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 KEY_PRE, KEY_MID, KEY_POST = " The pass key is ", ". Remember it. ", " is the pass key."
 QUESTION = " What is the pass key? The pass key is "
 DIGITS = 5
+COPY_MIN_SPAN = 8  # shortest training copy span (shorter when L/2 is shorter)
+TEXT, PASSKEY, COPY = 0, 1, 2  # kinds of training rows
 
 
 @dataclass
@@ -42,6 +47,8 @@ class Batch:
     input_ids: torch.Tensor
     labels: torch.Tensor
     positions: torch.Tensor | None
+    kind: torch.Tensor | None = None  # per row: TEXT, PASSKEY or COPY
+    span: torch.Tensor | None = None  # per row: the copy span m (0 for other rows)
 
 
 class Passkey:
@@ -84,22 +91,51 @@ def passkey_prompt(pk: Passkey, n: int, rng: np.random.Generator, depth: float) 
     return pk.prompt(n, key, depth), pk.digits[key]
 
 
+def copy_span_range(train_len: int) -> tuple[int, int]:
+    """(lo, hi), inclusive, of a training copy span m: hi = ⌊L/2⌋ (at least two copies fit in L),
+    lo = min(8, hi)."""
+    hi = max(train_len // 2, 1)
+    return min(COPY_MIN_SPAN, hi), hi
+
+
+def copy_sample(docs, gen: torch.Generator, train_len: int) -> tuple[np.ndarray, int]:
+    """(L tokens, m): a span of m tokens, m uniform on :func:`copy_span_range`, drawn like a training window
+    (uniform over every start inside a document of ``docs``), tiled to L tokens, so token t equals token
+    t − m for t ≥ m."""
+    lo, hi = copy_span_range(train_len)
+    m = int(torch.randint(lo, hi + 1, (1,), generator=gen))
+    span = docs.windows(gen, 1, m)[0].numpy()
+    return np.resize(span, train_len).astype(np.int64), m
+
+
 def train_batch(docs, gens, *, batch_size: int, train_len: int, positions=None, passkey: Passkey | None = None,
-                passkey_share: float = 0.0) -> Batch:
-    """One global batch: windows (``gens[0]``), PoSE positions (``gens[2]``), and, with probability
-    ``passkey_share`` per row, a passkey sample of exactly L tokens (prompt of L − 5 tokens + the answer digits,
-    depth uniform; ``gens[4]``). Every generator depends on (seed, step) only."""
+                passkey_share: float = 0.0, copy_share: float = 0.0) -> Batch:
+    """One global batch: windows (``gens[0]``), PoSE positions (``gens[2]``), and per row one uniform u
+    (``gens[4]``): u < ``passkey_share`` makes the row a passkey sample of exactly L tokens (prompt of L − 5
+    tokens + the answer digits, depth uniform; ``gens[4]``), passkey_share ≤ u < passkey_share + ``copy_share``
+    a copy sample (:func:`copy_sample` from ``docs``, the training split; ``gens[5]``). The two shares are
+    disjoint and exact in expectation. Every generator depends on (seed, step) only; with ``copy_share`` = 0
+    the batch is the one drawn before copy samples existed (``gens[5]`` is not read)."""
     ids = docs.windows(gens[0], batch_size, train_len)
-    if passkey is not None and passkey_share > 0:
+    kind = torch.full((batch_size,), TEXT, dtype=torch.int8)
+    span = torch.zeros(batch_size, dtype=torch.int64)
+    p = passkey_share if passkey is not None else 0.0
+    if p > 0 or copy_share > 0:
         g = gens[4]
-        rows = torch.rand(batch_size, generator=g) < passkey_share
-        for r in torch.nonzero(rows).flatten().tolist():
+        u = torch.rand(batch_size, generator=g)
+        for r in torch.nonzero(u < p).flatten().tolist():
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=g))
             rng = np.random.default_rng(seed)
             prompt, answer = passkey_prompt(passkey, train_len - DIGITS, rng, float(rng.random()))
             ids[r] = torch.from_numpy(np.concatenate([prompt, answer]))
+            kind[r] = PASSKEY
+        if copy_share > 0:
+            for r in torch.nonzero((u >= p) & (u < p + copy_share)).flatten().tolist():
+                row, m = copy_sample(docs, gens[5], train_len)
+                ids[r] = torch.from_numpy(row)
+                kind[r], span[r] = COPY, m
     pos = positions(gens[2], batch_size, train_len) if positions is not None else None
-    return Batch(ids, ids.clone(), pos)
+    return Batch(ids, ids.clone(), pos, kind, span)
 
 
 @torch.no_grad()
