@@ -314,3 +314,18 @@ def test_single_window_cells_get_no_delta():
     recs = [_rec("softmax", 1024, [30], [64]), _rec("window", 1024, [50], [64])]
     text = "\n".join(delta_tables(recs))
     assert "| `window` − `softmax` | – |" in text and "**" not in text
+
+
+def test_two_mask_densities_never_share_a_table():
+    from infoscale.report import eval_tables
+
+    def rec(stride, value):
+        return {"protocol": "strided", "protocol_params": {"stride": stride}, "setting": "contiguous",
+                "model_name": "m", "metric": "accuracy", "method": "softmax", "length": 64, "value": value,
+                "ci_low": value - 0.01, "ci_high": value + 0.01, "train": {}}
+
+    lines = eval_tables([rec(8, 0.5), rec(64, 0.7)])
+    heads = [x for x in lines if x.startswith("### ")]
+    assert heads == ["### m: contiguous, strided protocol, accuracy",
+                     "### m: contiguous, strided (1 in 64) protocol, accuracy"]
+    assert "†" not in "\n".join(lines)  # no cell averages the two densities

@@ -130,17 +130,26 @@ def _cells(recs: list[dict]) -> dict:
     return out
 
 
+def protocol_of(rec: dict) -> str:
+    """The protocol as tables name it: ``strided`` at eval's default stride (every 8th position masked), else with
+    its mask density (``strided (1 in 64)``), so records of two densities never share a table."""
+    stride = (rec.get("protocol_params") or {}).get("stride")
+    if rec["protocol"] != "strided" or stride in (None, 8):
+        return rec["protocol"]
+    return f"strided (1 in {stride})"
+
+
 def eval_tables(records: list[dict]) -> list[str]:
     """Markdown lines: one table per (protocol, setting, model, metric)."""
     lines: list[str] = []
     by = defaultdict(list)
     for r in records:
-        by[(r["protocol"], r["setting"], r["model_name"], r["metric"])].append(r)
+        by[(protocol_of(r), r["setting"], r["model_name"], r["metric"])].append(r)
     models = list(dict.fromkeys(r["model_name"] for r in records))
     metrics = list(dict.fromkeys(r["metric"] for r in records))
     order = {"strided": 0, "sampled": 1, "exact": 2}
     for (protocol, setting, model, metric), recs in sorted(
-            by.items(), key=lambda kv: (order.get(kv[0][0], 3), kv[0][1], models.index(kv[0][2]),
+            by.items(), key=lambda kv: (order.get(kv[0][0].split()[0], 3), kv[0][0], kv[0][1], models.index(kv[0][2]),
                                         metrics.index(kv[0][3]))):
         higher, pct = METRICS.get(metric, (True, False))
         lengths = sorted({r["length"] for r in recs})
@@ -219,7 +228,7 @@ def delta_tables(records: list[dict]) -> list[str]:
     distinguishable from the runner-up."""
     by = defaultdict(list)
     for r in records:
-        by[(r["protocol"], r["setting"], r["model_name"], r["metric"])].append(r)
+        by[(protocol_of(r), r["setting"], r["model_name"], r["metric"])].append(r)
     lines: list[str] = ["### Paired differences", "",
                         f"Δ = method − reference on the identical windows and masked positions, 95% CI from a cluster "
                         f"bootstrap over windows ({RESAMPLES} resamples, the same window indices for both methods). "
@@ -310,7 +319,7 @@ def plot_eval(records: list[dict], out: Path) -> list[Path]:
     paths = []
     by_setting = defaultdict(list)
     for r in records:
-        by_setting[(r["protocol"], r["setting"])].append(r)
+        by_setting[(protocol_of(r), r["setting"])].append(r)
     for (protocol, setting), recs in sorted(by_setting.items()):
         models = list(dict.fromkeys(r["model_name"] for r in recs))
         metrics = list(dict.fromkeys(r["metric"] for r in recs))
@@ -352,7 +361,8 @@ def plot_eval(records: list[dict], out: Path) -> list[Path]:
                    frameon=False)
         fig.suptitle(f"{setting} text, {protocol} protocol (solid: with InfoScale; shading: 95% CI)", fontsize=11)
         fig.tight_layout(rect=(0, 0.04 + 0.022 * math.ceil(len(handles) / 7), 1, 1))
-        path = out / f"{'accuracy' if 'accuracy' in metrics else metrics[0]}_{setting}_{protocol}.png"
+        slug = protocol.replace("strided (1 in ", "strided").rstrip(")")  # strided64: a file name without spaces
+        path = out / f"{'accuracy' if 'accuracy' in metrics else metrics[0]}_{setting}_{slug}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
