@@ -357,10 +357,12 @@ def plot_eval(records: list[dict], out: Path) -> list[Path]:
         for ax in axes.flat:
             for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
                 handles.setdefault(lab, h)
-        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 7), fontsize=8,
-                   frameon=False)
+        # as many legend columns as the figure is wide (an entry such as leaky_rerope+infoscale takes ~1.9 in)
+        width, height = fig.get_size_inches()
+        ncol = max(1, min(len(handles), int(width / 1.9)))
+        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
         fig.suptitle(f"{setting} text, {protocol} protocol (solid: with InfoScale; shading: 95% CI)", fontsize=11)
-        fig.tight_layout(rect=(0, 0.04 + 0.022 * math.ceil(len(handles) / 7), 1, 1))
+        fig.tight_layout(rect=(0, (0.35 + 0.17 * math.ceil(len(handles) / ncol)) / height, 1, 1))
         slug = protocol.replace("strided (1 in ", "strided").rstrip(")")  # strided64: a file name without spaces
         path = out / f"{'accuracy' if 'accuracy' in metrics else metrics[0]}_{setting}_{slug}.png"
         fig.savefig(path, dpi=110)
