@@ -31,6 +31,8 @@ from .io import read_records, write_records
 from .options import add_flags, from_args, option
 from .train import TrainConfig, train
 
+TRAIN_LEN = 64  # L of every preset's evaluated models (the paper's fine-tuning length)
+
 HELP = "train the four models, evaluate every method to 64x, write records, report and plots"
 
 # The training methods of the paper's testbed. ALiBi: the official symmetric bias with one head (slope
@@ -92,7 +94,7 @@ class Preset(Schedule):
     compare_predictions: int
     analysis_lengths: tuple
     analysis_windows: int
-    models: dict = None  # name -> training method; None: MODELS
+    models: dict | None = None  # name -> training method; None: MODELS
     pretrain: Pretrain | None = None  # None: every model from scratch
 
 
@@ -117,10 +119,9 @@ PRESETS = {
                           pretrain=Pretrain(256, "softmax_plus", 200, 8, 20, 3e-3)),
     # The paper's recipe on two CPU cores (about 1.5 h, estimated from training 512 × 16 tokens per step at 0.9×
     # the per-token cost of 64 × 64): a small GAU-α pretrained at 512 with softmax_plus (33M tokens, 8 passes
-    # over the training plays), then
-    # fine-tuned at 64 with softmax and with CosScale (s = 128), as the released GAU-alpha_noCosScale and
-    # GAU-alpha_CosScale were; the same sweep as quick. Fine-tuning starts from trained weights, so a lower
-    # peak rate than from scratch (the paper fine-tuned at 1e-5 for 400 epochs of a small set).
+    # over the training plays), then fine-tuned at 64 with softmax and with CosScale (s = 128), as the released
+    # GAU-alpha_noCosScale and GAU-alpha_CosScale were; the same sweep as quick. Fine-tuning starts from trained
+    # weights, so a lower peak rate than from scratch (the paper fine-tuned at 1e-5 for 400 epochs of a small set).
     "paper-cpu": Preset("small", 800, 64, 80, 5e-4, (64, 128, 256, 512, 1024, 2048, 4096), tuple(METHODS),
                         1024, 32, (64, 1024), 1024, (64, 256, 1024, 4096), 2, models=RECIPE_MODELS,
                         pretrain=Pretrain(512, "softmax_plus", 4000, 16, 400, 2e-3)),
@@ -196,7 +197,8 @@ def tag(cfg: ReproduceConfig) -> str:
 
 def paths(cfg: ReproduceConfig) -> dict:
     t = tag(cfg)
-    return {"runs": Path(cfg.runs) / t, "records": Path(cfg.results) / f"{t}.jsonl", "report": Path(cfg.report) / t}
+    return {"runs": Path(cfg.runs) / t, "records": Path(cfg.results) / f"{t}.jsonl",
+            "analysis": Path(cfg.results) / f"{t}-analysis.jsonl", "report": Path(cfg.report) / t}
 
 
 def reproduce(cfg: ReproduceConfig, log=print) -> dict:
@@ -227,7 +229,8 @@ def reproduce(cfg: ReproduceConfig, log=print) -> dict:
 
     init = "" if p.pretrain is None else fit(where["runs"] / "pretrain", p.pretrain.attention, p.pretrain,
                                               p.pretrain.train_len)
-    models = [fit(where["runs"] / name, attention, p, 64, init) for name, attention in (p.models or MODELS).items()]
+    models = [fit(where["runs"] / name, attention, p, TRAIN_LEN, init)
+              for name, attention in (p.models or MODELS).items()]
     if any(CALIBRATED in m for m in p.methods):
         for m in models:  # InfoScale's per-layer effective dimension, fitted on unlabelled held-out windows
             if not (Path(m) / CALIBRATION_FILE).exists():
@@ -244,7 +247,7 @@ def reproduce(cfg: ReproduceConfig, log=print) -> dict:
                         out=str(where["records"]), seed=cfg.seed, progress=cfg.progress), log=log)
     t_eval = time.perf_counter() - t0 - t_train
     log("== analysing attention (entropy, dilution, CosScale vs window)")
-    analysis_file = where["records"].with_name(f"{tag(cfg)}-analysis.jsonl")
+    analysis_file = where["analysis"]
     if not analysis_file.exists():
         recs = []
         for i, m in enumerate([models[0], models[1]]):  # softmax and CosScale models, synthetic once
@@ -290,7 +293,7 @@ def reproduce_clm(cfg: ReproduceConfig, log=print) -> dict:
                         windows=p.windows, passkey_trials=p.passkey_trials, out=str(where["records"]),
                         seed=cfg.seed, progress=cfg.progress), log=log)
     t_eval = time.perf_counter() - t0 - t_train
-    analysis_file = where["records"].with_name(f"{tag(cfg)}-analysis.jsonl")
+    analysis_file = where["analysis"]
     if not analysis_file.exists():  # written whole at the end: a killed analysis reruns from the start
         log(f"== analysing attention (entropy, dilution) of {len(models)} models x {len(CLM_ANALYSIS_METHODS)} methods")
         recs = []
