@@ -259,6 +259,16 @@ def test_reproduce(tmp_path, preset):
     md = Path(res["report"]).read_text()
     assert "### softmax: contiguous, strided protocol" in md and "Protocols compared" in md
     assert (Path(res["report"]).parent / "cos_window.png").exists()
+    # rerun with the records in another order (as parallel evaluations write them): nothing is recomputed and the
+    # report still lists the models in the preset's order
+    lines = Path(res["records"]).read_text().splitlines(keepends=True)
+    Path(res["records"]).write_text("".join(lines[::-1]))
+    reproduce(cfg, log=lambda s: None)
+    assert len(Path(res["records"]).read_text().splitlines()) == len(lines)
+    md = Path(res["report"]).read_text()
+    heading = ": contiguous, strided protocol, accuracy"
+    tables = [h for h in md.splitlines() if h.startswith("### ") and h.endswith(heading)]
+    assert [h.split()[1].rstrip(":") for h in tables] == list(MODELS), tables
 
 
 def test_reproductions_on_two_corpora_keep_apart(tmp_path):

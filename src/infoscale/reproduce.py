@@ -255,7 +255,10 @@ def reproduce(cfg: ReproduceConfig, log=print) -> dict:
                                           lengths=list(p.analysis_lengths), windows=p.analysis_windows,
                                           synthetic=i == 0, seed=cfg.seed, progress=cfg.progress))
         write_records(analysis_file, recs)
-    records = read_records(where["records"])
+    # the report lists models in the preset's order (softmax first), whichever process wrote its records first
+    order = list(p.models or MODELS)
+    records = sorted(read_records(where["records"]),
+                     key=lambda r: order.index(r["model_name"]) if r.get("model_name") in order else len(order))
     report = write_report(records + read_records(analysis_file), where["report"])
     timing = {"preset": cfg.preset, "corpus": cfg.corpus, "train_s": t_train, "eval_s": t_eval,
               "total_s": time.perf_counter() - t0}
