@@ -43,7 +43,8 @@ def naive_attention(q, k, v, method: dict, L: int, causal=False, pad=None, posit
 
     temp: None|'infoscale'|'infoscale_noclamp'|'logn'|'softmax_plus'|'llama4' (beta, floor); cos_s: CosScale s or None;
     pos: None|'pi'|'ntk'|'yarn'|'rerope'|'leaky'|'lminf'|'alibi' with w, k, cap, factor (alibi: slopes, and
-    right_slopes for keys right of the query); infoscale's dim replaces d in its formula;
+    right_slopes for keys right of the query); infoscale's dim replaces d in its formula and temp_len replaces
+    L in infoscale's and logn's;
     mask: None|'window'|'sinks' with w, sinks.
     Returns (out, weights).
     """
@@ -115,13 +116,14 @@ def naive_attention(q, k, v, method: dict, L: int, causal=False, pad=None, posit
                     logits[j] = z
                 t = 1.0
                 temp = method.get("temp")
+                Lt = method.get("temp_len", L)  # infoscale(train_len=...), logn(train_len=...)
                 if temp == "infoscale":
                     de = method.get("dim", d)  # infoscale(dim=...): d in the formula only
-                    t = math.sqrt(1 - max(l, L) ** (-2 / de)) / math.sqrt(1 - L ** (-2 / de))
+                    t = math.sqrt(1 - max(l, Lt) ** (-2 / de)) / math.sqrt(1 - Lt ** (-2 / de))
                 elif temp == "infoscale_noclamp":
                     t = math.sqrt(1 - l ** (-2 / d)) / math.sqrt(1 - L ** (-2 / d))
                 elif temp == "logn":
-                    t = max(1.0, math.log(l) / math.log(L))
+                    t = max(1.0, math.log(l) / math.log(Lt))
                 elif temp == "softmax_plus":
                     t = math.log(l) / math.log(512)
                 elif temp == "llama4":  # 1 + β ln(1 + floor(l / F)), defaults β = 0.1, F = L

@@ -161,8 +161,8 @@ def test_roundtrip_string(name, data):
             kw[f.name] = data.draw(st.floats(1.0, 1000.0, allow_nan=False))
     if name == "yarn":
         kw["beta_fast"] = kw["beta_slow"] + 1.0
-    if name == "infoscale" and kw["calibrated"]:  # a fixed dim and a calibrated one are refused together
-        kw["dim"] = None
+    if name == "infoscale" and kw["calibrated"]:  # a fixed dim or L and a calibrated dim are refused together
+        kw["dim"] = kw["train_len"] = None
     if name == "pose":  # a target below L or more chunks than tokens are refused (tested below)
         kw["target"], kw["chunks"] = data.draw(st.integers(64, 5000)), data.draw(st.integers(1, 64))
     text = name + ("(" + ", ".join(f"{k}={v!r}" for k, v in kw.items()) + ")" if kw else "")
@@ -186,6 +186,9 @@ ERRORS = [
     ("lm_infinite+rerope", "lm_infinite and rerope both set the attention positions"),
     ("yarn(beta_fast=1, beta_slow=2)", "yarn: beta_fast (1.0) must exceed beta_slow (2.0)"),
     ("leaky_rerope(k=0.5)", "leaky_rerope: k must be >= 1"),
+    ("infoscale(train_len=1)", "train_len must be an integer >= 2"),
+    ("logn(train_len=1)", "train_len must be an integer >= 2 (log 1 = 0)"),
+    ("infoscale(train_len=512, calibrated=True)", "give train_len or calibrated=True, not both"),
     ("streamingllm(sinks=-1)", "streamingllm: sinks must be >= 0"),
     ("", "a method must be a non-empty string"),
     ("infoscale+", "cannot parse method term ''"),

@@ -59,6 +59,11 @@ class NoParams:
     pass
 
 
+# A model pretrained long and fine-tuned short (GAU-α: 512, then 64) has two candidate Ls for a length temperature
+LENGTH_DOC = ("L in the formula; None = the model's training length (for a model pretrained at a longer length and "
+              "fine-tuned short, its pretraining length is the other choice)")
+
+
 @dataclass(frozen=True)
 class InfoScaleParams:
     clamp: bool = param(True, "factor is 1 for l <= L (identity inside the training length); "
@@ -67,11 +72,13 @@ class InfoScaleParams:
                                     "(the paper's isotropic assumption)", quiet=True)
     calibrated: bool = param(False, "use a per-layer d fitted on the model's own attention (`infoscale calibrate`): "
                                     "the calibration the model or layer carries; an error if it has none", quiet=True)
+    train_len: int | None = param(None, LENGTH_DOC, quiet=True)
 
 
 @dataclass(frozen=True)
 class LognParams:
     clamp: bool = param(True, "max(1, log l / log L): identity inside the training length")
+    train_len: int | None = param(None, LENGTH_DOC, quiet=True)
 
 
 @dataclass(frozen=True)
@@ -360,19 +367,30 @@ def _v_infoscale(p, train_len):
         raise MethodError(f"dim must be a positive finite number, got {p.dim!r}")
     if p.dim is not None and p.calibrated:
         raise MethodError("give dim or calibrated=True, not both (calibrated fits a dim per layer)")
+    if p.train_len is not None and p.train_len < 2:
+        raise MethodError(f"train_len must be an integer >= 2, got {p.train_len}")
+    if p.train_len is not None and p.calibrated:
+        raise MethodError("give train_len or calibrated=True, not both (the calibration fits d at the model's own "
+                          "training length)")
+
+
+def _v_logn(p, train_len):
+    if p.train_len is not None and p.train_len < 2:
+        raise MethodError(f"train_len must be an integer >= 2 (log 1 = 0), got {p.train_len}")
 
 
 def _infoscale_temperature(p, l, ctx):
-    """sqrt(1 − l^(−2/d)) / sqrt(1 − L^(−2/d)) with d = ``dim``, the layer's calibrated dim, or the head dim."""
-    d = p.dim
+    """sqrt(1 − l^(−2/d)) / sqrt(1 − L^(−2/d)) with d = ``dim``, the layer's calibrated dim, or the head dim, and
+    L = ``train_len`` or the model's training length."""
+    d, L = p.dim, p.train_len or ctx.train_len
     if p.calibrated:
         if ctx.dims is None:
             raise MethodError("infoscale(calibrated=True) needs a calibration: run `infoscale calibrate --model RUN` "
                               "(GAU runs) or infoscale.hf.calibrate(model, input_ids) first")
         d = ctx.dims
     if d is None:
-        return scales.infoscale_factor(l, ctx.train_len, ctx.head_dim, clamp=p.clamp)
-    d, L = float(d), float(ctx.train_len)  # a fitted d is a real number, not the head's integer dim
+        return scales.infoscale_factor(l, L, ctx.head_dim, clamp=p.clamp)
+    d, L = float(d), float(L)  # a fitted d is a real number, not the head's integer dim
     l = l.double().clamp(min=1.0)
     if p.clamp:
         l = l.clamp(min=L)
@@ -424,7 +442,8 @@ REGISTRY: dict[str, Method] = {
                validate=_v_infoscale, temperature=_infoscale_temperature),
         Method("logn", ("temperature",), LognParams,
                "logits × max(1, log l / log L)", "Su 2021, kexue.fm/archives/8823, 9444", trainable=True,
-               temperature=lambda p, l, c: scales.logn_factor(l, c.train_len, clamp=p.clamp)),
+               validate=_v_logn,
+               temperature=lambda p, l, c: scales.logn_factor(l, p.train_len or c.train_len, clamp=p.clamp)),
         Method("softmax_plus", ("temperature",), SoftmaxPlusParams,
                "logits × log l / log base (GAU-α's pretraining scale)",
                "Su 2021, kexue.fm/archives/8823; bert4keras", trainable=True, validate=_v_softmax_plus,
