@@ -329,3 +329,19 @@ def test_two_mask_densities_never_share_a_table():
     assert heads == ["### m: contiguous, strided protocol, accuracy",
                      "### m: contiguous, strided (1 in 64) protocol, accuracy"]
     assert "†" not in "\n".join(lines)  # no cell averages the two densities
+
+
+def test_delta_rows_pair_each_temperature_with_its_reference():
+    from infoscale.report import delta_pairs
+
+    labels = ["softmax", "infoscale", "logn", "rerope", "rerope+infoscale", "infoscale(train_len=512)",
+              "logn(train_len=512)", "rerope+infoscale(train_len=512)", "cosscale+infoscale"]
+    rows = delta_pairs(labels)
+    assert [r for r in rows if r[1] != "softmax"] == [
+        ("rerope+infoscale", "rerope"),
+        ("infoscale(train_len=512)", "infoscale"),
+        ("logn(train_len=512)", "logn"),
+        ("rerope+infoscale(train_len=512)", "rerope"),
+        ("rerope+infoscale(train_len=512)", "rerope+infoscale"),
+    ]
+    assert {m for m, ref in rows if ref == "softmax"} == set(labels) - {"softmax"}

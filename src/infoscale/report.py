@@ -208,17 +208,18 @@ def _strip_temperature(label: str):
 
 def delta_pairs(labels: list[str], base: str = "softmax") -> list[tuple[str, str]]:
     """(method, reference) rows of a Δ table: every method against the model's plain method, each position
-    method X + a temperature against X alone, and a parametrised InfoScale against plain InfoScale."""
+    method X + a temperature against X alone, and a parametrised InfoScale or log-n against the plain one."""
     have = set(labels)
     rows = [(m, base) for m in labels if m != base and base in have]
     for m in labels:
         s = _strip_temperature(m)
         if s and s[0] in have and s[0] != base:
             rows.append((m, s[0]))
-        if s and s[1].startswith("infoscale(") and m.replace(s[1], "infoscale") in have:
-            rows.append((m, m.replace(s[1], "infoscale")))
-        if m.startswith("infoscale(") and "+" not in m and "infoscale" in have:
-            rows.append((m, "infoscale"))
+        for t in ("infoscale", "logn"):  # a parametrised temperature against the default one
+            if s and s[1].startswith(t + "(") and m.replace(s[1], t) in have:
+                rows.append((m, m.replace(s[1], t)))
+            if m.startswith(t + "(") and "+" not in m and t in have:
+                rows.append((m, t))
     return list(dict.fromkeys(rows))
 
 
@@ -324,7 +325,9 @@ def plot_eval(records: list[dict], out: Path) -> list[Path]:
         models = list(dict.fromkeys(r["model_name"] for r in recs))
         metrics = list(dict.fromkeys(r["metric"] for r in recs))
         all_methods = list(dict.fromkeys(_label(r) for r in recs))  # one colour per method in every panel
-        cmap = plt.get_cmap("tab20" if len(all_methods) > 10 else "tab10")
+        # distinct colours for up to 40 methods (tab20 alone repeats its first colours from the 21st method on)
+        palette = (plt.get_cmap("tab10").colors if len(all_methods) <= 10
+                   else plt.get_cmap("tab20").colors + plt.get_cmap("tab20b").colors)
         fig, axes = plt.subplots(len(metrics), len(models), figsize=(4.6 * len(models), 4.25 * len(metrics)),
                                  squeeze=False, sharex=True)
         for j, model in enumerate(models):
@@ -338,10 +341,10 @@ def plot_eval(records: list[dict], out: Path) -> list[Path]:
                     xs = [n for n, _ in pts]
                     style = "-" if "infoscale" in m else "--"
                     axes[a, j].plot(xs, [scale * c[0] for _, c in pts], marker="o", ms=3, lw=1.4, ls=style,
-                                    color=cmap(i % cmap.N), label=m)
+                                    color=palette[i % len(palette)], label=m)
                     if all(c[1] is not None for _, c in pts):
                         axes[a, j].fill_between(xs, [scale * c[1] for _, c in pts], [scale * c[2] for _, c in pts],
-                                                color=cmap(i % cmap.N), alpha=0.12, lw=0)
+                                                color=palette[i % len(palette)], alpha=0.12, lw=0)
                 if j == 0:
                     axes[a, 0].set_ylabel(metric.replace("_", " ") + (" (%)" if scale == 100 else ""))
             train = mrecs[0].get("train", {})
