@@ -121,7 +121,7 @@ def naive_attention(q, k, v, method: dict, L: int, causal=False, pad=None, posit
                     de = method.get("dim", d)  # infoscale(dim=...): d in the formula only
                     t = math.sqrt(1 - max(l, Lt) ** (-2 / de)) / math.sqrt(1 - Lt ** (-2 / de))
                 elif temp == "infoscale_noclamp":
-                    t = math.sqrt(1 - l ** (-2 / d)) / math.sqrt(1 - L ** (-2 / d))
+                    t = math.sqrt(1 - l ** (-2 / d)) / math.sqrt(1 - Lt ** (-2 / d))
                 elif temp == "logn":
                     t = max(1.0, math.log(l) / math.log(Lt))
                 elif temp == "softmax_plus":

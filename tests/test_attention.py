@@ -58,6 +58,8 @@ CASES = {
     # L in the temperature other than the model's (a model pretrained at 4L, fine-tuned at L)
     "infoscale(train_len=32)+rerope(window=3)": {"temp": "infoscale", "temp_len": 32, "pos": "rerope", "w": 3},
     "logn(train_len=32)": {"temp": "logn", "temp_len": 32},
+    "infoscale(dim=3.5, train_len=32)": {"temp": "infoscale", "dim": 3.5, "temp_len": 32},
+    "infoscale(clamp=False, train_len=32)": {"temp": "infoscale_noclamp", "temp_len": 32},
     "streamingllm(sinks=2, window=3)+infoscale": {"mask": "sinks", "sinks": 2, "w": 3, "temp": "infoscale"},
     "lm_infinite(sinks=3, window=5, cap=6)": {"mask": "sinks", "sinks": 3, "w": 5, "pos": "lminf", "cap": 6},
 }

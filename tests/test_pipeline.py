@@ -269,6 +269,8 @@ def test_reproduce(tmp_path, preset):
     heading = ": contiguous, strided protocol, accuracy"
     tables = [h for h in md.splitlines() if h.startswith("### ") and h.endswith(heading)]
     assert [h.split()[1].rstrip(":") for h in tables] == list(MODELS), tables
+    rows = md.split(tables[0])[1].split("\n\n")[2].splitlines()[2:]  # the softmax model's table, after its header
+    assert [row.split("`")[1] for row in rows] == list(p.methods), rows
 
 
 def test_reproductions_on_two_corpora_keep_apart(tmp_path):

@@ -255,10 +255,12 @@ def reproduce(cfg: ReproduceConfig, log=print) -> dict:
                                           lengths=list(p.analysis_lengths), windows=p.analysis_windows,
                                           synthetic=i == 0, seed=cfg.seed, progress=cfg.progress))
         write_records(analysis_file, recs)
-    # the report lists models in the preset's order (softmax first), whichever process wrote its records first
-    order = list(p.models or MODELS)
-    records = sorted(read_records(where["records"]),
-                     key=lambda r: order.index(r["model_name"]) if r.get("model_name") in order else len(order))
+    # the report lists models and methods in the preset's order (softmax first), whichever process wrote its
+    # records first; records of anything else (an extra `infoscale eval`) follow in file order
+    model_order, method_order = list(p.models or MODELS), list(p.methods)
+    records = sorted(read_records(where["records"]), key=lambda r: (
+        model_order.index(r["model_name"]) if r.get("model_name") in model_order else len(model_order),
+        method_order.index(r["method"]) if r.get("method") in method_order else len(method_order)))
     report = write_report(records + read_records(analysis_file), where["report"])
     timing = {"preset": cfg.preset, "corpus": cfg.corpus, "train_s": t_train, "eval_s": t_eval,
               "total_s": time.perf_counter() - t0}
