@@ -313,6 +313,7 @@ def test_paper_recipe_pretrains_long_then_fine_tunes_short(tmp_path):
     assert models == set(RECIPE_MODELS)  # the fine-tunes are evaluated, not the pretrained model
     assert {r["length"] for r in recs if r["protocol"] == "strided"} == set(p.lengths)
     assert "### cosscale: contiguous, strided protocol" in Path(res["report"]).read_text()
+    assert f"({p.steps} steps, fine-tuned from `pretrain`)" in Path(res["report"]).read_text()  # the recipe shows
 
 
 def build_model_like(model):

@@ -261,7 +261,8 @@ def _evaluate_mlm(cfg: EvalConfig, log=print) -> list[dict]:
         for m, resolved, setting, n in bar:
             tcfg = run.train_config
             rec = {"model": str(run.path.resolve()), "model_name": run.name,
-                   "train": {k: tcfg.get(k) for k in ("corpus", "preset", "attention", "train_len", "steps", "seed")},
+                   "train": {k: tcfg.get(k) for k in ("corpus", "preset", "attention", "train_len", "steps", "seed",
+                                                      "init_from")},
                    "method": m, "method_resolved": resolved, "length": n, "setting": setting,
                    "protocol": cfg.protocol, "protocol_params": params, "windows": cfg.windows,
                    "predictions": cfg.predictions, "seed": cfg.seed}

@@ -179,7 +179,8 @@ def evaluate_clm(cfg, models: list[str], log=print) -> list[dict]:
                 count = cfg.passkey_trials if setting == "passkey" else _count(cfg, n)
                 rec = {"model": str(run.path.resolve()), "model_name": run.name,
                        "train": {k: tcfg.get(k) for k in ("corpus", "preset", "attention", "train_len", "steps",
-                                                          "seed", "arch", "tokenizer", "passkey_share", "copy_share")},
+                                                          "seed", "arch", "tokenizer", "passkey_share", "copy_share",
+                                                          "init_from")},
                        "method": m, "method_resolved": resolved, "length": n, "setting": setting,
                        "protocol": protocol, "protocol_params": params, "windows": cfg.windows,
                        "predictions": cfg.predictions if setting != "passkey" else cfg.passkey_trials,

@@ -166,7 +166,9 @@ def eval_tables(records: list[dict]) -> list[str]:
         lines += [f"### {model}: {setting}, {protocol} protocol, {metric}",
                   "",
                   f"Trained with `{train.get('attention')}` at L = {train.get('train_len')} on {train.get('corpus')} "
-                  f"({train.get('steps')} steps). {metric.replace('_', ' ').capitalize()}{' (%)' if pct else ''}"
+                  f"({train.get('steps')} steps"
+                  f"{', fine-tuned from `' + Path(train['init_from']).name + '`' if train.get('init_from') else ''}). "
+                  f"{metric.replace('_', ' ').capitalize()}{' (%)' if pct else ''}"
                   f"{' ± 95% CI half-width' if any(c[1] is not None for c in cell.values()) else ''}; best per "
                   f"length in bold{bold_rule(ranked)}{'; † = mean of several records' if dup else ''}.",
                   "",
