@@ -259,10 +259,8 @@ def _evaluate_mlm(cfg: EvalConfig, log=print) -> list[dict]:
                 f"cells already in {cfg.out})")
         bar = tqdm(todo, disable=not cfg.progress, dynamic_ncols=True, mininterval=2.0, desc=run.name)
         for m, resolved, setting, n in bar:
-            tcfg = run.train_config
             rec = {"model": str(run.path.resolve()), "model_name": run.name,
-                   "train": {k: tcfg.get(k) for k in ("corpus", "preset", "attention", "train_len", "steps", "seed",
-                                                      "init_from")},
+                   "train": run.training_summary(),
                    "method": m, "method_resolved": resolved, "length": n, "setting": setting,
                    "protocol": cfg.protocol, "protocol_params": params, "windows": cfg.windows,
                    "predictions": cfg.predictions, "seed": cfg.seed}

@@ -172,15 +172,12 @@ def evaluate_clm(cfg, models: list[str], log=print) -> list[dict]:
         applied = None
         try:
             for m, resolved, setting, n in bar:
-                tcfg = run.train_config
                 protocol = "greedy" if setting == "passkey" else "teacher_forced"
                 params = ({"depths": [float(d) for d in cfg.depths], "digits": clm.DIGITS} if setting == "passkey"
                           else ({"span": [L + 1, 2 * L]} if setting == "repeated" else {}))
                 count = cfg.passkey_trials if setting == "passkey" else _count(cfg, n)
                 rec = {"model": str(run.path.resolve()), "model_name": run.name,
-                       "train": {k: tcfg.get(k) for k in ("corpus", "preset", "attention", "train_len", "steps",
-                                                          "seed", "arch", "tokenizer", "passkey_share", "copy_share",
-                                                          "init_from")},
+                       "train": run.training_summary(("arch", "tokenizer", "passkey_share", "copy_share")),
                        "method": m, "method_resolved": resolved, "length": n, "setting": setting,
                        "protocol": protocol, "protocol_params": params, "windows": cfg.windows,
                        "predictions": cfg.predictions if setting != "passkey" else cfg.passkey_trials,

@@ -257,10 +257,9 @@ def reproduce(cfg: ReproduceConfig, log=print) -> dict:
         write_records(analysis_file, recs)
     # the report lists models and methods in the preset's order (softmax first), whichever process wrote its
     # records first; records of anything else (an extra `infoscale eval`) follow in file order
-    model_order, method_order = list(p.models or MODELS), list(p.methods)
+    model_rank, method_rank = ({x: i for i, x in enumerate(xs)} for xs in (p.models or MODELS, p.methods))
     records = sorted(read_records(where["records"]), key=lambda r: (
-        model_order.index(r["model_name"]) if r.get("model_name") in model_order else len(model_order),
-        method_order.index(r["method"]) if r.get("method") in method_order else len(method_order)))
+        model_rank.get(r.get("model_name"), len(model_rank)), method_rank.get(r.get("method"), len(method_rank))))
     report = write_report(records + read_records(analysis_file), where["report"])
     timing = {"preset": cfg.preset, "corpus": cfg.corpus, "train_s": t_train, "eval_s": t_eval,
               "total_s": time.perf_counter() - t0}

@@ -34,6 +34,11 @@ class Run:
     def name(self) -> str:
         return self.path.name
 
+    def training_summary(self, extra: tuple = ()) -> dict:
+        """The training options an evaluation record carries (``train``), plus ``extra`` ones."""
+        keys = ("corpus", "preset", "attention", "train_len", "steps", "seed", "init_from") + tuple(extra)
+        return {k: self.train_config.get(k) for k in keys}
+
     @property
     def task(self) -> str:
         return family(self.model.config.model_type).task
