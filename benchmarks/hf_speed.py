@@ -41,12 +41,13 @@ def cache_bytes(cache) -> int:
 def measure(model, ids: torch.Tensor, steps: int) -> tuple[float, float, int]:
     cache = DynamicCache(config=model.config)
     t0 = time.perf_counter()
-    out = model(ids, past_key_values=cache, use_cache=True)
+    kw = {hf.cache_kwarg(model): cache}
+    out = model(ids, **kw, use_cache=True)
     prefill = time.perf_counter() - t0
     tok = out.logits[:, -1:].argmax(-1)
     t0 = time.perf_counter()
     for _ in range(steps):
-        out = model(tok, past_key_values=cache, use_cache=True)
+        out = model(tok, **kw, use_cache=True)
         tok = out.logits[:, -1:].argmax(-1)
     decode = steps / (time.perf_counter() - t0)
     return prefill, decode, cache_bytes(cache)

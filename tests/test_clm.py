@@ -435,7 +435,8 @@ def test_cached_greedy_equals_full_forward(llama_run, method):
         full = model(ids, use_cache=False).logits[0]
         # the cached logits of the last step equal the full forward's
         out = model(ids[:, :-1], use_cache=True)
-        step = model(ids[:, -1:], past_key_values=out.past_key_values, use_cache=True).logits[0, -1]
+        cache = out["cache" if "cache" in out else "past_key_values"]
+        step = model(ids[:, -1:], **{ihf.cache_kwarg(model): cache}, use_cache=True).logits[0, -1]
     assert gen.tolist() == ids[0, 250:].tolist()
     assert (step - full[-1]).abs().max() < 1e-4
     ihf.remove(model)

@@ -324,7 +324,7 @@ def test_cached_decoding_equals_full_forward(family, method, cache):
     mask[1, :pad] = 0  # left padding: row 1 has 15 real tokens
     kw = {}
     if cache.startswith("static"):
-        kw["past_key_values"] = StaticCache(config=m.config, max_cache_len=prompt + new)
+        kw[hf.cache_kwarg(m)] = StaticCache(config=m.config, max_cache_len=prompt + new)
     with torch.no_grad():
         out = m.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                          output_logits=True, return_dict_in_generate=True, pad_token_id=0, **kw)
@@ -335,6 +335,35 @@ def test_cached_decoding_equals_full_forward(family, method, cache):
         want = logits(full, real)[0, n_real - 1 : n_real - 1 + new]
         got = torch.stack([step[row] for step in out.logits])
         torch.testing.assert_close(got, want, atol=5e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("keyword", hf.CACHE_KWARGS)
+@pytest.mark.parametrize("method", ["pi", "leaky_rerope"])
+def test_hand_written_decode_loop_keeps_the_prompt_factor(method, keyword):
+    """A decode loop written by hand, the cache passed under either keyword (``cache`` from transformers 5.24,
+    ``past_key_values`` before and still accepted, deprecated), keeps the prompt's dynamic factor: each step
+    equals a full forward with the factor fixed at the prompt's n."""
+    m = hf.apply(model_for("llama"), method)
+    if keyword == "cache" and hf.cache_kwarg(m) != "cache":
+        pytest.skip("this transformers takes the cache as past_key_values only")
+    prompt, new = 12, 5
+    ids = ids_for(1, prompt + new, seed=7)
+    with torch.no_grad():
+        out = m(ids[:, :prompt], use_cache=True)
+        cache = out["cache" if "cache" in out else "past_key_values"]
+        steps = []
+        for i in range(prompt, prompt + new):
+            out = m(ids[:, i : i + 1], **{keyword: cache}, use_cache=True)
+            steps.append(out.logits[0, -1])
+    want = logits(hf.apply(model_for("llama"), _fixed(method, prompt)), ids)[0, prompt : prompt + new]
+    torch.testing.assert_close(torch.stack(steps), want, atol=5e-5, rtol=1e-4)
+
+
+def test_cache_kwarg_is_what_forward_takes():
+    import inspect
+
+    m = model_for("llama")
+    assert hf.cache_kwarg(m) in inspect.signature(m.forward).parameters
 
 
 def test_dynamic_factor_follows_length_without_cache():

@@ -78,8 +78,8 @@ from .attn.rope import Rope, rotate
 from .errors import ConfigError, MethodError
 from .models import train_len_of
 
-__all__ = ["NAME", "apply", "remove", "calibrate", "capture_attention", "infoscale_attention", "infoscale_mask",
-           "train_len_of"]
+__all__ = ["NAME", "apply", "remove", "calibrate", "capture_attention", "cache_kwarg", "infoscale_attention",
+           "infoscale_mask", "train_len_of"]
 
 NAME = "infoscale"
 SEQ_LEN_KWARG = "infoscale_seq_len"  # the per-row n of dynamic methods, injected into the forward kwargs
@@ -575,8 +575,42 @@ def _past_length(cache) -> int:
         return 0
 
 
+# The keyword under which the KV cache reaches a model's forward and comes back on its output: ``cache`` from
+# transformers 5.24 (``@deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")`` on every modeling forward,
+# and ``generate`` passes ``cache=``), ``past_key_values`` before. A caller may still use the old keyword on 5.24+
+# (renamed inside ``forward`` by the decorator, after forward pre-hooks have run), so hooks accept both.
+CACHE_KWARGS = ("cache", "past_key_values")
+
+
+def _cache_in(kwargs: dict):
+    """The cache object among a forward's keyword arguments, under either keyword (None if none)."""
+    for name in CACHE_KWARGS:
+        cache = kwargs.get(name)
+        if cache is not None:
+            return cache
+    return None
+
+
+def _cache_out(output):
+    """The cache a forward returned: its output's ``cache`` field (5.24+) or ``past_key_values`` field (before).
+    Read by field name, since 5.24's ``output.past_key_values`` is a deprecated alias that logs a warning."""
+    fields = getattr(output, "__dataclass_fields__", None) or {}
+    for name in CACHE_KWARGS:
+        if name in fields:
+            return getattr(output, name, None)
+    return None
+
+
+def cache_kwarg(model) -> str:
+    """The keyword this model's forward takes its KV cache under: ``"cache"`` (transformers 5.24+) or
+    ``"past_key_values"``; for code that calls ``model(ids, **{cache_kwarg(model): cache}, use_cache=True)`` on
+    every supported transformers version without a deprecation warning."""
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
 def _pre_hook(module, args, kwargs):
-    cache = kwargs.get("past_key_values")
+    cache = _cache_in(kwargs)
     if _past_length(cache) == 0:
         am = kwargs.get("attention_mask")
         if isinstance(am, dict):  # generate's per-layer-type masks
@@ -603,7 +637,7 @@ def _pre_hook(module, args, kwargs):
 
 
 def _post_hook(module, args, kwargs, output):
-    cache = getattr(output, "past_key_values", None)
+    cache = _cache_out(output)
     n = kwargs.get(SEQ_LEN_KWARG)
     if cache is not None and n is not None and getattr(cache, _CACHE_ATTR, None) is None:
         setattr(cache, _CACHE_ATTR, n)
