@@ -7,7 +7,7 @@ import dataclasses
 import sys
 import textwrap
 
-from . import analysis, calibrate, convert, evaluate, report, reproduce, train
+from . import analysis, calibrate, convert, doctor, evaluate, report, reproduce, train
 from .attn import REGISTRY
 from .errors import InfoscaleError
 
@@ -31,7 +31,7 @@ def print_methods() -> None:
 
 # subcommand -> module with HELP, add_arguments(parser) and run(args)
 COMMANDS = {"train": train, "eval": evaluate, "report": report, "analyze": analysis, "reproduce": reproduce,
-            "convert": convert, "calibrate": calibrate}
+            "convert": convert, "calibrate": calibrate, "doctor": doctor}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -82,6 +82,10 @@ __all__ = ["NAME", "apply", "remove", "calibrate", "capture_attention", "cache_k
            "infoscale_mask", "train_len_of"]
 
 NAME = "infoscale"
+# The newest transformers release this package's CI has run its tests against (the version in the committed
+# lock file, constraints.txt; a test keeps the two equal). A newer one may have changed how attention, masks
+# or the cache reach the model: apply() warns once and names the self-test, ``infoscale doctor``.
+TESTED_TRANSFORMERS = "5.25.0"
 SEQ_LEN_KWARG = "infoscale_seq_len"  # the per-row n of dynamic methods, injected into the forward kwargs
 _CACHE_ATTR = "_infoscale_seq_len"  # where the prompt's n is kept on a cache object
 _META_ATTR = "_infoscale_meta"  # (q_offset, kv_offset, 2-D padding mask) recorded on a mask tensor
@@ -669,6 +673,34 @@ def _set_attn_implementation(model, name: str):
         model.set_attn_implementation(name)
 
 
+def _version_tuple(v: str) -> tuple[int, ...]:
+    parts = []
+    for p in v.split("+")[0].split("."):
+        digits = "".join(ch for ch in p if ch.isdigit()) if p[:1].isdigit() else ""
+        if not digits:
+            break
+        parts.append(int(digits))
+    return tuple(parts)
+
+
+def newer_than_tested(version: str) -> bool:
+    """Whether a transformers version is past :data:`TESTED_TRANSFORMERS` (a dev or rc build of the next release
+    counts as newer)."""
+    return _version_tuple(version) > _version_tuple(TESTED_TRANSFORMERS)
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_if_untested() -> None:
+    import warnings
+
+    import transformers
+
+    if newer_than_tested(transformers.__version__):
+        warnings.warn(f"transformers {transformers.__version__} is newer than the newest version infoscale was "
+                      f"tested with ({TESTED_TRANSFORMERS}); run `infoscale doctor` to check that this install "
+                      "still runs the methods correctly", stacklevel=3)
+
+
 def _check_model(model):
     from transformers import PreTrainedModel
 
@@ -701,6 +733,7 @@ def apply(model, method: str | None = None, *, train_len: int | None = None):
     Returns the same model (modified in place). :func:`remove` undoes everything.
     """
     _check_model(model)
+    _warn_if_untested()
     if getattr(model, _STATE_ATTR, None) is not None:
         remove(model)
     config = model.config
