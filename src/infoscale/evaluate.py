@@ -43,7 +43,7 @@ from .errors import ConfigError, DataError, MethodError
 from .io import git_commit, merge_records, read_records, record_key
 from .options import add_flags, from_args, option
 from .rundir import load_run
-from .runtime import available_memory, precision_info, quiet_libraries, use_bf16
+from .runtime import available_memory, device_flops, duration, precision_info, quiet_libraries, use_bf16
 from .stats import cluster_ci, window_fields
 from .tasks import mlm
 
@@ -55,7 +55,10 @@ PROTOCOLS = ("exact", "sampled", "strided")
 
 @dataclass
 class EvalConfig:
-    models: list[str] = option(dataclasses.MISSING, "run directories written by `infoscale train`")
+    models: list[str] = option(dataclasses.MISSING, "run directories written by `infoscale train`, transformers "
+                               "causal LM directories (config.json, model.safetensors, tokenizer.json) or .gguf files")
+    train_len: int = option(0, "pretrained models: the training length L (0 = the config's "
+                               "original_max_position_embeddings or max_position_embeddings)")
     methods: list[str] = option(("softmax", "infoscale"), "methods to evaluate with (train-time parts are inherited)")
     lengths: list[int] = option((64, 128, 256, 512, 1024, 2048, 4096), "sequence lengths n")
     settings: list[str] = option(SETTINGS + ("passkey",), "contiguous, repeated, passkey (causal runs only)")
@@ -94,6 +97,8 @@ class EvalConfig:
         for name in ("windows", "samples", "stride", "tokens_per_batch"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.train_len < 0 or self.train_len == 1:
+            raise ConfigError(f"--train-len must be at least 2 (or 0: from the model's config), got {self.train_len}")
         if self.predictions < 0:
             raise ConfigError(f"--predictions must be >= 0, got {self.predictions}")
         if self.bf16 not in ("auto", "on", "off"):
@@ -151,31 +156,6 @@ def check_length_fits(config, cfg: EvalConfig, n: int, device) -> None:
                     f"shorter --lengths or {fix}")
 
 
-_FLOPS: dict[str, float] = {}
-
-
-def device_flops(device) -> float:
-    """Measured fp32 matmul throughput of ``device`` (operations/s), once per process."""
-    key = str(device)
-    if key not in _FLOPS:
-        a = torch.randn(256, 256, device=device)
-        torch.matmul(a, a)
-        reps, t0 = 8, time.perf_counter()
-        for _ in range(reps):
-            b = torch.matmul(a, a)
-        float(b[0, 0])
-        _FLOPS[key] = reps * 2 * 256**3 / max(time.perf_counter() - t0, 1e-9)
-    return _FLOPS[key]
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
 def cell_key(rec: dict) -> str:
     """What identifies one measured cell (the same for its accuracy and loss records)."""
     return record_key(rec["model"], rec["method_resolved"], rec["length"], rec["setting"], rec["protocol"],
@@ -221,7 +201,6 @@ def _evaluate_mlm(cfg: EvalConfig, log=print) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for m in cfg.methods:  # a bad method or value is refused before anything is measured or loaded
         parse_method(m)
-    bf16 = use_bf16(cfg.bf16, device)
     done = {r.get("key") for r in read_records(cfg.out)}  # also checks the file is readable, before any work
     new: list[dict] = []
     commit = git_commit()
@@ -240,6 +219,7 @@ def _evaluate_mlm(cfg: EvalConfig, log=print) -> list[dict]:
             raise DataError(f"{run.name}: the longest held-out document has {longest} tokens, so the contiguous "
                             f"setting cannot run at n={too_long[0]}; use --lengths up to {longest}, "
                             "--settings repeated, or a corpus with longer documents")
+    bf16 = use_bf16(cfg.bf16, device)  # measured once the runs are known to be usable (its line is not an error)
     for run in runs:
         model, L = run.model, run.train_len
         docs = heldout[run.path]
@@ -255,7 +235,7 @@ def _evaluate_mlm(cfg: EvalConfig, log=print) -> list[dict]:
             {"stride": cfg.stride} if cfg.protocol == "strided" else {})
         seconds = sum(cell_cost(model.config, cfg, n)[1] for _, _, _, n in todo) / device_flops(device)
         if seconds > 60:  # worth knowing before it starts
-            log(f"{run.name}: {len(todo)} cells, estimated {_duration(seconds)} on {device.type} at most (less for "
+            log(f"{run.name}: {len(todo)} cells, estimated {duration(seconds)} on {device.type} at most (less for "
                 f"cells already in {cfg.out})")
         bar = tqdm(todo, disable=not cfg.progress, dynamic_ncols=True, mininterval=2.0, desc=run.name)
         for m, resolved, setting, n in bar:

@@ -45,12 +45,16 @@ CLM_SETTINGS = ("contiguous", "repeated", "passkey")
 
 
 def is_causal_run(path) -> bool:
-    """Whether a run directory holds a causal model (its family's task is ``clm``)."""
+    """Whether ``--models`` names a causal model: a run directory whose family's task is ``clm``, or a
+    pretrained model (a transformers model directory or a ``.gguf`` file, :mod:`infoscale.models.pretrained`)."""
     import json
     from pathlib import Path
 
     from .models import FAMILIES
+    from .models.pretrained import is_pretrained
 
+    if is_pretrained(path):
+        return True
     f = Path(path) / "config.json"
     try:
         mt = json.loads(f.read_text(encoding="utf-8")).get("model_type")
@@ -129,6 +133,61 @@ def passkey_records(model, pk, n: int, depths, trials: int, seed: int, device, b
              extra | {"n_predictions": trials})], trials  # one outcome per trial, not per digit
 
 
+def load_causal(path, device, train_len: int | None = None):
+    """A run directory (:func:`infoscale.rundir.load_run`) or a pretrained model
+    (:func:`infoscale.models.pretrained.load_pretrained`, with ``train_len`` overriding its config's L)."""
+    from .models.pretrained import is_pretrained, load_pretrained
+
+    if is_pretrained(path):
+        return load_pretrained(path, device, train_len=train_len)
+    run = load_run(path, device)
+    if train_len is not None and train_len != run.train_len:
+        raise DataError(f"--train-len {train_len} is for pretrained models; the run {run.name} was trained at "
+                        f"L = {run.train_len} (its length is known)")
+    return run
+
+
+def causal_cost(model, n: int, tokens_per_batch: int) -> tuple[int, float]:
+    """(peak bytes of one forward batch beyond the weights, floating-point operations per window of n tokens) of
+    a decoder at length n. Memory: per token the hidden states of a layer (a few copies of hidden and MLP
+    widths) and the logits over the vocabulary in float32 (the model's and our float copy); attention in query
+    chunks of 1024 rows against n keys (the reference path's scores; torch's SDPA needs less). FLOPs: 2 per
+    weight and token, plus q·k and weights·v over the causal half of an n × n matrix per layer."""
+    c = model.config
+    h = int(getattr(c, "hidden_size", 0) or 0)
+    inter = int(getattr(c, "intermediate_size", 4 * h) or 4 * h)
+    layers = int(getattr(c, "num_hidden_layers", 1) or 1)
+    heads = int(getattr(c, "num_attention_heads", 1) or 1)
+    vocab = int(getattr(c, "vocab_size", 0) or 0)
+    copies = max(1, tokens_per_batch // n)
+    tokens = copies * n
+    act = 4 * tokens * (6 * h + 3 * inter + 3 * vocab)
+    attn = 4 * copies * heads * min(1024, n) * n * 4
+    weights = sum(p.numel() for p in model.parameters())
+    flops = 2.0 * weights * n + 2.0 * layers * h * n * n
+    return int(1.2 * (act + attn)), flops
+
+
+def _check_causal_budget(run, cfg, log) -> None:
+    """Refuse lengths whose forward batch cannot fit in the free memory; say how long the sweep may take."""
+    from .runtime import available_memory, device_flops, duration
+
+    device = next(run.model.parameters()).device
+    avail = available_memory(device)
+    for n in cfg.lengths:
+        need, _ = causal_cost(run.model, n, cfg.tokens_per_batch)
+        if avail is not None and need > avail:
+            raise DataError(f"{run.name}: length {n} needs about {need / 2**30:.1f} GiB per forward batch but "
+                            f"{avail / 2**30:.1f} GiB is free on {device.type}; use shorter --lengths or lower "
+                            "--tokens-per-batch")
+    per_window = {n: causal_cost(run.model, n, cfg.tokens_per_batch)[1] for n in cfg.lengths}
+    windows = sum(_count(cfg, n) * per_window[n] for n in cfg.lengths)
+    seconds = len(cfg.methods) * windows / device_flops(device)
+    if seconds > 60:
+        log(f"{run.name}: about {duration(seconds)} per setting for {len(cfg.methods)} methods on {device.type} "
+            "(fp32 matmul rate measured now; less for cells already done)")
+
+
 def evaluate_clm(cfg, models: list[str], log=print) -> list[dict]:
     """The causal part of the sweep (``cfg`` is :class:`infoscale.evaluate.EvalConfig`); returns the new records."""
     from tqdm import tqdm
@@ -142,8 +201,9 @@ def evaluate_clm(cfg, models: list[str], log=print) -> list[dict]:
     new: list[dict] = []
     settings = [s for s in cfg.settings if s in CLM_SETTINGS]
     for path in models:
-        run = load_run(path, device)
+        run = load_causal(path, device, cfg.train_len or None)
         model, L = run.model, run.train_len
+        _check_causal_budget(run, cfg, log)
         docs = run.heldout_docs(cfg.corpus or None)
         longest = max((len(a) for a in docs.arrays), default=0)
         if "contiguous" in settings and any(n > longest for n in cfg.lengths):

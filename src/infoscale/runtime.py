@@ -250,3 +250,29 @@ def available_memory(device: torch.device) -> int | None:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return None
+
+
+_FLOPS: dict[str, float] = {}
+
+
+def device_flops(device) -> float:
+    """Measured fp32 matmul throughput of ``device`` (operations/s), once per process."""
+    key = str(device)
+    if key not in _FLOPS:
+        a = torch.randn(256, 256, device=device)
+        torch.matmul(a, a)
+        reps, t0 = 8, time.perf_counter()
+        for _ in range(reps):
+            b = torch.matmul(a, a)
+        float(b[0, 0])
+        _FLOPS[key] = reps * 2 * 256**3 / max(time.perf_counter() - t0, 1e-9)
+    return _FLOPS[key]
+
+
+def duration(seconds: float) -> str:
+    """A duration as a person reads it: seconds, minutes or hours."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
