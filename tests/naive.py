@@ -42,7 +42,7 @@ def naive_attention(q, k, v, method: dict, L: int, causal=False, pad=None, posit
     """q, k: (B, H, n, d), v: (B, H, n, e) numpy; ``method`` is a dict of plain settings:
 
     temp: None|'infoscale'|'infoscale_noclamp'|'logn'|'softmax_plus'|'llama4' (beta, floor); cos_s: CosScale s or None;
-    pos: None|'pi'|'ntk'|'yarn'|'rerope'|'leaky'|'lminf'|'alibi' with w, k, cap, factor (alibi: slopes, and
+    pos: None|'pi'|'ntk'|'yarn'|'hf_dynamic'|'rerope'|'leaky'|'lminf'|'alibi' with w, k, cap, factor (alibi: slopes, and
     right_slopes for keys right of the query); infoscale's dim replaces d in its formula and temp_len replaces
     L in infoscale's and logn's;
     mask: None|'window'|'sinks' with w, sinks.
@@ -66,6 +66,9 @@ def naive_attention(q, k, v, method: dict, L: int, causal=False, pad=None, posit
             th = np.array([(BASE * s ** (d / (d - 2))) ** (-2 * m / d) for m in range(d // 2)])
         elif pos == "yarn":
             th = yarn_theta(d, s, L)
+        elif pos == "hf_dynamic":  # base·(s·max(n, L)/L − (s − 1))^(d/(d−2)), s fixed
+            grown = BASE * (s * max(n_real, L) / L - (s - 1)) ** (d / (d - 2))
+            th = np.array([grown ** (-2 * m / d) for m in range(d // 2)])
         else:
             th = theta(d)
         mscale2 = (0.1 * math.log(s) + 1) ** 2 if pos == "yarn" and s > 1 else 1.0

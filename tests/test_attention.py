@@ -39,6 +39,9 @@ CASES = {
     "window": {"mask": "window", "w": L // 2},
     "streamingllm": {"mask": "sinks", "sinks": 4, "w": L // 2},
     "lm_infinite": {"mask": "sinks", "sinks": 10, "w": L - 1, "pos": "lminf", "cap": L},
+    "hf_linear": {"pos": "pi", "factor": 2.0},
+    "hf_dynamic": {"pos": "hf_dynamic", "factor": 2.0},
+    "hf_yarn": {"pos": "yarn", "factor": 2.0},
     # non-default parameters and combinations
     "infoscale(clamp=False)": {"temp": "infoscale_noclamp"},
     "cosscale(s=16)+infoscale": {"cos_s": 16.0, "temp": "infoscale"},

@@ -223,7 +223,62 @@ def _nope(method: str) -> str:
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_layers_equal_core(family, method):
+    _layers_equal_core(family, method)
+
+
+# transformers' own rope types through the config: one rope_parameters per model, so not on models with a rotary
+# per layer type (Gemma 3, ModernBERT)
+HF_ROPE_METHODS = ["hf_yarn", "hf_dynamic", "hf_linear(factor=3.0)+infoscale", "hf_yarn(factor=4.0)+logn"]
+HF_ROPE_FAMILIES = [f for f in FAMILIES if f not in ("gemma3", "modernbert")]
+
+
+@pytest.mark.parametrize("method", HF_ROPE_METHODS)
+@pytest.mark.parametrize("family", HF_ROPE_FAMILIES)
+def test_transformers_rope_types_equal_core(family, method):
+    """The model's own rotary with rope_parameters {rope_type: yarn|dynamic|linear, factor} (transformers' code)
+    gives, layer by layer, the core's formula of the same method on the un-rotated q, k."""
+    if family == "phi3" and method.startswith("hf_yarn"):
+        pytest.skip("on a partial rotary transformers' YaRN scales only the rotated dims by its attention factor "
+                    "(it multiplies cos and sin); YaRN's formula scales the whole logit")
     m = hf.apply(model_for(family), method)
+    assert m.config.rope_parameters["rope_type"] == method[3:].split("(")[0].split("+")[0]
+    _layers_equal_core(family, method, m)
+
+
+@pytest.mark.parametrize(("ours", "theirs"), [("yarn(factor=2.0)", "hf_yarn(factor=2.0)"),
+                                               ("pi(factor=2.0)", "hf_linear(factor=2.0)")])
+def test_our_yarn_and_pi_equal_transformers(ours, theirs):
+    """infoscale's yarn and pi (our rotation of un-rotated keys) give transformers' YaRN and linear scaling at the
+    same factor; the dynamic type equals a model a user configures with rope_type 'dynamic' itself."""
+    torch.testing.assert_close(logits(hf.apply(model_for("llama"), ours), ids_for()),
+                               logits(hf.apply(model_for("llama"), theirs), ids_for()), atol=2e-5, rtol=1e-4)
+
+
+def test_hf_dynamic_equals_a_model_configured_by_hand():
+    base = model_for("llama")
+    cfg = copy.deepcopy(base.config)
+    cfg.rope_parameters = {"rope_type": "dynamic", "factor": 2.0, "rope_theta": cfg.rope_parameters["rope_theta"]}
+    ref = LlamaForCausalLM(cfg).eval()
+    ref.load_state_dict(base.state_dict())
+    hf._set_attn_implementation(ref, "sdpa")
+    torch.testing.assert_close(logits(hf.apply(base, "hf_dynamic(factor=2.0)"), ids_for()), logits(ref, ids_for()))
+
+
+@pytest.mark.parametrize("method", ["hf_yarn", "hf_dynamic+infoscale"])
+def test_transformers_rope_types_remove_and_refusals(method):
+    m = model_for("llama")
+    stock = logits(m, ids_for())
+    hf.apply(m, method)
+    assert not torch.allclose(logits(m, ids_for()), stock)
+    hf.remove(m)
+    torch.testing.assert_close(logits(m, ids_for()), stock, atol=0, rtol=0)
+    assert m.config.rope_parameters.get("rope_type", "default") == "default" and m.config.max_position_embeddings == L
+    with pytest.raises(ConfigError, match="per-layer-type rotaries"):
+        hf.apply(model_for("gemma3"), method)
+
+
+def _layers_equal_core(family, method, m=None):
+    m = m if m is not None else hf.apply(model_for(family), method)
     rec, hooks = _capture(m, family)
     try:
         logits(m, ids_for())

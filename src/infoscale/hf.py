@@ -100,7 +100,18 @@ _STATE_ATTR = "_infoscale_state"  # on the model: what apply changed, for remove
 
 @functools.lru_cache(maxsize=64)
 def _parsed(method: str, train_len: int):
-    return parse_method(method, train_len).resolved(train_len)
+    """The method the attention function runs: every component except one the model's own rotary computes
+    (``hf_yarn``, ``hf_dynamic``, ``hf_linear``: the rotary applies them before attention is called)."""
+    pm = parse_method(method, train_len).resolved(train_len)
+    return type(pm)(tuple(c for c in pm.components if c.method.rope_parameters is None))
+
+
+def _rotary_component(method: str, train_len: int):
+    """The component whose positions the model's own rotary computes with new ``rope_parameters``, or None."""
+    for c in parse_method(method, train_len).resolved(train_len).components:
+        if c.method.rope_parameters is not None:
+            return c
+    return None
 
 
 def _needs_positions(pm) -> bool:
@@ -701,6 +712,57 @@ def _warn_if_untested() -> None:
                       "still runs the methods correctly", stacklevel=3)
 
 
+def _rebuilt_rotaries(model, attn, config, comp, L: int):
+    """For a component that transformers' own rotary computes (``hf_yarn``, ``hf_dynamic``, ``hf_linear``): the
+    config fields to set ({rope_parameters, max_position_embeddings}) and, per rotary module, a builder of the
+    model's rotary class on that config, as a user would configure it: ``config.rope_parameters = {"rope_type":
+    "yarn", "factor": 2, ...}`` then build the model. transformers' "dynamic" type reads L from
+    ``max_position_embeddings``, so that is set to L too (and restored by :func:`remove`)."""
+    import copy
+
+    rp = getattr(config, "rope_parameters", None)
+    if not isinstance(rp, dict) or "rope_theta" not in rp:
+        raise ConfigError(f"{comp.name} sets the model's rope_parameters, but {type(model).__name__} has "
+                          "per-layer-type rotaries (or none); use the matching infoscale method (yarn, ntk, pi)")
+    if rp.get("rope_type", "default") not in ("default", None):
+        raise ConfigError(f"{comp.name} replaces the model's RoPE scaling, but it already uses rope_type "
+                          f"{rp.get('rope_type')!r}; apply it to a model with plain RoPE")
+    new_rp = {k: v for k, v in rp.items() if k in ("rope_theta", "partial_rotary_factor")}
+    new_rp.update(comp.method.rope_parameters(comp.params, L))
+    fields = {"rope_parameters": new_rp, "max_position_embeddings": L}
+    scratch = copy.copy(config)
+    for k, v in fields.items():
+        setattr(scratch, k, v)
+    modules, seen = [], set()
+    for name, m in attn:
+        if not _uses_rope(m):
+            continue
+        found = _rotary_for(model, name)
+        if found is None:
+            raise ConfigError(f"{comp.name} needs the model's rotary module (*RotaryEmbedding); none was found "
+                              f"for {name}")
+        parent, attr, rotary = found
+        if id(rotary) in seen:
+            continue
+        seen.add(id(rotary))
+        cls = type(rotary)
+        if "config" not in inspect.signature(cls.__init__).parameters:
+            raise ConfigError(f"{cls.__name__} is not built from a config; {comp.name} cannot configure it")
+        device = next((b.device for b in rotary.buffers()), torch.device("cpu"))
+
+        def build(cfg, cls=cls, device=device):  # transformers 5.1 takes device=, later versions do not
+            if "device" in inspect.signature(cls.__init__).parameters:
+                return cls(config=cfg, device=device)
+            return cls(config=cfg).to(device)
+
+        try:
+            build(scratch)  # the rope_parameters are valid for this rotary (checked before anything changes)
+        except Exception as e:
+            raise ConfigError(f"transformers refused rope_parameters {new_rp}: {type(e).__name__}: {e}") from None
+        modules.append((parent, attr, rotary, functools.partial(build, config)))
+    return fields, modules
+
+
 def _check_model(model):
     from transformers import PreTrainedModel
 
@@ -760,6 +822,9 @@ def apply(model, method: str | None = None, *, train_len: int | None = None):
     attn = _attention_modules(model)
     if not attn:
         raise ConfigError(f"no attention modules found in {type(model).__name__}")
+    by_rotary = _rotary_component(spec, L)
+    pm = _parsed(spec, L)  # what the attention function runs (without a component the model's rotary computes)
+    rebuilt = _rebuilt_rotaries(model, attn, config, by_rotary, L) if by_rotary is not None else None
     if _needs_positions(pm):
         for name, m in attn:
             if not _uses_rope(m):
@@ -796,6 +861,14 @@ def apply(model, method: str | None = None, *, train_len: int | None = None):
     for parent, attr, rotary in rotaries.values():
         setattr(parent, attr, UnrotatedRotary(rotary))
         state["rotaries"].append((parent, attr, rotary))
+    if rebuilt is not None:
+        new_config, modules = rebuilt
+        state["rope_config"] = {k: getattr(config, k) for k in new_config}
+        for k, v in new_config.items():
+            setattr(config, k, v)
+        for parent, attr, rotary, build in modules:
+            setattr(parent, attr, build())
+            state["rotaries"].append((parent, attr, rotary))
     if _dynamic(pm):
         base = model.base_model
         if any(p.kind == p.VAR_KEYWORD for p in inspect.signature(base.forward).parameters.values()):
@@ -930,6 +1003,8 @@ def remove(model):
     for _, m in _attention_modules(model):
         if hasattr(m, _ROPE_ATTR):
             delattr(m, _ROPE_ATTR)
+    for k, v in state.get("rope_config", {}).items():
+        setattr(model.config, k, v)
     _set_attn_implementation(model, state["attn_implementation"])
     _restore_config(model.config, state["infoscale"])
     delattr(model, _STATE_ATTR)

@@ -118,6 +118,11 @@ class LeakyReRoPEParams:
 
 
 @dataclass(frozen=True)
+class HFRopeParams:
+    factor: float = param(2.0, "s, the rope_parameters factor (transformers requires one; 2 = twice the context)")
+
+
+@dataclass(frozen=True)
 class AlibiParams:
     max_bias: float = param(8.0, "slopes 2^(-max_bias*h/H) (Press et al. 2022); a single head "
                                  "(GAU) gets 2^-max_bias")
@@ -257,6 +262,37 @@ def _piecewise(w: float, k: torch.Tensor) -> list[Region]:
     return [Region("near", w, ones, 0 * ones, ones),
             Region("right", w, a, -shift, a),  # Δ' = w + (Δ − w)/k
             Region("left", w, a, shift, a)]  # Δ' = −w + (Δ + w)/k
+
+
+def _hf_linear(p, ctx):
+    return _pi(FactorParams(p.factor), ctx)
+
+
+def _hf_dynamic(p, ctx):
+    """transformers' "dynamic" RoPE (dynamic NTK, emozilla 2023): base' = base·(s·n'/L − (s − 1))^(d/(d−2)) with
+    n' = max(n, L), per row; the identity for n <= L."""
+    _plain_theta("hf_dynamic", ctx)
+    if not ctx.rope.geometric:
+        raise MethodError("hf_dynamic rescales the base of plain RoPE frequencies; this model's RoPE has its own")
+    d = ctx.rope.dim
+    n = ctx.seq_len.clamp(min=float(ctx.train_len))
+    grow = (p.factor * n / ctx.train_len - (p.factor - 1.0)) ** (d / (d - 2))  # (B,)
+    expo = torch.arange(0, d, 2, dtype=torch.float64) / d
+    return PositionEffect(inv_freq=(ctx.rope.base * grow[:, None]) ** (-expo[None, :]))
+
+
+def _hf_yarn(p, ctx):
+    return _yarn(YarnParams(factor=p.factor), ctx)
+
+
+def _hf_rope(rope_type: str):
+    """``rope_parameters`` for transformers' own rotary of this type (the hf backend sets them on the config)."""
+    def parameters(p, train_len: int) -> dict:
+        out = {"rope_type": rope_type, "factor": float(p.factor)}
+        if rope_type == "yarn":
+            out["original_max_position_embeddings"] = int(train_len)
+        return out
+    return parameters
 
 
 def _rerope(p, ctx):
@@ -427,6 +463,9 @@ class Method:
     positions: Callable | None = None  # (params, ctx) -> PositionEffect
     mask: Callable | None = None  # params -> (window, sinks)
     training: Callable | None = None  # (params, L) -> f(gen, batch, length) -> positions
+    # (params, L) -> transformers rope_parameters: the hf backend runs the model's own rotary with them (the
+    # ecosystem's implementation, set through the config as a user would); the core computes the same positions
+    rope_parameters: Callable | None = None
 
 
 REGISTRY: dict[str, Method] = {
@@ -466,6 +505,24 @@ REGISTRY: dict[str, Method] = {
         Method("yarn", ("positions",), YarnParams,
                "NTK-by-parts ramp on the original L (β_fast, β_slow); q and k × (0.1 ln s + 1)",
                "Peng et al. 2023, arXiv 2309.00071", validate=_v_yarn, positions=_yarn),
+        Method("hf_linear", ("positions",), HFRopeParams,
+               "transformers' rope_type 'linear': RoPE positions × 1/s (the formula of pi(factor=s)); in a "
+               "transformers model, the model's own rotary with rope_parameters {rope_type: linear, factor: s}",
+               "transformers modeling_rope_utils; Chen et al. 2023, arXiv 2306.15595",
+               validate=_v_positive(factor=1), positions=_hf_linear, rope_parameters=_hf_rope("linear")),
+        Method("hf_dynamic", ("positions",), HFRopeParams,
+               "transformers' rope_type 'dynamic': RoPE base × (s·n/L − (s − 1))^(d/(d−2)) for n > L; in a "
+               "transformers model, the model's own rotary with rope_parameters {rope_type: dynamic, factor: s}",
+               "transformers modeling_rope_utils; emozilla 2023 (dynamically scaled RoPE)",
+               validate=_v_positive(factor=1), positions=_hf_dynamic, rope_parameters=_hf_rope("dynamic")),
+        Method("hf_yarn", ("positions",), HFRopeParams,
+               "transformers' rope_type 'yarn' (the formula of yarn(factor=s), β_fast 32, β_slow 1, on L); in a "
+               "transformers model, the model's own rotary with rope_parameters {rope_type: yarn, factor: s, "
+               "original_max_position_embeddings: L}",
+               "transformers modeling_rope_utils; Peng et al. 2023, arXiv 2309.00071. On a partial rotary "
+               "(Phi-3) transformers scales only the rotated dims by the attention factor (it multiplies cos and "
+               "sin), so there its logits differ from the formula, which scales the whole logit",
+               validate=_v_positive(factor=1), positions=_hf_yarn, rope_parameters=_hf_rope("yarn")),
         Method("rerope", ("positions",), ReRoPEParams,
                "relative position sign(Δ)·min(|Δ|, w)", "Su 2023, kexue.fm/archives/9708",
                validate=_v_positive(window=1), defaults=_fill(window=_half), positions=_rerope),
