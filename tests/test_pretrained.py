@@ -257,3 +257,35 @@ def test_param_bytes_counts_a_llama():
     n = sum(p.numel() for p in m.parameters())
     est = param_bytes(m.config) // 4
     assert n <= est <= 1.05 * n
+
+
+def test_analyze_and_calibrate_a_pretrained_model(model_dir, corpus, tmp_path):
+    import shutil
+
+    from infoscale.models.pretrained import calibration_path
+
+    d = tmp_path / "tiny-llama"
+    shutil.copytree(model_dir, d)
+    out = tmp_path / "analysis"
+    assert main(["analyze", "--model", str(d), "--corpus", str(corpus), "--lengths", "16", "48", "--methods",
+                 "softmax", "infoscale", "--no-synthetic", "--windows", "1", "--out", str(out), "--no-progress"]) == 0
+    recs = read_records(out / "analysis.jsonl")
+    assert {(r["kind"], r["method"], r["length"]) for r in recs} >= {("entropy", "infoscale", 48),
+                                                                      ("dilution", "softmax", 16)}
+    assert {r["layer"] for r in recs} == {0, 1} and {r["train_len"] for r in recs} == {L}
+    assert main(["calibrate", "--model", str(d), "--corpus", str(corpus), "--lengths", "32", "48", "--windows", "1",
+                 "--rows", "8"]) == 0
+    cal = json.loads(calibration_path(d).read_text())
+    assert cal["train_len"] == L and len(cal["dims"]) == 2 and all(x > 0 for x in cal["dims"])
+    assert not (d / "calibration.json").exists()  # nothing written inside the model's own directory
+    res = tmp_path / "r.jsonl"
+    assert main(["eval", "--models", str(d), "--corpus", str(corpus), "--methods", "infoscale(calibrated=True)",
+                 "--lengths", "48", "--settings", "contiguous", "--windows", "1", "--predictions", "0",
+                 "--bf16", "off", "--out", str(res), "--no-progress"]) == 0
+    recs = read_records(res)
+    assert recs and {r["train"]["calibration"] for r in recs} == {str(calibration_path(d))}
+    # a calibration at another L is not used; a damaged one is one clear error
+    assert load_pretrained(d, train_len=8).train_config["calibration"] is None
+    calibration_path(d).write_text("{broken")
+    with pytest.raises(DataError, match="calibration"):
+        load_pretrained(d)

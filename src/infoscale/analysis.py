@@ -46,7 +46,10 @@ HELP = "attention entropy, dilution and CosScale-vs-window measurements (records
 
 @dataclass
 class AnalyzeConfig:
-    model: str = option("", "run directory of a trained model (empty: synthetic q, k only)")
+    model: str = option("", "run directory of a trained model, a transformers causal LM directory or a .gguf file "
+                            "(empty: synthetic q, k only)")
+    corpus: str = option("", "held-out text for a pretrained model (it has no split): a named corpus or a path")
+    train_len: int = option(0, "pretrained models: the training length L (0 = the config's)")
     methods: list[str] = option(("softmax", "infoscale", "logn"), "methods for entropy and dilution")
     lengths: list[int] = option((64, 256, 1024, 4096), "sequence lengths")
     scales: list[float] = option((4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0), "CosScale values s")
@@ -275,10 +278,10 @@ def analyze(cfg: AnalyzeConfig) -> list[dict]:
         recs += entropy_dilution_records(cfg)
         recs += cos_window_records(cfg)
     if cfg.model:
-        from .rundir import load_run
+        from .rundir import load_model
 
-        run = load_run(cfg.model)
-        docs = run.heldout_docs()
+        run = load_model(cfg.model, "cpu", cfg.train_len or None)
+        docs = run.heldout_docs(cfg.corpus or None)
         if run.task == "clm":
             recs += causal_entropy_records(cfg, run, docs)
         else:

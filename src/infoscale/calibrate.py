@@ -29,158 +29,25 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .calfit import D_MAX, D_MIN, Sample, calibrate_layers, fit_dim, h_norm, infoscale_t, sample_rows
 from .errors import ConfigError
 from .io import atomic_write_bytes
 from .options import add_flags, from_args, option
 
+# the fit itself lives in infoscale.calfit (pure: logits in, dimension out), shared with infoscale.hf.calibrate
+__all__ = ["CalibrateConfig", "calibrate", "calibrate_pretrained", "gau_capture", "FILE", "D_MAX", "D_MIN", "Sample",
+           "calibrate_layers", "fit_dim", "h_norm", "infoscale_t", "sample_rows"]
+
 HELP = "fit InfoScale's effective dimension per layer on held-out text (for infoscale(calibrated=True))"
 FILE = "calibration.json"
-D_MAX = 1e6  # "d = ∞": t_d(l) is within 1e-5 of sqrt(ln l / ln L)
-D_MIN = 1.0
-_GRID = np.geomspace(D_MIN, D_MAX, 61)
-
-
-# ---------------------------------------------------------------------------------------------
-# the fit (pure: logits in, dimension out)
-# ---------------------------------------------------------------------------------------------
-
-
-def infoscale_t(l: torch.Tensor, train_len: int, d: float) -> torch.Tensor:
-    """t_d(l) with clamp (1 for l <= L), float64; d = D_MAX behaves as its limit sqrt(ln l / ln L)."""
-    l = l.double().clamp(min=float(train_len))
-    if d >= D_MAX:
-        return (l.log() / math.log(train_len)).sqrt()
-    return (1.0 - l ** (-2.0 / d)).sqrt() / math.sqrt(1.0 - train_len ** (-2.0 / d))
-
-
-def h_norm(z: torch.Tensor, l: torch.Tensor, t: torch.Tensor | float = 1.0) -> float:
-    """Mean over rows of H / ln l of softmax(t · z); z (rows, n_k) with masked logits at −inf or the dtype's
-    minimum, l (rows,) the keys each row attends (at least 2), t a number or (rows,)."""
-    t = torch.as_tensor(t, dtype=torch.float64)
-    zz = z.double() * (t[:, None] if t.dim() else t)
-    zz = zz.masked_fill(z <= torch.finfo(z.dtype).min / 2, -math.inf)
-    logp = torch.log_softmax(zz, -1)
-    p = logp.exp()
-    ent = -(p * logp.nan_to_num(neginf=0.0)).sum(-1)
-    return float((ent / l.double().clamp(min=2).log()).mean())
-
-
-@dataclass
-class Sample:
-    """One window's logits of one layer: ``z`` (rows, n_k) for a subset of queries, ``l`` (rows,) their key counts."""
-
-    length: int
-    z: torch.Tensor
-    l: torch.Tensor
-
-
-def fit_dim(target: float, samples: list[Sample], train_len: int) -> dict:
-    """The effective dimension d whose InfoScale factor brings each length's mean H / ln l closest to
-    ``target`` (least squares over lengths; per length, the mean over its windows). A grid over log d, then a
-    golden-section refinement between the best grid point's neighbours. Returns d, whether it saturated at
-    D_MAX, and per length the achieved H / ln l, the value without scaling and the factor needed at the mean
-    l (for the record)."""
-    lengths = sorted({s.length for s in samples})
-    by_n = {n: [s for s in samples if s.length == n] for n in lengths}
-
-    def level(n: int, d: float | None) -> float:
-        return float(np.mean([h_norm(s.z, s.l, 1.0 if d is None else infoscale_t(s.l, train_len, d))
-                              for s in by_n[n]]))
-
-    def loss(d: float) -> float:
-        return sum((level(n, d) - target) ** 2 for n in lengths)
-
-    losses = [loss(float(d)) for d in _GRID]
-    i = int(np.argmin(losses))
-    lo, hi = math.log(_GRID[max(i - 1, 0)]), math.log(_GRID[min(i + 1, len(_GRID) - 1)])
-    g = (math.sqrt(5) - 1) / 2
-    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
-    fa, fb = loss(math.exp(a)), loss(math.exp(b))
-    for _ in range(18):
-        if fa < fb:
-            hi, b, fb = b, a, fa
-            a = hi - g * (hi - lo)
-            fa = loss(math.exp(a))
-        else:
-            lo, a, fa = a, b, fb
-            b = lo + g * (hi - lo)
-            fb = loss(math.exp(b))
-    d = math.exp((lo + hi) / 2)
-    if losses[i] <= loss(d):
-        d = float(_GRID[i])
-    d = min(max(d, D_MIN), D_MAX)
-    out = {"dim": d, "saturated": d >= D_MAX / 2, "target_H_norm": target, "lengths": {}}
-    for n in lengths:
-        def at(t, n=n):
-            return float(np.mean([h_norm(s.z, s.l, t) for s in by_n[n]]))
-
-        lo_t, hi_t = 1.0, 16.0  # the factor that would match the target exactly (H falls as t grows)
-        for _ in range(40):
-            mid = (lo_t + hi_t) / 2
-            lo_t, hi_t = (mid, hi_t) if at(mid) > target else (lo_t, mid)
-        mean_l = float(np.mean([float(s.l.double().mean()) for s in by_n[n]]))
-        out["lengths"][str(n)] = {"H_norm_plain": level(n, None), "H_norm_calibrated": level(n, d),
-                                  "H_norm_head_dim": None, "needed_factor": (lo_t + hi_t) / 2,
-                                  "factor": float(infoscale_t(torch.tensor([mean_l]), train_len, d)[0]),
-                                  "sqrt_logn_limit": math.sqrt(max(math.log(mean_l) / math.log(train_len), 1.0))}
-    return out
-
-
-def sample_rows(z: torch.Tensor, rows: int, gen: torch.Generator) -> torch.Tensor:
-    """Indices of at most ``rows`` query rows (all when fewer), seeded."""
-    n = z.shape[-2]
-    if n <= rows:
-        return torch.arange(n)
-    return torch.randperm(n, generator=gen)[:rows].sort().values
-
-
-def calibrate_layers(capture: Callable[[list[float | None], int, int], list[tuple[torch.Tensor, torch.Tensor]]],
-                     layers: int, lengths: list[int], windows: int, train_len: int, head_dim: int,
-                     rows: int = 256, seed: int = 0, log=print) -> dict:
-    """Fit every layer in order. ``capture(dims, n, w)`` runs window w at length n with
-    ``infoscale(calibrated=True)`` at per-layer ``dims`` (None = head dim) and returns per layer
-    (logits (rows_all, n_k) as :func:`infoscale.attention_logits` gives them before the temperature, l per row).
-    The target is each layer's mean H / ln l at the training length (where the factor is 1)."""
-    gen = torch.Generator().manual_seed(seed)
-    ref = [[] for _ in range(layers)]
-    for w in range(windows):
-        for li, (z, l) in enumerate(capture([None] * layers, train_len, w)):
-            ref[li].append(h_norm(z, l))
-    dims: list[float | None] = [None] * layers
-    per_layer = []
-    for li in range(layers):
-        samples = []
-        for n in lengths:
-            for w in range(windows):
-                z, l = capture(dims, n, w)[li]
-                idx = sample_rows(z, rows, gen)
-                samples.append(Sample(n, z[idx], l[idx]))
-        target = float(np.mean(ref[li]))
-        fit = fit_dim(target, samples, train_len)
-        for n in lengths:  # the closed form, for comparison
-            fit["lengths"][str(n)]["H_norm_head_dim"] = float(np.mean(
-                [h_norm(s.z, s.l, infoscale_t(s.l, train_len, head_dim)) for s in samples if s.length == n]))
-        dims[li] = fit["dim"]
-        per_layer.append({"layer": li, **fit})
-        sat = " (saturated: needs more than sqrt(log-n))" if fit["saturated"] else ""
-        log(f"layer {li}: d_eff = {fit['dim']:.4g}{sat}; H/ln l at L {target:.3f}; at n={lengths[-1]}: plain "
-            f"{fit['lengths'][str(lengths[-1])]['H_norm_plain']:.3f}, head-dim InfoScale "
-            f"{fit['lengths'][str(lengths[-1])]['H_norm_head_dim']:.3f}, calibrated "
-            f"{fit['lengths'][str(lengths[-1])]['H_norm_calibrated']:.3f}")
-    return {"method": "infoscale", "train_len": train_len, "head_dim": head_dim, "lengths": lengths,
-            "windows": windows, "rows": rows, "seed": seed, "dims": [float(d) for d in dims], "layers": per_layer}
-
-
 # ---------------------------------------------------------------------------------------------
 # GAU runs
 # ---------------------------------------------------------------------------------------------
@@ -212,12 +79,15 @@ def gau_capture(model, windows_by_n: dict[int, list[np.ndarray]]):
 
 @dataclass
 class CalibrateConfig:
-    model: str = option(dataclasses.MISSING, "run directory written by `infoscale train`")
+    model: str = option(dataclasses.MISSING, "run directory written by `infoscale train`, or a pretrained causal LM: "
+                                             "a transformers model directory or a .gguf file")
     lengths: list[int] = option((), "lengths n > L to fit on; default 4L, 16L, 64L (those the held-out text allows)")
     windows: int = option(2, "unlabelled held-out windows per length")
     rows: int = option(256, "query rows per window used in the fit (a seeded subset at long lengths)")
     seed: int = option(0, "seed of the windows and rows")
-    corpus: str = option("", "held-out text for runs without split.json (converted checkpoints)")
+    corpus: str = option("", "held-out text for runs without split.json (converted checkpoints) and pretrained "
+                              "models")
+    train_len: int = option(0, "pretrained models: the training length L (0 = the config's)")
 
     def __post_init__(self):
         for name in ("windows", "rows"):
@@ -225,10 +95,45 @@ class CalibrateConfig:
                 raise ConfigError(f"--{name} must be at least 1, got {getattr(self, name)}")
 
 
+def calibrate_pretrained(cfg: CalibrateConfig, log=print) -> dict:
+    """A pretrained transformers model: :func:`infoscale.hf.calibrate` on windows of ``--corpus``, written to
+    :func:`infoscale.models.pretrained.calibration_path` (beside the model, never inside the user's files), where
+    ``infoscale eval`` finds it for ``infoscale(calibrated=True)``. Default lengths 2L and 4L (a pretrained
+    model's L is thousands of tokens: 16L would cost hours per forward on a CPU)."""
+    from . import hf
+    from .data import make_windows
+    from .models.pretrained import calibration_path, load_pretrained
+
+    run = load_pretrained(cfg.model, train_len=cfg.train_len or None)
+    L = run.train_len
+    docs = run.heldout_docs(cfg.corpus or None)
+    longest = max(len(a) for a in docs.arrays)
+    lengths = list(cfg.lengths) or [n for n in (2 * L, 4 * L) if n <= longest]
+    bad = [n for n in lengths if n <= L or n > longest]
+    if bad or not lengths:
+        raise ConfigError(f"lengths must be above L = {L} and at most the longest document of the corpus ({longest} "
+                          f"tokens); got {bad or lengths or 'none (the corpus is too short for 2L)'}")
+    ids = np.stack(make_windows(docs, max(lengths), "contiguous", cfg.windows, L, None, cfg.seed + 17))
+    t0 = time.perf_counter()
+    cal = hf.calibrate(run.model, torch.from_numpy(ids), lengths=lengths, train_len=L, rows=cfg.rows, seed=cfg.seed,
+                       log=log)
+    cal |= {"model": str(Path(cfg.model).resolve()), "sha256": run.train_config.get("sha256"),
+            "corpus": cfg.corpus, "seconds": time.perf_counter() - t0, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    path = calibration_path(cfg.model)
+    atomic_write_bytes(path, (json.dumps(cal, indent=1) + "\n").encode("utf-8"))
+    log(f"wrote {path} ({cal['seconds']:.0f} s); evaluate with --methods 'infoscale(calibrated=True)'")
+    return cal
+
+
 def calibrate(cfg: CalibrateConfig, log=print) -> dict:
     from .data import make_windows
+    from .models.pretrained import is_pretrained
     from .rundir import load_run
 
+    if is_pretrained(cfg.model):
+        return calibrate_pretrained(cfg, log)
+    if cfg.train_len:
+        raise ConfigError(f"--train-len is for pretrained models; {cfg.model} is a run directory (its L is known)")
     run = load_run(cfg.model)
     model, L = run.model, run.train_len
     if not hasattr(getattr(model, "base_model", model), "encoder"):

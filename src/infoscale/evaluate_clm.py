@@ -34,7 +34,7 @@ import torch
 from . import __version__
 from .errors import DataError, MethodError
 from .io import git_commit, merge_records, read_records, record_key
-from .rundir import load_run
+from .rundir import load_model
 from .runtime import precision_info, use_bf16
 from .stats import cluster_ci, window_fields
 from .tasks import clm
@@ -133,20 +133,6 @@ def passkey_records(model, pk, n: int, depths, trials: int, seed: int, device, b
              extra | {"n_predictions": trials})], trials  # one outcome per trial, not per digit
 
 
-def load_causal(path, device, train_len: int | None = None):
-    """A run directory (:func:`infoscale.rundir.load_run`) or a pretrained model
-    (:func:`infoscale.models.pretrained.load_pretrained`, with ``train_len`` overriding its config's L)."""
-    from .models.pretrained import is_pretrained, load_pretrained
-
-    if is_pretrained(path):
-        return load_pretrained(path, device, train_len=train_len)
-    run = load_run(path, device)
-    if train_len is not None and train_len != run.train_len:
-        raise DataError(f"--train-len {train_len} is for pretrained models; the run {run.name} was trained at "
-                        f"L = {run.train_len} (its length is known)")
-    return run
-
-
 def causal_cost(model, n: int, tokens_per_batch: int) -> tuple[int, float]:
     """(peak bytes of one forward batch beyond the weights, floating-point operations per window of n tokens) of
     a decoder at length n. Memory: per token the hidden states of a layer (a few copies of hidden and MLP
@@ -201,7 +187,7 @@ def evaluate_clm(cfg, models: list[str], log=print) -> list[dict]:
     new: list[dict] = []
     settings = [s for s in cfg.settings if s in CLM_SETTINGS]
     for path in models:
-        run = load_causal(path, device, cfg.train_len or None)
+        run = load_model(path, device, cfg.train_len or None)
         model, L = run.model, run.train_len
         _check_causal_budget(run, cfg, log)
         docs = run.heldout_docs(cfg.corpus or None)

@@ -890,7 +890,7 @@ def calibrate(model, input_ids, *, lengths: list[int] | None = None, train_len: 
     head. Layers are fitted in order (layer ℓ sees inputs from the calibrated layers before it), by
     ``module.layer_idx``. The dims are stored in ``config.infoscale["dims"]`` (saved by ``save_pretrained``;
     ``apply(model)`` after reloading uses them). Returns the calibration (as ``calibration.json`` holds it)."""
-    from .calibrate import calibrate_layers
+    from .calfit import calibrate_layers
 
     ids = torch.as_tensor(input_ids)
     ids = ids[None] if ids.dim() == 1 else ids

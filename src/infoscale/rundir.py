@@ -20,7 +20,7 @@ from .data import CORPORA, CharTokenizer, TokenDocs, load_corpus, load_tokenizer
 from .errors import DataError
 from .models import family, train_len_of
 
-__all__ = ["Run", "load_run"]
+__all__ = ["Run", "load_run", "load_model"]
 
 
 @dataclass
@@ -130,3 +130,18 @@ def load_run(path: str | Path, device="cpu") -> Run:
 
         attach(model, p / "calibration.json")
     return Run(p, model, tok, tcfg)
+
+
+def load_model(path, device, train_len: int | None = None):
+    """What ``--model``/``--models`` names: a run directory (:func:`load_run`) or a pretrained model, a
+    transformers model directory or a ``.gguf`` file (:func:`infoscale.models.pretrained.load_pretrained`, with
+    ``train_len`` overriding its config's L; a run's L is known, so ``train_len`` must agree with it)."""
+    from .models.pretrained import is_pretrained, load_pretrained
+
+    if is_pretrained(path):
+        return load_pretrained(path, device, train_len=train_len)
+    run = load_run(path, device)
+    if train_len is not None and train_len != run.train_len:
+        raise DataError(f"--train-len {train_len} is for pretrained models; the run {run.name} was trained at "
+                        f"L = {run.train_len} (its length is known)")
+    return run

@@ -30,7 +30,7 @@ import torch
 
 from ..errors import ConfigError, DataError
 
-__all__ = ["PretrainedRun", "is_pretrained", "load_pretrained", "HFTokenizer", "param_bytes"]
+__all__ = ["PretrainedRun", "is_pretrained", "load_pretrained", "HFTokenizer", "param_bytes", "calibration_path"]
 
 GGUF_SUFFIX = ".gguf"
 
@@ -88,7 +88,7 @@ class PretrainedRun:
 
     def training_summary(self, extra: tuple = ()) -> dict:
         keys = ("source", "format", "model_type", "architecture", "train_len", "train_len_from", "sha256",
-                "parameters")
+                "parameters", "calibration")
         return {k: self.train_config.get(k) for k in keys}
 
     def heldout_docs(self, corpus: str | None = None):
@@ -98,6 +98,30 @@ class PretrainedRun:
             raise DataError(f"{self.path} is a pretrained model without a held-out split: give the text to evaluate "
                             "on with --corpus (a named corpus such as austen or shakespeare, or a path)")
         return TokenDocs(load_corpus(corpus), self.tokenizer)
+
+
+def calibration_path(model) -> Path:
+    """Where ``infoscale calibrate`` writes a pretrained model's per-layer InfoScale dims: beside the model
+    (``<dir>.calibration.json`` or ``<file>.gguf.calibration.json``), not inside a directory we did not write."""
+    p = Path(model)
+    return p.parent / f"{p.name}.calibration.json"
+
+
+def _read_calibration(path: Path, layers: int) -> dict:
+    """A calibration file of this model: {"dims": [d per layer], "train_len": L}; one clear error if damaged."""
+    fix = f"delete {path} or rerun `infoscale calibrate --model ...`"
+    try:
+        cal = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        raise DataError(f"{path} is not a readable calibration (JSON); {fix}") from None
+    dims = cal.get("dims") if isinstance(cal, dict) else None
+    L = cal.get("train_len") if isinstance(cal, dict) else None
+    if not (isinstance(dims, list) and len(dims) == layers
+            and all(isinstance(d, (int, float)) and not isinstance(d, bool) and 0 < d < float("inf") for d in dims)
+            and isinstance(L, int) and L >= 2):
+        raise DataError(f"{path} is not a calibration of this model ({layers} positive dims and a train_len expected); "
+                        f"{fix}")
+    return cal
 
 
 def _sha256(path: Path) -> str:
@@ -227,7 +251,14 @@ def load_pretrained(path, device="cpu", *, train_len: int | None = None) -> Pret
     if len(tokenizer) > rows:
         raise DataError(f"{p}: the tokenizer has {len(tokenizer)} tokens but the model only {rows} embedding rows; "
                         "the tokenizer does not belong to this model")
-    tcfg = {"source": "pretrained", "format": fmt, "model_type": config.model_type,
+    cal_file = calibration_path(p)
+    calibrated_from = None
+    if cal_file.is_file():  # infoscale(calibrated=True) uses it when it was fitted at this L
+        cal = _read_calibration(cal_file, int(config.num_hidden_layers))
+        if cal["train_len"] == L:
+            model.config.infoscale = {"dims": [float(d) for d in cal["dims"]]}
+            calibrated_from = str(cal_file)
+    tcfg = {"source": "pretrained", "format": fmt, "model_type": config.model_type, "calibration": calibrated_from,
             "architecture": type(model).__name__, "train_len": L, "train_len_from": source,
             "sha256": _sha256(p) if fmt == "gguf" else None,
             "parameters": int(sum(t.numel() for t in model.parameters())),
