@@ -349,7 +349,11 @@ def _self_extend(p, ctx):
 def _dca(p, ctx):
     """Dual Chunk Attention (An et al. 2024, arXiv 2402.17463, Eq. 2-8; HKUNLP/ChunkLlama): keys at p_j mod s;
     a query at p_i mod s for keys of its own chunk (intra), at min(s + p_i mod s, s + w − 1) for keys of the
-    chunk before (successive) and at s + w − 1 for older chunks (inter). Chunks are floor(p / s)."""
+    chunk before (successive) and at s + w − 1 for older chunks (inter). Chunks are floor(p / s). ChunkLlama's
+    code (since March 2024) also scales cos and sin by 0.05·ln(n/L) + 1 beyond the model's
+    max_position_embeddings, a length temperature outside DCA's definition, left out here (compose one with
+    ``+``); its perplexity script runs local_window = L/4 (dca(chunk=L/2, local=L/4 + 1)), its passkey script
+    the default L/8."""
     _plain_theta("dca", ctx)
     s, top = float(p.chunk), float(p.chunk + p.local - 1)
 
