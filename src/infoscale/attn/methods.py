@@ -218,6 +218,7 @@ class Region:
     select: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
     q_at: Callable[[torch.Tensor], torch.Tensor] = _same
     k_at: Callable[[torch.Tensor], torch.Tensor] = _same
+    later_keys: bool = False  # selects only keys after their query (p_j > p_i): causal attention skips it
 
 
 @dataclass
@@ -281,7 +282,7 @@ def _piecewise(w: float, k: torch.Tensor) -> list[Region]:
 
     return [Region(None),  # |Δ| <= w: plain positions
             Region(lambda qp, kp: kp - qp > w,  # Δ' = w + (Δ − w)/k: q at p_i/k − w(1 − 1/k)
-                   lambda pos: scaled(pos) - shift.to(pos.device), scaled),
+                   lambda pos: scaled(pos) - shift.to(pos.device), scaled, later_keys=True),
             Region(lambda qp, kp: kp - qp < -w,  # Δ' = −w + (Δ + w)/k
                    lambda pos: scaled(pos) + shift.to(pos.device), scaled)]
 
@@ -343,7 +344,8 @@ def _self_extend(p, ctx):
     return PositionEffect(regions=[
         Region(None),  # neighbours, |Δ| < W
         Region(lambda qp, kp: qp - kp >= w, lambda pos: grouped(pos) + shift.to(pos.device), grouped),
-        Region(lambda qp, kp: kp - qp >= w, lambda pos: grouped(pos) - shift.to(pos.device), grouped)])
+        Region(lambda qp, kp: kp - qp >= w, lambda pos: grouped(pos) - shift.to(pos.device), grouped,
+               later_keys=True)])
 
 
 def _dca(p, ctx):

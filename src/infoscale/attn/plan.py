@@ -181,6 +181,8 @@ def build_plan(method, *, n: int | None = None, batch: int, heads: int, head_dim
                 slopes_right = eff.slopes_right.to(device) if eff.slopes_right is not None else None
         if m.mask is not None:
             window, sinks = m.mask(p)
+    if causal:  # a region of keys after their query only holds pairs causality masks: not scored at all
+        regions = [r for i, r in enumerate(regions) if i == 0 or not r.later_keys]
     if softcap is not None and not (softcap > 0 and math.isfinite(softcap)):
         raise MethodError(f"softcap must be a positive number, got {softcap}")
     to = {"device": device}
