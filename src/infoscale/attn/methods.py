@@ -11,13 +11,16 @@ slot           what its function gives (see :class:`Method`)
 =============  ==========================================================================
 normalize      ``normalize(p)``: q, k are L2-normalised and the logit scale becomes s (CosScale)
 temperature    ``temperature(p, l, ctx)``: a per-row factor on the logits from l, the keys a query attends
-positions      ``positions(p, ctx)``: RoPE frequencies (PI, NTK, YaRN), piecewise relative positions
-               (ReRoPE, Leaky ReRoPE, LM-Infinite's distance cap) or ALiBi slopes (no RoPE)
+positions      ``positions(p, ctx)``: RoPE frequencies (PI, NTK, YaRN), regions of (i, j) pairs with their
+               own q and k positions (ReRoPE, Leaky ReRoPE, LM-Infinite's distance cap, SelfExtend's
+               groups, DCA's chunks) or ALiBi slopes (no RoPE)
 mask           ``mask(p)``: a band |Δ| <= window plus sink tokens (window, StreamingLLM, LM-Infinite)
 training       ``training(p, L)``: training-time positions (PoSE); nothing at evaluation
 =============  ==========================================================================
 
-``defaults(p, L)`` fills parameters whose default depends on the training length. The plan that
+``defaults(p, L)`` fills parameters whose default depends on the training length; ``dynamic(p)`` says
+whether the method depends on n (a KV cache keeps the prompt's n); ``causal_only`` refuses bidirectional
+attention (DCA). The plan that
 :func:`infoscale.attention` runs (:mod:`infoscale.attn.plan`) folds these functions and never names
 a method, so a new method is one registry entry (plus its naive formula in the tests).
 
@@ -580,7 +583,8 @@ REGISTRY: dict[str, Method] = {
                "∓ (W − floor(W/G))",
                "Jin et al. 2024 (LLM Maybe LongLM: Self-Extend LLM Context Window Without Tuning), arXiv "
                "2401.01325; github.com/datamllab/LongLM self_extend_patch/Llama.py (grouped logits where "
-               "i − j >= W; query shift W − W//G since the May 2024 fix of Llama_4_40.py)",
+               "i − j >= W; query shift W − W/G there, W − W//G in Llama_4_40.py since May 2024: equal when "
+               "G divides W)",
                validate=_v_self_extend, defaults=_fill(window=lambda L: max(1, L // 4)), positions=_self_extend,
                dynamic=lambda p: p.group is None),
         Method("dca", ("positions",), DCAParams,
