@@ -38,13 +38,49 @@ def yarn_theta(d, s, L, beta_fast=32.0, beta_slow=1.0):
     return np.array(out)
 
 
+def self_extend_group(n, L, W):
+    """The smallest group size whose grouped relative positions all stay below L (the largest is the last query's
+    distance to key 0)."""
+    G = 1
+    while math.floor((n - 1) / G) + W - math.floor(W / G) > L - 1:
+        G += 1
+    return G
+
+
+def self_extend_delta(pi, pj, W, G):
+    """SelfExtend (Jin et al. 2024, arXiv 2401.01325): the plain distance inside the neighbour window |Δ| < W;
+    outside it, the key sits at ⌊p_j/G⌋ and the query at ⌊p_i/G⌋ + (W − ⌊W/G⌋) (key on the left; mirrored,
+    − (W − ⌊W/G⌋), for a key on the right)."""
+    if abs(pj - pi) < W:
+        return pj - pi
+    shift = W - math.floor(W / G)
+    query = math.floor(pi / G) + (shift if pj < pi else -shift)
+    return math.floor(pj / G) - query
+
+
+def dca_delta(pi, pj, s, w):
+    """Dual Chunk Attention (An et al. 2024, arXiv 2402.17463, Eq. 2, 5, 7, 8), pretraining length c = s + w:
+    P_k = p_j mod s; the query is P_q^Intra = p_i mod s in the key's chunk, P_q^Succ = s + (p_i mod s) for its
+    first w positions and c − 1 after them when the key's chunk is the one before, P_q^Inter = c − 1 otherwise."""
+    c = s + w
+    gap = math.floor(pi / s) - math.floor(pj / s)
+    if gap <= 0:
+        query = pi % s
+    elif gap == 1:
+        query = s + pi % s if pi % s < w else c - 1
+    else:
+        query = c - 1
+    return pj % s - query
+
+
 def naive_attention(q, k, v, method: dict, L: int, causal=False, pad=None, positions=None):
     """q, k: (B, H, n, d), v: (B, H, n, e) numpy; ``method`` is a dict of plain settings:
 
     temp: None|'infoscale'|'infoscale_noclamp'|'logn'|'softmax_plus'|'llama4' (beta, floor); cos_s: CosScale s or None;
-    pos: None|'pi'|'ntk'|'yarn'|'hf_dynamic'|'rerope'|'leaky'|'lminf'|'alibi' with w, k, cap, factor (alibi: slopes, and
-    right_slopes for keys right of the query); infoscale's dim replaces d in its formula and temp_len replaces
-    L in infoscale's and logn's;
+    pos: None|'pi'|'ntk'|'yarn'|'hf_dynamic'|'rerope'|'leaky'|'lminf'|'alibi'|'self_extend'|'dca' with w, k, cap,
+    factor (alibi: slopes, and right_slopes for keys right of the query; self_extend: w and group, None = per
+    length; dca: chunk, local); infoscale's dim replaces d in its formula and temp_len replaces L in infoscale's
+    and logn's;
     mask: None|'window'|'sinks' with w, sinks.
     Returns (out, weights).
     """
@@ -101,6 +137,11 @@ def naive_attention(q, k, v, method: dict, L: int, causal=False, pad=None, posit
                             delta = math.copysign(min(abs(delta), method["w"]), delta)
                         elif pos == "lminf":
                             delta = math.copysign(min(abs(delta), method["cap"]), delta)
+                        elif pos == "self_extend":
+                            G = method.get("group") or self_extend_group(n_real, L, method["w"])
+                            delta = self_extend_delta(p[i], p[j], method["w"], G)
+                        elif pos == "dca":
+                            delta = dca_delta(p[i], p[j], method["chunk"], method["local"])
                         elif pos == "leaky" and abs(delta) > method["w"]:
                             kk = method["k"] if method.get("k") else max(1.0, (n_real - 1 - method["w"])
                                                                          / max(L - 1 - method["w"], 1))

@@ -8,8 +8,9 @@ import torch
 
 import infoscale
 from infoscale.attn.methods import REGISTRY
+from infoscale.attn.rope import Rope
 
-from .naive import naive_attention
+from .naive import naive_attention, self_extend_group
 
 L = 8  # training length for these tests: n ∈ {L, 2L, 16L}
 D = 8
@@ -42,6 +43,8 @@ CASES = {
     "hf_linear": {"pos": "pi", "factor": 2.0},
     "hf_dynamic": {"pos": "hf_dynamic", "factor": 2.0},
     "hf_yarn": {"pos": "yarn", "factor": 2.0},
+    "self_extend": {"pos": "self_extend", "w": L // 4, "group": None},
+    "dca": {"pos": "dca", "chunk": 3 * L // 4 - L // 8, "local": L // 8 + 1},
     # non-default parameters and combinations
     "infoscale(clamp=False)": {"temp": "infoscale_noclamp"},
     "cosscale(s=16)+infoscale": {"cos_s": 16.0, "temp": "infoscale"},
@@ -65,7 +68,18 @@ CASES = {
     "infoscale(clamp=False, train_len=32)": {"temp": "infoscale_noclamp", "temp_len": 32},
     "streamingllm(sinks=2, window=3)+infoscale": {"mask": "sinks", "sinks": 2, "w": 3, "temp": "infoscale"},
     "lm_infinite(sinks=3, window=5, cap=6)": {"mask": "sinks", "sinks": 3, "w": 5, "pos": "lminf", "cap": 6},
+    "self_extend(group=3, window=2)+infoscale": {"pos": "self_extend", "w": 2, "group": 3, "temp": "infoscale"},
+    "self_extend(window=5)+infoscale": {"pos": "self_extend", "w": 5, "group": None, "temp": "infoscale"},
+    "dca(chunk=3, local=2)+logn": {"pos": "dca", "chunk": 3, "local": 2, "temp": "logn"},
+    "dca(chunk=4, local=6)+window(width=9)": {"pos": "dca", "chunk": 4, "local": 6, "mask": "window", "w": 9},
 }
+
+# positions that depend on where the sequence starts (groups, chunks), not only on p_j − p_i
+ABSOLUTE = {m for m, c in CASES.items() if c.get("pos") in ("self_extend", "dca")}
+
+
+def _causal_only(method) -> bool:
+    return any(c.method.causal_only for c in infoscale.parse_method(method).components)
 
 
 def test_every_registered_method_has_a_naive_case():
@@ -93,6 +107,10 @@ def _pad(n):
 def test_matches_naive(method, n, causal, padded):
     q, k, v = _inputs(n, seed=n)
     pad = _pad(n) if padded else None
+    if not causal and _causal_only(method):  # DCA: keys are assumed to precede their query
+        with pytest.raises(infoscale.MethodError, match="causal attention only"):
+            infoscale.attention(q, k, v, method, train_len=L, causal=causal, key_padding_mask=pad)
+        return
     want, want_w = naive_attention(q.numpy(), k.numpy(), v.numpy(), CASES[method], L, causal=causal,
                                    pad=None if pad is None else pad.numpy())
     got, got_w = infoscale.attention(q, k, v, method, train_len=L, causal=causal, key_padding_mask=pad,
@@ -106,6 +124,8 @@ def test_matches_naive(method, n, causal, padded):
 @pytest.mark.parametrize("method", list(CASES))
 @pytest.mark.parametrize("causal", [False, True])
 def test_fast_equals_reference_fp32_and_bf16(method, causal):
+    if not causal and _causal_only(method):
+        pytest.skip("causal only")
     n = 16 * L + 3  # not a multiple of the chunk
     q, k, v = _inputs(n, seed=1, dv=16)
     pad = _pad(n)
@@ -124,7 +144,7 @@ def test_fast_equals_reference_fp32_and_bf16(method, causal):
 
 @pytest.mark.parametrize("method", ["infoscale", "logn", "pi", "ntk", "yarn", "rerope(window=8)",
                                     "leaky_rerope(window=8)", "lm_infinite(sinks=0, window=7, cap=8)",
-                                    "window(width=7)"])
+                                    "window(width=7)", "self_extend"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_identity_within_training_length(method, causal):
     for n in (3, L):
@@ -140,7 +160,8 @@ def test_identity_within_training_length(method, causal):
         assert (got - plain).abs().max() > 1e-3
 
 
-@pytest.mark.parametrize("method", [m for m in CASES if "cosscale" not in m and not CASES[m].get("sinks")])
+@pytest.mark.parametrize("method", [m for m in CASES if "cosscale" not in m and not CASES[m].get("sinks")
+                                    and m not in ABSOLUTE])
 def test_relative_position_invariance(method):
     """Shifting every position by a constant leaves the output unchanged: scores depend on p_j − p_i."""
     n = 4 * L
@@ -164,7 +185,8 @@ def test_sinks_are_the_first_positions():
 
 
 @pytest.mark.parametrize("method", ["rerope", "rerope(window=3)", "leaky_rerope(window=2, k=2.0)",
-                                    "lm_infinite(sinks=2, window=5, cap=4)", "softmax"])
+                                    "lm_infinite(sinks=2, window=5, cap=4)", "softmax",
+                                    "self_extend(group=3, window=2)", "self_extend"])
 def test_piecewise_positions_symmetric_in_sign(method):
     """With q = k, bidirectional logits are symmetric iff Δ'(i, j) = −Δ'(j, i). The official code's
     ReRoPE (q at +(w−1) on both sides) breaks this."""
@@ -193,6 +215,117 @@ def test_rerope_caps_distance_beyond_window():
     assert abs(z[0, 0, 30, 10].item() - zl[0, 0, 0, 1].item()) < 1e-5  # Δ = −20 scores as −w
 
 
+def _relative_positions(method, n, causal=True):
+    """Each pair's effective relative position Δ' (p_j − p_i for plain RoPE), read back from the logits of one
+    RoPE pair at frequency 0.1 (|Δ'| < 10π): with q = k = e0 the score is cos(0.1Δ'), with k = e1 it is −sin(0.1Δ')."""
+    e0 = torch.tensor([1.0, 0.0]).expand(1, 1, n, 2)
+    e1 = torch.tensor([0.0, 1.0]).expand(1, 1, n, 2)
+    kw = dict(train_len=L, causal=causal, rope=Rope(2, inv_freq=(0.1,)), scale=1.0)
+    c = infoscale.attention_logits(e0, e0, method, **kw)[0, 0].double()
+    s = -infoscale.attention_logits(e0, e1, method, **kw)[0, 0].double()
+    delta = torch.atan2(s, c) / 0.1
+    return torch.where(c > -1e30, delta, torch.nan)
+
+
+def test_relative_positions_read_back():
+    got = _relative_positions("softmax", 6, causal=False)
+    want = (torch.arange(6.0)[None, :] - torch.arange(6.0)[:, None]).double()
+    assert torch.allclose(got, want, atol=1e-4)
+
+
+def test_self_extend_positions_golden():
+    """G = 2, W = 4, ten tokens, worked by hand from Δ' = ⌊j/G⌋ − (⌊i/G⌋ + W − ⌊W/G⌋) for i − j >= W: i − j
+    below the diagonal reads 0 1 2 3 4 4 5 5 6 6 (row 9), the same matrix as LongLM's authors' own example."""
+    want = [[0],
+            [1, 0],
+            [2, 1, 0],
+            [3, 2, 1, 0],
+            [4, 3, 2, 1, 0],
+            [4, 4, 3, 2, 1, 0],
+            [5, 5, 4, 3, 2, 1, 0],
+            [5, 5, 4, 4, 3, 2, 1, 0],
+            [6, 6, 5, 5, 4, 3, 2, 1, 0],
+            [6, 6, 5, 5, 4, 4, 3, 2, 1, 0]]
+    got = -_relative_positions("self_extend(group=2, window=4)", 10)
+    for i, row in enumerate(want):
+        assert got[i, : i + 1].round().tolist() == row, i
+        assert torch.allclose(got[i, : i + 1], torch.tensor(row, dtype=torch.float64), atol=1e-4)
+    # bidirectional: the mirror image, Δ'(i, j) = −Δ'(j, i)
+    both = _relative_positions("self_extend(group=2, window=4)", 10, causal=False)
+    assert torch.allclose(both, -both.T, atol=1e-4)
+    assert torch.allclose(-both.tril(), got.nan_to_num().tril(), atol=1e-4)
+
+
+def test_dca_positions_golden():
+    """The paper's running example (Figure 2: chunk s = 6, pretraining length c = 10, local window w = 4),
+    18 tokens: P_k = P_q^Intra = [0..5] per chunk, P_q^Succ = [6, 7, 8, 9, 9, 9] per chunk, P_q^Inter = 9;
+    M[i][j] = P_q[i] − P_k[j] with P_q chosen by ⌊i/s⌋ − ⌊j/s⌋ = 0, 1, >= 2 (Eq. 8)."""
+    n, s = 18, 6
+    pk = [0, 1, 2, 3, 4, 5] * 3
+    intra, succ, inter = pk, [6, 7, 8, 9, 9, 9] * 3, [9] * n
+    got = -_relative_positions("dca(chunk=6, local=4)", n)
+    for i in range(n):
+        for j in range(i + 1):
+            gap = i // s - j // s
+            pq = intra[i] if gap == 0 else succ[i] if gap == 1 else inter[i]
+            assert abs(got[i, j].item() - (pq - pk[j])) < 1e-4, (i, j)
+    assert torch.isnan(got.triu(1)[got.triu(1) != 0]).all()  # causal: nothing above the diagonal
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_self_extend_group_one_is_plain_rope(causal):
+    """G = 1 puts the grouped positions back at the plain ones (W − ⌊W/1⌋ = 0): plain RoPE for every window."""
+    q, k, v = _inputs(4 * L, seed=13)
+    plain = infoscale.attention(q, k, v, "softmax", train_len=L, causal=causal)
+    for w in (1, 3, 40):
+        got = infoscale.attention(q, k, v, f"self_extend(group=1, window={w})", train_len=L, causal=causal)
+        assert (got - plain).abs().max() < 1e-5, w
+
+
+def test_dca_one_chunk_is_plain_rope():
+    """A chunk at least as long as the sequence: every pair is intra-chunk at its plain positions."""
+    n = 4 * L
+    q, k, v = _inputs(n, seed=14)
+    plain = infoscale.attention(q, k, v, "softmax", train_len=L, causal=True)
+    for chunk, local in ((n, 1), (n + 7, 3), (10 * n, n)):
+        got = infoscale.attention(q, k, v, f"dca(chunk={chunk}, local={local})", train_len=L, causal=True)
+        assert (got - plain).abs().max() < 1e-5, chunk
+    assert (infoscale.attention(q, k, v, "dca", train_len=L, causal=True) - plain).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window", [3, L - 1])
+def test_self_extend_with_one_group_is_rerope(window, causal):
+    """With G above every position all grouped positions are 0 and ⌊W/G⌋ = 0, so beyond the window every key sits
+    W away on its side: ReRoPE(w = W), exactly. (With W = L − 1 this is ReRoPE as the LongLM authors relate it to
+    SelfExtend.) With a finite G they differ."""
+    n = 4 * L
+    q, k, v = _inputs(n, seed=15)
+    rerope = infoscale.attention(q, k, v, f"rerope(window={window})", train_len=L, causal=causal)
+    got = infoscale.attention(q, k, v, f"self_extend(group={n}, window={window})", train_len=L, causal=causal)
+    assert (got - rerope).abs().max() < 1e-5
+    finite = infoscale.attention(q, k, v, f"self_extend(group=4, window={window})", train_len=L, causal=causal)
+    assert (finite - rerope).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("method,period", [("self_extend(group=3, window=2)", 3), ("self_extend", None),
+                                           ("dca(chunk=5, local=2)", 5)])
+def test_grouped_and_chunked_positions_shift_by_their_period(method, period):
+    """Groups and chunks are fixed on absolute positions: a shift by a multiple of G (of s) changes nothing, a shift
+    by one does."""
+    n = 4 * L
+    q, k, v = _inputs(n, seed=16)
+    base = infoscale.attention(q, k, v, method, train_len=L, causal=True)
+    if period is None:  # the default group at n = 4L
+        period = self_extend_group(n, L, L // 4)
+        assert period > 1
+    moved = infoscale.attention(q, k, v, method, train_len=L, causal=True, positions=torch.arange(n) + 7 * period,
+                                seq_len=n)
+    assert (base - moved).abs().max() < 1e-5
+    off = infoscale.attention(q, k, v, method, train_len=L, causal=True, positions=torch.arange(n) + 1, seq_len=n)
+    assert (base - off).abs().max() > 1e-3
+
+
 def test_pi_divides_positions():
     """PI at s = 4 equals plain RoPE at positions / 4 (the official code multiplies)."""
     n = 4 * L
@@ -206,6 +339,8 @@ def test_pi_divides_positions():
 @pytest.mark.parametrize("causal", [False, True])
 def test_padding_invariance(method, causal):
     """Right-padding a sequence changes nothing for its real tokens; padded keys get no weight."""
+    if not causal and _causal_only(method):
+        pytest.skip("causal only")
     n, extra = 3 * L, 5
     q, k, v = _inputs(n, seed=9, b=1)
     alone, _ = infoscale.attention(q, k, v, method, train_len=L, causal=causal, return_weights=True)
@@ -247,7 +382,7 @@ def test_fast_path_gradients_equal_reference_gradients(method):
     q, k, v = (t.requires_grad_() for t in _inputs(3 * L, seed=12))
     grads = {}
     for impl in ("fast", "reference"):
-        out = infoscale.attention(q, k, v, method, train_len=L, impl=impl, chunk_size=5)
+        out = infoscale.attention(q, k, v, method, train_len=L, impl=impl, chunk_size=5, causal=_causal_only(method))
         grads[impl] = torch.autograd.grad((out * torch.linspace(-1, 1, out.shape[-1])).square().sum(), (q, k, v))
     for a, b in zip(grads["fast"], grads["reference"], strict=True):
         assert torch.isfinite(a).all() and b.abs().sum() > 0

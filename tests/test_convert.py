@@ -276,6 +276,18 @@ def test_training_temperature_is_inherited_at_evaluation():
     assert str(cos.resolve_method("infoscale")) == "cosscale(s=128.0)+infoscale(clamp=True)"
 
 
+def test_bidirectional_gau_refuses_causal_only_methods():
+    """DCA assumes every key precedes its query: GAU (bidirectional) refuses it when resolving, which evaluation reports
+    as a method that does not apply; SelfExtend, symmetric in |i − j|, runs."""
+    model = GAUForMaskedLM(GAUConfig(vocab_size=20, hidden_size=16, intermediate_size=32, attention_key_size=8,
+                                     num_hidden_layers=1, train_len=8)).eval()
+    with pytest.raises(MethodError, match="dca is defined for causal attention only"):
+        model.resolve_method("dca+logn")
+    ids = torch.randint(3, 20, (1, 40))
+    with torch.no_grad():
+        assert torch.isfinite(model(ids, method="self_extend+infoscale").logits).all()
+
+
 class _OpensAFile:
     """Unpickling this calls open(path, "w"), i.e. creates a file: code run by a pickle."""
 

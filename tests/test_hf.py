@@ -41,6 +41,8 @@ from infoscale import hf
 from infoscale.attn.rope import Rope
 from infoscale.errors import ConfigError, MethodError
 
+from .naive import self_extend_group
+
 L = 8  # training length of every tiny model
 N = 24  # evaluation length: 3 L
 V = 64  # vocabulary
@@ -97,7 +99,12 @@ CAUSAL = ["llama", "qwen2", "mistral", "gemma2", "gemma3", "phi3", "smollm3"]
 FAMILIES = CAUSAL + ["modernbert"]
 METHODS = ["softmax", "infoscale", "logn", "softmax_plus", "pi", "ntk", "yarn", "rerope", "leaky_rerope", "window",
            "streamingllm", "lm_infinite", "rerope+infoscale", "leaky_rerope(window=3)+logn", "yarn+infoscale",
-           "ntk+streamingllm(sinks=2, window=5)+infoscale", "window(width=3)+logn", "pi(factor=2)"]
+           "ntk+streamingllm(sinks=2, window=5)+infoscale", "window(width=3)+logn", "pi(factor=2)", "self_extend",
+           "self_extend(group=3, window=2)+infoscale", "dca", "dca(chunk=4, local=2)+logn"]
+
+
+def _causal_only(method: str) -> bool:
+    return any(c.method.causal_only for c in infoscale.parse_method(method).components)
 
 
 def ids_for(batch: int = 1, n: int = N, seed: int = 1):
@@ -223,6 +230,10 @@ def _nope(method: str) -> str:
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_layers_equal_core(family, method):
+    if family == "modernbert" and _causal_only(method):  # DCA on a bidirectional model
+        with pytest.raises(MethodError, match="causal attention only"):
+            hf.apply(model_for(family), method)
+        return
     _layers_equal_core(family, method)
 
 
@@ -323,12 +334,14 @@ def test_long_band_equals_core(family, method):
 # --------------------------------------------------------------------------------------------
 
 PAD_METHODS = ["softmax", "infoscale", "yarn", "leaky_rerope+logn", "streamingllm(sinks=2, window=5)",
-               "lm_infinite+infoscale"]
+               "lm_infinite+infoscale", "self_extend+logn", "dca(chunk=5, local=3)"]
 
 
 @pytest.mark.parametrize("method", PAD_METHODS)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_padded_batch_equals_rows(family, method):
+    if family == "modernbert" and _causal_only(method):
+        pytest.skip("causal only")
     m = hf.apply(model_for(family), method)
     a, b = ids_for(1, N, seed=2), ids_for(1, N - 7, seed=3)
     batch = torch.zeros(2, N, dtype=torch.long)
@@ -346,7 +359,8 @@ def test_padded_batch_equals_rows(family, method):
 
 
 def _fixed(method: str, n: int) -> str:
-    """The method with the factor a cached decode fixes at a prompt of n tokens (s = n / L; Leaky ReRoPE's k)."""
+    """The method with the factor a cached decode fixes at a prompt of n tokens (s = n / L; Leaky ReRoPE's k;
+    SelfExtend's group)."""
     pm = infoscale.parse_method(method, L).resolved(L)
     parts = []
     for c in pm.components:
@@ -356,13 +370,15 @@ def _fixed(method: str, n: int) -> str:
             parts.append(f"{c.name}(factor={max(1.0, n / L)}{extra})")
         elif c.name == "leaky_rerope" and p.k is None:
             parts.append(f"leaky_rerope(window={p.window}, k={max(1.0, (n - 1 - p.window) / (L - 1 - p.window))})")
+        elif c.name == "self_extend" and p.group is None:
+            parts.append(f"self_extend(group={self_extend_group(n, L, p.window)}, window={p.window})")
         else:
             parts.append(str(c))
     return "+".join(parts) or "softmax"
 
 
 DECODE_METHODS = ["softmax", "infoscale", "pi", "ntk", "yarn+logn", "rerope", "leaky_rerope", "window",
-                  "streamingllm(sinks=2, window=5)+infoscale", "lm_infinite"]
+                  "streamingllm(sinks=2, window=5)+infoscale", "lm_infinite", "self_extend", "dca+infoscale"]
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static", "static-unpadded"])

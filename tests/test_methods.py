@@ -141,6 +141,12 @@ def test_parse_and_resolve():
     assert r.get("rerope").window == 32 and r.get("window").width == 32 and r.get("pose").target == 4096
     lm = parse_method("lm_infinite", 64).resolved(64)
     assert (lm.get("lm_infinite").window, lm.get("lm_infinite").cap, lm.get("lm_infinite").sinks) == (63, 64, 10)
+    # SelfExtend: W = L/4 (LongLM's 1024 at 4096), G per length; DCA: ChunkLlama's chunk_size 3L/4 and local_window
+    # L/8 at L = 4096 are a chunk of 3072 − 512 = 2560 and the first 513 queries of a chunk at their distances
+    se = parse_method("self_extend", 4096).resolved(4096).get("self_extend")
+    assert (se.group, se.window) == (None, 1024)
+    dca = parse_method("dca", 4096).resolved(4096).get("dca")
+    assert (dca.chunk, dca.local) == (2560, 513) and dca.chunk + dca.local - 1 == 3072
     assert str(parse_method("softmax")) == "softmax"
     assert str(parse_method("softmax+infoscale")) == "infoscale(clamp=True)"
 
@@ -204,6 +210,12 @@ ERRORS += [
     ("rerope(window=" + "9" * 5000 + ")", "too long"),
     ("rerope(window=" + "-" * 1900 + "1)", "rerope: parameter window must be a literal"),
     ("rerope(window=3, window=4)", "rerope: parameter window is given twice"),
+    ("self_extend(window=64)", "self_extend: window (64) must be below the training length (64)"),
+    ("self_extend(group=0)", "self_extend: group must be a positive finite number"),
+    ("self_extend(group=2.5)", "self_extend: parameter group must be int or None"),
+    ("dca(chunk=0)", "dca: chunk must be a positive finite number"),
+    ("self_extend+dca", "self_extend and dca both set the attention positions"),
+    ("dca+rerope", "dca and rerope both set the attention positions"),
 ]
 
 
@@ -259,3 +271,18 @@ def test_cli_methods_lists_everything(capsys):
         assert m.source in out
         for f in dataclasses.fields(m.params):
             assert f"- {f.name}: " in out
+
+
+def test_self_extend_default_group():
+    """The default G is the smallest that keeps every grouped position below L. LongLM's README example: a 15,800-token
+    input, Llama-2 (4096) and W = 1024 take G = 5, since 5·(4096 − 1024) + 1024 >= 15,800, and then use positions up
+    to 3,979; inside the training length G = 1 (plain RoPE)."""
+    from infoscale.attn.methods import _smallest_group
+
+    assert _smallest_group(15800, 4096, 1024) == 5
+    assert (15800 - 1) // 5 + 1024 - 1024 // 5 == 3979
+    assert all(_smallest_group(n, 64, 16) == 1 for n in range(1, 65))
+    for n, L, w in ((65, 64, 16), (1000, 64, 16), (300, 64, 63), (4096, 64, 5)):
+        g = _smallest_group(n, L, w)
+        assert (n - 1) // g + w - w // g <= L - 1
+        assert g == 1 or (n - 1) // (g - 1) + w - w // (g - 1) > L - 1

@@ -31,7 +31,8 @@ How it plugs in (transformers' "attention interface", docs: huggingface.co/docs/
   ``l_i = Σ_j mask_ij`` over the model's own mask (padding, causal, sliding window) and the method's; when
   the mask was skipped, l_i = q_offset + i + 1 (causal) or n_k (bidirectional), which is the same count.
 
-Positions (ReRoPE, Leaky ReRoPE, LM-Infinite, PI, NTK, YaRN): these need the keys *before* rotation. ``apply``
+Positions (ReRoPE, Leaky ReRoPE, SelfExtend, DCA, LM-Infinite, PI, NTK, YaRN): these need the keys *before*
+rotation. ``apply``
 replaces the model's rotary module(s) by a stand-in returning cos = 1, sin = 0 of the same shape, so the
 model's own ``apply_rotary_pos_emb`` becomes the identity and the KV cache stores un-rotated keys (the design of
 bojone/rerope, mit-han-lab/streaming-llm's pos-shift and LongLM's SelfExtend). The original rotary module is
@@ -45,12 +46,12 @@ inside :func:`infoscale.attention` (O(n_k·d) per layer and step). Methods witho
 rotary modules alone: q and k arrive rotated and the core is called with ``rope=False``.
 
 Dynamic factors when decoding: PI, NTK and YaRN without a ``factor`` use s = n / L, and Leaky ReRoPE without
-``k`` uses n, where n is the number of real tokens. In a forward pass without a cache n is the sequence length.
-With a cache, n is fixed by the prompt at prefill and kept for every decoding step (as Qwen's dynamic NTK,
-``Qwen/Qwen-7B`` ``modeling_qwen.py``, which computes its NTK alpha at prefill only): a forward hook stores it on
-the cache object. Cached decoding therefore equals a full forward with that fixed factor, e.g.
-``pi(factor=n_prompt / L)``; the keys of earlier steps stay consistent because every key is re-rotated with the
-same frequencies at every step.
+``k`` and SelfExtend without ``group`` use n, where n is the number of real tokens. In a forward pass without a
+cache n is the sequence length. With a cache, n is fixed by the prompt at prefill and kept for every decoding
+step (as Qwen's dynamic NTK, ``Qwen/Qwen-7B`` ``modeling_qwen.py``, which computes its NTK alpha at prefill
+only): a forward hook stores it on the cache object. Cached decoding therefore equals a full forward with that
+fixed factor, e.g. ``pi(factor=n_prompt / L)``; the keys of earlier steps stay consistent because every key is
+re-rotated with the same frequencies at every step.
 
 The computation is :func:`infoscale.attention` (reference semantics). Methods that only scale logits per query
 row or mask keys (softmax, temperatures, window, StreamingLLM) take a fast path that folds the row factor
@@ -146,12 +147,9 @@ def _without_positions(pm):
 
 
 def _dynamic(pm) -> bool:
-    """Whether the method depends on n (dynamic PI/NTK/YaRN, Leaky ReRoPE's default k)."""
-    c = pm.slot("positions")
-    if c is None:
-        return False
-    return (c.name in ("pi", "ntk", "yarn") and c.params.factor is None) or (
-        c.name == "leaky_rerope" and c.params.k is None)
+    """Whether the method depends on n (dynamic PI/NTK/YaRN, Leaky ReRoPE's default k, SelfExtend's default group),
+    as its registry entry says."""
+    return any(c.method.dynamic is not None and c.method.dynamic(c.params) for c in pm.components)
 
 
 def _settings(config) -> dict:
@@ -241,12 +239,14 @@ def _bool_mask(mask, n_q: int, n_k: int) -> torch.Tensor | None:
     return mask[..., -n_q:, :n_k]
 
 
-def _geometry(mask, raw_mask, n_q: int, n_k: int, causal: bool, device):
+def _geometry(mask, raw_mask, n_q: int, n_k: int, causal: bool, device, position_ids=None):
     """Query positions (B|1, n_q), key positions (B|1, n_k), key padding (B, n_k) or None.
 
     From the mask's record when transformers built it; from the shapes when it skipped it (then there is
     no padding and the queries are the last n_q keys, except at a static cache's prefill, the only skip with
-    1 < n_q < n_k, where they are the first n_q); from the mask's diagonal for a caller's own 4-D mask.
+    1 < n_q < n_k, where they are the first n_q), placed by the model's ``position_ids``: a full sliding-window
+    cache holds the last n_k tokens, not the first, which a method on absolute positions (SelfExtend's groups,
+    DCA's chunks) must know; from the mask's diagonal for a caller's own 4-D mask.
     """
     meta = getattr(raw_mask, _META_ATTR, None) if raw_mask is not None else None
     if meta is not None:
@@ -263,11 +263,23 @@ def _geometry(mask, raw_mask, n_q: int, n_k: int, causal: bool, device):
     k_pos = torch.arange(n_k, device=device)[None]
     if mask is None:
         q_off = 0 if (causal and 1 < n_q < n_k) else n_k - n_q
-        return (torch.arange(n_q, device=device) + q_off)[None], k_pos, None
-    # a caller's own mask: each query's own key is the last one it may attend
-    last = torch.where(mask, torch.arange(n_k, device=device), -1).amax(-1)[:, 0]  # (B, n_q)
-    default = torch.arange(n_q, device=device) + (n_k - n_q)
-    return torch.where(last >= 0, last, default), k_pos, None
+        q_pos = (torch.arange(n_q, device=device) + q_off)[None]
+    else:  # a mask without a record (a caller's own): each query's own key is the last one it may attend
+        q_off = n_k - n_q
+        last = torch.where(mask, torch.arange(n_k, device=device), -1).amax(-1)[:, 0]  # (B, n_q)
+        q_pos = torch.where(last >= 0, last, torch.arange(n_q, device=device) + q_off)
+    if torch.is_tensor(position_ids) and position_ids.shape[-1] == n_q:
+        # a full sliding-window cache starts past token 0: the model's position id of a query that sits on its own
+        # key places the keys on the sequence (the last such row: with left padding, a real token)
+        pid = position_ids.reshape(-1, n_q).to(device)
+        B = max(pid.shape[0], q_pos.shape[0])
+        pid, q_pos = pid.expand(B, -1), q_pos.expand(B, -1)
+        rows = torch.arange(n_q, device=device)
+        last = torch.where(q_pos == rows + q_off, rows, -1).amax(-1, keepdim=True)  # (B, 1)
+        r = last.clamp(min=0)
+        shift = torch.where(last >= 0, pid.gather(1, r) - q_pos.gather(1, r), 0)
+        q_pos, k_pos = q_pos + shift, k_pos + shift
+    return q_pos, k_pos, None
 
 
 def _kv_repeat(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -328,7 +340,7 @@ def infoscale_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
 def _core_geometry(mask, raw_mask, n_q: int, n_k: int, causal: bool, B: int, device, kwargs):
     """(query positions, key positions, key padding, n per row) as the core takes them (:func:`_geometry`; n: the
     prompt's real tokens kept by the forward hook for dynamic methods, else the real tokens up to the last query)."""
-    q_pos, k_pos, kpm = _geometry(mask, raw_mask, n_q, n_k, causal, device)
+    q_pos, k_pos, kpm = _geometry(mask, raw_mask, n_q, n_k, causal, device, kwargs.get("position_ids"))
     seq_len = kwargs.get(SEQ_LEN_KWARG)
     if seq_len is not None and seq_len.shape[0] != B and B % seq_len.shape[0] == 0:
         seq_len = seq_len.repeat_interleave(B // seq_len.shape[0])  # beams / expanded batches
@@ -822,6 +834,10 @@ def apply(model, method: str | None = None, *, train_len: int | None = None):
     attn = _attention_modules(model)
     if not attn:
         raise ConfigError(f"no attention modules found in {type(model).__name__}")
+    causal_only = [c.name for c in pm.components if c.method.causal_only]
+    if causal_only and not all(getattr(m, "is_causal", True) for _, m in attn):
+        raise MethodError(f"{causal_only[0]} is defined for causal attention only and {type(model).__name__}'s "
+                          "attention is bidirectional")
     by_rotary = _rotary_component(spec, L)
     pm = _parsed(spec, L)  # what the attention function runs (without a component the model's rotary computes)
     rebuilt = _rebuilt_rotaries(model, attn, config, by_rotary, L) if by_rotary is not None else None

@@ -12,8 +12,9 @@ Logits, for query i and key j (RoPE-family methods):
 
 with c = 1/sqrt(d) or the caller's ``scale`` (s with L2-normalised q, k for CosScale), R the RoPE
 rotation at (possibly scaled) frequencies, a, b the region-wise positions of piecewise methods
-(ReRoPE & co.), m YaRN's attention factor, bias ALiBi's −m_h·|p_i − p_j|, t the length temperature
-of l_i keys attended (InfoScale, log-n). With ``softcap`` the product c·⟨·,·⟩·m² is capped as
+(ReRoPE, SelfExtend, DCA: each (i, j) takes the positions of the region it falls in), m YaRN's
+attention factor, bias ALiBi's −m_h·|p_i − p_j|, t the length temperature of l_i keys attended
+(InfoScale, log-n). With ``softcap`` the product c·⟨·,·⟩·m² is capped as
 softcap·tanh(x/softcap) before t (Gemma 2). Masked keys get −inf; a row with no key left returns zeros.
 
 Queries may be the last n_q of n_k keys (decoding with a KV cache): ``positions`` and
@@ -47,8 +48,8 @@ def _rotated(plan: Plan, q: torch.Tensor, k: torch.Tensor) -> list[tuple[torch.T
     f = plan.inv_freq[:, None, :]  # (B|1, 1, r/2)
     layout, scaling = plan.rope.layout, plan.rope.attention_scaling
     for r in plan.regions:
-        qa = ((r.qa * plan.q_pos + r.qb)[..., None] * f)[:, None]  # (B|1, 1, n_q, r/2)
-        ka = ((r.ka * plan.k_pos)[..., None] * f)[:, None]
+        qa = (r.q_at(plan.q_pos)[..., None] * f)[:, None]  # (B|1, 1, n_q, r/2)
+        ka = (r.k_at(plan.k_pos)[..., None] * f)[:, None]
         out.append((_rope.rotate(q, qa, layout, scaling), _rope.rotate(k, ka, layout, scaling)))
     return out
 
@@ -83,9 +84,8 @@ def _block(plan: Plan, rot, v, r0: int, r1: int, ranges, dtype, dropout_p: float
     dev = v.device
     rows = torch.arange(r0, r1, device=dev)
     cols = torch.cat([torch.arange(a, b, device=dev) for a, b in ranges])
-    rel = None
-    if len(plan.regions) > 1 or plan.slopes is not None:
-        rel = (plan.k_pos[:, cols][:, None, :] - plan.q_pos[:, rows][:, :, None])[:, None]  # (B|1, 1, r, c)
+    qp, kp = plan.q_pos[:, rows][:, :, None], plan.k_pos[:, cols][:, None, :]  # (B|1, r, 1), (B|1, 1, c)
+    rel = (kp - qp)[:, None] if plan.slopes is not None else None  # (B|1, 1, r, c)
 
     allowed = plan.allowed(rows, cols)
     # Row factor c · m² · t(l_i): folded into the query rows so the score matrix is touched once less
@@ -111,8 +111,8 @@ def _block(plan: Plan, rot, v, r0: int, r1: int, ranges, dtype, dropout_p: float
             qs = (qs.float() * factor.float()).to(qk_dtype)
         with torch.autocast(qs.device.type, enabled=not plan.normalize and torch.is_autocast_enabled(qs.device.type)):
             s = torch.matmul(qs.to(qk_dtype), _gather_cols(kt, ranges).to(qk_dtype))
-        sel = region.mask(rel) if rel is not None else None
-        scores = s if sel is None or scores is None else torch.where(sel, s, scores)
+        # the first region scores every pair; each later one overwrites the pairs it selects
+        scores = s if scores is None else torch.where(region.select(qp, kp)[:, None], s, scores)
     if plan.softcap is not None:
         scores = plan.softcap * torch.tanh(scores.float() / plan.softcap)
         if t is not None:

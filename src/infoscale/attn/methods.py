@@ -11,13 +11,16 @@ slot           what its function gives (see :class:`Method`)
 =============  ==========================================================================
 normalize      ``normalize(p)``: q, k are L2-normalised and the logit scale becomes s (CosScale)
 temperature    ``temperature(p, l, ctx)``: a per-row factor on the logits from l, the keys a query attends
-positions      ``positions(p, ctx)``: RoPE frequencies (PI, NTK, YaRN), piecewise relative positions
-               (ReRoPE, Leaky ReRoPE, LM-Infinite's distance cap) or ALiBi slopes (no RoPE)
+positions      ``positions(p, ctx)``: RoPE frequencies (PI, NTK, YaRN), regions of (i, j) pairs with their
+               own q and k positions (ReRoPE, Leaky ReRoPE, LM-Infinite's distance cap, SelfExtend's
+               groups, DCA's chunks) or ALiBi slopes (no RoPE)
 mask           ``mask(p)``: a band |Δ| <= window plus sink tokens (window, StreamingLLM, LM-Infinite)
 training       ``training(p, L)``: training-time positions (PoSE); nothing at evaluation
 =============  ==========================================================================
 
-``defaults(p, L)`` fills parameters whose default depends on the training length. The plan that
+``defaults(p, L)`` fills parameters whose default depends on the training length; ``dynamic(p)`` says
+whether the method depends on n (a KV cache keeps the prompt's n); ``causal_only`` refuses bidirectional
+attention (DCA). The plan that
 :func:`infoscale.attention` runs (:mod:`infoscale.attn.plan`) folds these functions and never names
 a method, so a new method is one registry entry (plus its naive formula in the tests).
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Callable
@@ -123,6 +127,29 @@ class HFRopeParams:
 
 
 @dataclass(frozen=True)
+class SelfExtendParams:
+    group: int | None = param(None, "G, the group size of far positions (floor(p / G)); None = per length n, the "
+                                    "smallest G whose grouped positions stay within the training length, "
+                                    "floor((n − 1)/G) + W − floor(W/G) <= L − 1 (LongLM README: try the smallest G "
+                                    "with (L − W)·G + W >= n first; the two agree when G divides W); 1 for n <= L")
+    window: int | None = param(None, "W, the neighbour window: pairs with |i − j| < W keep their plain positions; "
+                                     "None = L // 4 (LongLM's self_extend_forward default 1024 and example.py's "
+                                     "window_size for Llama-2's 4096; README: 512 to 1536 at 4096)")
+
+
+@dataclass(frozen=True)
+class DCAParams:
+    chunk: int | None = param(None, "s, the chunk length: positions restart at every multiple of s; None = "
+                                    "3L//4 − L//8, the chunk ChunkLlama's code runs (replace_with_chunkllama(L): "
+                                    "chunk_size 3L//4 minus local_window L//8; 2560 for Llama-2's 4096)")
+    local: int | None = param(None, "w, the local window: the first w queries of a chunk see the previous chunk at "
+                                    "their true distances, and s + w − 1 is the largest position a query gets "
+                                    "(the paper's c − 1, with w = c − s); None = L//8 + 1, ChunkLlama's code "
+                                    "(query offsets 0 .. local_window keep their distances, capped at chunk_size "
+                                    "= 3L//4)")
+
+
+@dataclass(frozen=True)
 class AlibiParams:
     max_bias: float = param(8.0, "slopes 2^(-max_bias*h/H) (Press et al. 2022); a single head "
                                  "(GAU) gets 2^-max_bias")
@@ -182,24 +209,24 @@ class Context:
     dims: float | None = None  # the layer's calibrated effective dimension (infoscale(calibrated=True))
 
 
+def _same(pos: torch.Tensor) -> torch.Tensor:
+    return pos
+
+
 @dataclass
 class Region:
-    """A set of (i, j) pairs scored with q rotated at qa·p_i + qb and k at ka·p_j (per batch row)."""
+    """A set of (i, j) pairs and the RoPE positions their logits use: q rotated at ``q_at(p_i)``, k at ``k_at(p_j)``.
 
-    select: str  # "all" | "near" (|Δ| <= w) | "right" (Δ > w) | "left" (Δ < −w), Δ = p_j − p_i
-    width: float
-    qa: torch.Tensor  # (B or 1, 1) float64
-    qb: torch.Tensor
-    ka: torch.Tensor
+    ``q_at``, ``k_at``: positions (B|1, n) float64 -> (B|1, n). ``select(p_i, p_j)``: positions broadcast as
+    (B|1, r, 1) and (B|1, 1, c) -> bool (B|1, r, c), the pairs this region scores. A positions method gives a
+    list of regions: the first one scores every pair, each later one overwrites the pairs it selects, so a
+    method whose logits merge several position assignments per (i, j) (ReRoPE's band and far sides,
+    SelfExtend's neighbour and grouped attention, DCA's three chunk relations) is a list of regions."""
 
-    def mask(self, rel: torch.Tensor) -> torch.Tensor | None:
-        if self.select == "near":
-            return rel.abs() <= self.width
-        if self.select == "right":
-            return rel > self.width
-        if self.select == "left":
-            return rel < -self.width
-        return None
+    select: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
+    q_at: Callable[[torch.Tensor], torch.Tensor] = _same
+    k_at: Callable[[torch.Tensor], torch.Tensor] = _same
+    later_keys: bool = False  # selects only keys after their query (p_j > p_i): causal attention skips it
 
 
 @dataclass
@@ -255,13 +282,21 @@ def _yarn(p, ctx):
 
 def _piecewise(w: float, k: torch.Tensor) -> list[Region]:
     """Relative position Δ for |Δ| <= w, else sign(Δ)·(w + (|Δ| − w)/k); k = ∞ caps at w (ReRoPE)."""
-    rows = k.shape[0]
-    ones = torch.ones(rows, 1, dtype=torch.float64)
-    a = (1.0 / k)[:, None]
+    a = (1.0 / k)[:, None]  # (B or 1, 1)
     shift = w * (1.0 - a)
-    return [Region("near", w, ones, 0 * ones, ones),
-            Region("right", w, a, -shift, a),  # Δ' = w + (Δ − w)/k
-            Region("left", w, a, shift, a)]  # Δ' = −w + (Δ + w)/k
+
+    def scaled(pos):
+        return a.to(pos.device) * pos
+
+    return [Region(None),  # |Δ| <= w: plain positions
+            Region(lambda qp, kp: kp - qp > w,  # Δ' = w + (Δ − w)/k: q at p_i/k − w(1 − 1/k)
+                   lambda pos: scaled(pos) - shift.to(pos.device), scaled, later_keys=True),
+            Region(lambda qp, kp: kp - qp < -w,  # Δ' = −w + (Δ + w)/k
+                   lambda pos: scaled(pos) + shift.to(pos.device), scaled)]
+
+
+def _no_factor(p) -> bool:
+    return p.factor is None
 
 
 def _hf_linear(p, ctx):
@@ -313,6 +348,66 @@ def _leaky(p, ctx):
 def _lm_infinite_positions(p, ctx):
     _plain_theta("lm_infinite", ctx)
     return PositionEffect(regions=_piecewise(float(p.cap), torch.full_like(ctx.seq_len, math.inf)))
+
+
+@functools.lru_cache(maxsize=4096)
+def _smallest_group(n: int, train_len: int, window: int) -> int:
+    """The smallest G >= 1 whose largest grouped relative position, floor((n − 1)/G) + W − floor(W/G) (query
+    n − 1, key 0), is at most L − 1. Starts at LongLM's rule ceil((n − W)/(L − W)), a lower bound; for large
+    G the position tends to W, so a G exists when W < L."""
+    g = max(1, -(-(n - window) // (train_len - window)))
+    while (n - 1) // g + window - window // g > train_len - 1:
+        g += 1
+    return g
+
+
+def _self_extend(p, ctx):
+    """SelfExtend (Jin et al. 2024, arXiv 2401.01325; datamllab/LongLM self_extend_patch/Llama.py): neighbour
+    attention at plain positions for |Δ| < W; beyond it grouped attention, keys at floor(p_j/G) and queries at
+    floor(p_i/G) + W − floor(W/G), so the two join at the window's edge (Δ' ≈ −W at Δ = −W). LongLM's code
+    (causal) takes the grouped logits where i − j >= W; keys right of the query (bidirectional) mirror it, q at
+    floor(p_i/G) − (W − floor(W/G)), so Δ'(i, j) = −Δ'(j, i)."""
+    _plain_theta("self_extend", ctx)
+    w = float(p.window)
+    if p.group is not None:
+        g = torch.full_like(ctx.seq_len, float(p.group))
+    else:
+        g = torch.tensor([float(_smallest_group(int(n), ctx.train_len, p.window)) for n in ctx.seq_len],
+                         dtype=torch.float64)
+    g = g[:, None]  # (B or 1, 1)
+    shift = w - torch.floor(w / g)
+
+    def grouped(pos):
+        return torch.floor(pos / g.to(pos.device))
+
+    return PositionEffect(regions=[
+        Region(None),  # neighbours, |Δ| < W
+        Region(lambda qp, kp: qp - kp >= w, lambda pos: grouped(pos) + shift.to(pos.device), grouped),
+        Region(lambda qp, kp: kp - qp >= w, lambda pos: grouped(pos) - shift.to(pos.device), grouped,
+               later_keys=True)])
+
+
+def _dca(p, ctx):
+    """Dual Chunk Attention (An et al. 2024, arXiv 2402.17463, Eq. 2-8; HKUNLP/ChunkLlama): keys at p_j mod s;
+    a query at p_i mod s for keys of its own chunk (intra), at min(s + p_i mod s, s + w − 1) for keys of the
+    chunk before (successive) and at s + w − 1 for older chunks (inter). Chunks are floor(p / s). ChunkLlama's
+    code (since March 2024) also scales cos and sin by 0.05·ln(n/L) + 1 beyond the model's
+    max_position_embeddings, a length temperature outside DCA's definition, left out here (compose one with
+    ``+``); its perplexity script runs local_window = L/4 (dca(chunk=L/2, local=L/4 + 1)), its passkey script
+    the default L/8."""
+    _plain_theta("dca", ctx)
+    s, top = float(p.chunk), float(p.chunk + p.local - 1)
+
+    def within(pos):
+        return torch.remainder(pos, s)
+
+    def gap(qp, kp):  # chunks between the query's and the key's
+        return torch.floor(qp / s) - torch.floor(kp / s)
+
+    return PositionEffect(regions=[
+        Region(None, within, within),  # the same chunk (and the pairs causality masks)
+        Region(lambda qp, kp: gap(qp, kp) == 1, lambda pos: (within(pos) + s).clamp(max=top), within),
+        Region(lambda qp, kp: gap(qp, kp) >= 2, lambda pos: torch.full_like(pos, top), within)])
 
 
 def _alibi(p, ctx):
@@ -392,6 +487,13 @@ def _v_pose(p, train_len):
         raise MethodError(f"pose: target ({p.target}) must be at least the training length ({train_len})")
 
 
+def _v_self_extend(p, train_len):
+    _v_positive(group=1, window=1)(p, train_len)
+    if p.group is None and train_len is not None and p.window is not None and p.window >= train_len:
+        raise MethodError(f"self_extend: window ({p.window}) must be below the training length ({train_len}) for "
+                          "the default group: grouped positions reach W whatever G; give group= to run it anyway")
+
+
 def _v_alibi(p, train_len):
     _v_positive(max_bias=1)(p, train_len)
     if p.right_bias is not None and not math.isfinite(p.right_bias):  # 0: slope 1; negative: steeper than 1
@@ -466,6 +568,8 @@ class Method:
     # (params, L) -> transformers rope_parameters: the hf backend runs the model's own rotary with them (the
     # ecosystem's implementation, set through the config as a user would); the core computes the same positions
     rope_parameters: Callable | None = None
+    causal_only: bool = False  # defined for causal attention only: bidirectional attention is refused
+    dynamic: Callable | None = None  # params -> whether the method depends on n (a cache keeps the prompt's n)
 
 
 REGISTRY: dict[str, Method] = {
@@ -498,13 +602,13 @@ REGISTRY: dict[str, Method] = {
                normalize=lambda p: float(p.s)),
         Method("pi", ("positions",), FactorParams,
                "RoPE positions × 1/s for s > 1", "Chen et al. 2023, arXiv 2306.15595",
-               validate=_v_positive(factor=1), positions=_pi),
+               validate=_v_positive(factor=1), positions=_pi, dynamic=_no_factor),
         Method("ntk", ("positions",), FactorParams,
                "RoPE base × s^(d/(d−2)) for s > 1", "bloc97 2023 (NTK-aware scaled RoPE)",
-               validate=_v_positive(factor=1), positions=_ntk),
+               validate=_v_positive(factor=1), positions=_ntk, dynamic=_no_factor),
         Method("yarn", ("positions",), YarnParams,
                "NTK-by-parts ramp on the original L (β_fast, β_slow); q and k × (0.1 ln s + 1)",
-               "Peng et al. 2023, arXiv 2309.00071", validate=_v_yarn, positions=_yarn),
+               "Peng et al. 2023, arXiv 2309.00071", validate=_v_yarn, positions=_yarn, dynamic=_no_factor),
         Method("hf_linear", ("positions",), HFRopeParams,
                "transformers' rope_type 'linear': RoPE positions × 1/s (the formula of pi(factor=s)); in a "
                "transformers model, the model's own rotary with rope_parameters {rope_type: linear, factor: s}",
@@ -514,7 +618,8 @@ REGISTRY: dict[str, Method] = {
                "transformers' rope_type 'dynamic': RoPE base × (s·n/L − (s − 1))^(d/(d−2)) for n > L; in a "
                "transformers model, the model's own rotary with rope_parameters {rope_type: dynamic, factor: s}",
                "transformers modeling_rope_utils; emozilla 2023 (dynamically scaled RoPE)",
-               validate=_v_positive(factor=1), positions=_hf_dynamic, rope_parameters=_hf_rope("dynamic")),
+               validate=_v_positive(factor=1), positions=_hf_dynamic, rope_parameters=_hf_rope("dynamic"),
+               dynamic=lambda p: True),
         Method("hf_yarn", ("positions",), HFRopeParams,
                "transformers' rope_type 'yarn' (the formula of yarn(factor=s), β_fast 32, β_slow 1, on L); in a "
                "transformers model, the model's own rotary with rope_parameters {rope_type: yarn, factor: s, "
@@ -529,7 +634,25 @@ REGISTRY: dict[str, Method] = {
         Method("leaky_rerope", ("positions",), LeakyReRoPEParams,
                "relative position Δ for |Δ| <= w, else sign(Δ)·(w + (|Δ| − w)/k)",
                "Su 2023, kexue.fm/archives/9708", validate=_v_leaky, defaults=_fill(window=_half),
-               positions=_leaky),
+               positions=_leaky, dynamic=lambda p: p.k is None),
+        Method("self_extend", ("positions",), SelfExtendParams,
+               "neighbour positions for |i − j| < W; beyond, keys at floor(p_j/G) and queries at "
+               "floor(p_i/G) ± (W − floor(W/G)) (+ for keys to the left): Δ' = floor(p_j/G) − floor(p_i/G) "
+               "∓ (W − floor(W/G))",
+               "Jin et al. 2024 (LLM Maybe LongLM: Self-Extend LLM Context Window Without Tuning), arXiv "
+               "2401.01325; github.com/datamllab/LongLM self_extend_patch/Llama.py (grouped logits where "
+               "i − j >= W; query shift W − W/G there, W − W//G in Llama_4_40.py since May 2024: equal when "
+               "G divides W)",
+               validate=_v_self_extend, defaults=_fill(window=lambda L: max(1, L // 4)), positions=_self_extend,
+               dynamic=lambda p: p.group is None),
+        Method("dca", ("positions",), DCAParams,
+               "keys at p_j mod s; queries at p_i mod s (same chunk), min(s + p_i mod s, s + w − 1) (previous "
+               "chunk), s + w − 1 (older chunks); chunk = floor(p / s); causal only",
+               "An et al. 2024 (Training-Free Long-Context Scaling of Large Language Models), arXiv 2402.17463, "
+               "Eq. 2-8 with c = s + w; github.com/HKUNLP/ChunkLlama chunkllama_attn_replace.py: its "
+               "(chunk_size, local_window) is dca(chunk=chunk_size − local_window, local=local_window + 1)",
+               validate=_v_positive(chunk=1, local=1), positions=_dca, causal_only=True,
+               defaults=_fill(chunk=lambda L: max(1, 3 * L // 4 - L // 8), local=lambda L: L // 8 + 1)),
         Method("alibi", ("positions",), AlibiParams,
                "no RoPE; bias −m·|i − j| with geometric slopes m; with right_bias, keys right of the query "
                "get slopes m' (−m'·(j − i))",

@@ -156,11 +156,13 @@ def build_plan(method, *, n: int | None = None, batch: int, heads: int, head_dim
     base_scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
     logit_scale = torch.full((rows,), base_scale, dtype=torch.float64)
     inv_freq = rope.frequencies()[None] if rope is not None else None
-    ones = torch.ones(rows, 1, dtype=torch.float64)
-    regions = [Region("all", 0.0, ones, 0 * ones, ones)]
+    regions = [Region(None)]
     normalize, slopes, slopes_right, window, sinks, temperature = False, None, None, None, 0, None
     for c in pm.components:
         m, p = c.method, c.params
+        if m.causal_only and not causal:
+            raise MethodError(f"{c.name} is defined for causal attention only (its positions assume every key "
+                              f"precedes its query); this attention is bidirectional")
         if m.normalize is not None:
             normalize = True
             logit_scale = torch.full((rows,), m.normalize(p), dtype=torch.float64)
@@ -179,13 +181,15 @@ def build_plan(method, *, n: int | None = None, batch: int, heads: int, head_dim
                 slopes_right = eff.slopes_right.to(device) if eff.slopes_right is not None else None
         if m.mask is not None:
             window, sinks = m.mask(p)
+    if causal:  # a region of keys after their query only holds pairs causality masks: not scored at all
+        regions = [r for i, r in enumerate(regions) if i == 0 or not r.later_keys]
     if softcap is not None and not (softcap > 0 and math.isfinite(softcap)):
         raise MethodError(f"softcap must be a positive number, got {softcap}")
     to = {"device": device}
     return Plan(method=pm, n_q=n_q, n_k=n_k, train_len=train_len, head_dim=head_dim, causal=causal, q_pos=q_pos,
                 k_pos=k_pos, banded=bool(banded), rope=rope if inv_freq is not None else None,
                 inv_freq=inv_freq.to(**to) if inv_freq is not None else None,
-                regions=[Region(r.select, r.width, r.qa.to(**to), r.qb.to(**to), r.ka.to(**to)) for r in regions],
+                regions=regions,
                 logit_scale=logit_scale.to(**to), normalize=normalize, slopes=slopes,
                 slopes_right=slopes_right, window=window, sinks=sinks,
                 temperature=temperature, softcap=softcap, key_padding_mask=kpm, attn_mask=attn_mask)

@@ -211,7 +211,11 @@ class GAUModel(GAUPreTrainedModel):
         cfg = self.config
         if self.training:
             return parse_method(cfg.attention, cfg.train_len)
-        return merge_with_training(cfg.attention, method or cfg.eval_attention or "softmax", cfg.train_len)
+        pm = merge_with_training(cfg.attention, method or cfg.eval_attention or "softmax", cfg.train_len)
+        only = [c.name for c in pm.components if c.method.causal_only]
+        if only:  # refused here, so evaluation skips it as a method that does not apply to this model
+            raise MethodError(f"{only[0]} is defined for causal attention only; GAU's attention is bidirectional")
+        return pm
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
                 output_hidden_states: bool | None = None, method: str | ParsedMethod | None = None,
