@@ -94,7 +94,8 @@ def test_bad_model_directories(tmp_path, capsys, tiny_run):
     for f in ("config.json", "vocab.txt", "split.json", "train_config.json"):
         (tmp_path / "broken" / f).write_bytes((tiny_run / f).read_bytes())
     (tmp_path / "broken" / "model.safetensors").write_bytes((tiny_run / "model.safetensors").read_bytes()[:100])
-    for d, msg in [("missing", "is not a directory"), ("foreign", "model_type 'bert' is not an infoscale model"),
+    # a directory with config.json but no train_config.json may be a pretrained model: it is judged as one
+    for d, msg in [("missing", "is not a directory"), ("foreign", "no tokenizer.json (it is not a run directory"),
                    ("broken", "cannot load the model")]:
         assert cli(["eval", "--models", str(tmp_path / d), "--out", str(tmp_path / "r.jsonl")]) == 2
         err = capsys.readouterr().err

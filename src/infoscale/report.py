@@ -208,11 +208,26 @@ def _strip_temperature(label: str):
     return "+".join(rest), temps[0]
 
 
+def _is_ecosystem_reference(label: str) -> bool:
+    """A method that is only the model's own rotary reconfigured (a registry entry with ``rope_parameters``)."""
+    from .attn import MethodError, parse_method
+
+    try:
+        pm = parse_method(label)
+    except MethodError:  # a label of an older record that no longer parses is no reference
+        return False
+    return len(pm.components) == 1 and pm.components[0].method.rope_parameters is not None
+
+
 def delta_pairs(labels: list[str], base: str = "softmax") -> list[tuple[str, str]]:
     """(method, reference) rows of a Δ table: every method against the model's plain method, each position
     method X + a temperature against X alone, and a parametrised InfoScale or log-n against the plain one."""
     have = set(labels)
     rows = [(m, base) for m in labels if m != base and base in have]
+    # the ecosystem's own position method alone (transformers' rope types, e.g. hf_yarn) is a second reference:
+    # the method a user would otherwise configure
+    for ref in (m for m in labels if _is_ecosystem_reference(m)):
+        rows += [(m, ref) for m in labels if m not in (ref, base)]
     for m in labels:
         s = _strip_temperature(m)
         if s and s[0] in have and s[0] != base:
@@ -235,8 +250,9 @@ def delta_tables(records: list[dict]) -> list[str]:
     lines: list[str] = ["### Paired differences", "",
                         f"Δ = method − reference on the identical windows and masked positions, 95% CI from a cluster "
                         f"bootstrap over windows ({RESAMPLES} resamples, the same window indices for both methods). "
-                        "Reference: the model's plain method (`softmax`: its training method alone) or, for X + a "
-                        "length temperature, X alone. Accuracy in points, loss and NLL in nats. *Best*: the top "
+                        "Reference: the model's plain method (`softmax`: its training method alone), for X + a "
+                        "length temperature X alone, and transformers' own rope type alone (`hf_yarn`, …) where it "
+                        "was measured. Accuracy in points, loss and NLL in nats. *Best*: the top "
                         "method where its Δ against the runner-up excludes 0. – : not measured, or a single window "
                         "(no CI).", ""]
     missing = []

@@ -187,10 +187,12 @@ def _resolve(path: Path) -> tuple[Path, dict, str]:
         pickled = [f.name for f in path.glob("*.bin")]
         extra = (f" (it has {', '.join(pickled[:2])}: pickled weights, which infoscale does not load because "
                  "loading them can run code; convert them to safetensors)") if pickled else ""
-        raise DataError(f"{path} has no model.safetensors{extra}; give a directory written by save_pretrained")
+        raise DataError(f"{path} has no model.safetensors{extra}; give a directory written by save_pretrained (or a "
+                        "run directory of `infoscale train`)")
     if not (path / "tokenizer.json").is_file():
-        raise DataError(f"{path} has no tokenizer.json; the causal tests tokenize text with the model's own "
-                        "tokenizer (save it with tokenizer.save_pretrained)")
+        raise DataError(f"{path} has no tokenizer.json (it is not a run directory of `infoscale train` either: no "
+                        "train_config.json); a pretrained model is evaluated with its own tokenizer (save it with "
+                        "tokenizer.save_pretrained)")
     return path, {"use_safetensors": True}, "transformers"
 
 
