@@ -627,3 +627,66 @@ def test_fuzz_every_accepted_method_gives_finite_attention(s, n, seed):
     q, k, v = (torch.randn(1, 2, n, 8, generator=g) for _ in range(3))
     out = infoscale.attention(q, k, v, pm, train_len=FUZZ_L)
     assert torch.isfinite(out).all(), (s, n)
+
+
+# ---------------------------------------------------------------------------------------------
+# infoscale.attention: an input that would give NaN or a wrong answer is refused
+# ---------------------------------------------------------------------------------------------
+
+
+def _qkv(n=6, d=8, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(2, 2, n, d, generator=g).to(dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"method": "infoscale", "train_len": 1}, "training length >= 2"),
+    ({"method": "logn", "train_len": 1}, "training length >= 2"),
+    ({"scale": math.nan}, "scale must be a positive finite number"),
+    ({"scale": math.inf}, "scale must be a positive finite number"),
+    ({"scale": "0.5"}, "scale must be a positive finite number"),
+    ({"positions": torch.tensor([0.0, 1, 2, math.nan, 4, 5])}, "positions holds NaN or infinite"),
+    ({"positions": torch.tensor([0.0, 1, 2, 3, 4, math.inf])}, "positions holds NaN or infinite"),
+    ({"method": "ntk", "seq_len": math.nan}, "seq_len must be a finite number >= 1"),
+    ({"method": "ntk", "seq_len": 0}, "seq_len must be a finite number >= 1"),
+    ({"method": "ntk", "seq_len": -5}, "seq_len must be a finite number >= 1"),
+    ({"chunk_size": 1.5}, "chunk_size must be a positive integer"),
+    ({"chunk_size": "4"}, "chunk_size must be a positive integer"),
+    ({"key_padding_mask": torch.full((2, 6), 0.5)}, "float key_padding_mask is additive"),
+])
+def test_attention_refuses_inputs_that_would_be_wrong(change, needle):
+    q, k, v = _qkv()
+    kw = {"method": "softmax", "train_len": 4} | change
+    with pytest.raises(MethodError, match=needle):
+        infoscale.attention(q, k, v, kw.pop("method"), **kw)
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda t: t.numpy(), "q must be a torch.Tensor, got numpy.ndarray"),
+    (lambda t: torch.complex(t, t), "q is complex"),
+    (lambda t: t.to("meta"), "q is on the meta device"),
+])
+def test_attention_refuses_tensors_it_cannot_use(make, needle):
+    q, k, v = _qkv()
+    with pytest.raises(MethodError, match=needle):
+        infoscale.attention(make(q), k, v, "infoscale", train_len=4)
+
+
+def test_an_additive_float_padding_mask_means_what_transformers_means():
+    q, k, v = _qkv()
+    keep = torch.ones(2, 6, dtype=torch.bool)
+    keep[0, 4:] = False
+    want = infoscale.attention(q, k, v, "infoscale", train_len=4, key_padding_mask=keep)
+    for drop in (-math.inf, torch.finfo(torch.float32).min):
+        additive = torch.zeros(2, 6).masked_fill(~keep, drop)
+        got = infoscale.attention(q, k, v, "infoscale", train_len=4, key_padding_mask=additive)
+        torch.testing.assert_close(got, want)
+
+
+def test_infoscale_factor_refuses_what_has_no_value():
+    with pytest.raises(MethodError, match="train_len >= 2"):
+        infoscale.infoscale_factor(8, train_len=1, head_dim=64)
+    with pytest.raises(MethodError, match="finite n >= 1"):
+        infoscale.infoscale_factor(math.nan, train_len=4, head_dim=64)
+    with pytest.raises(MethodError, match="n_q and n_k.*got n_q=8"):
+        infoscale.build_plan("softmax", n_q=8, batch=1, heads=1, head_dim=8, train_len=4)
