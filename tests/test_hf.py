@@ -473,3 +473,18 @@ def test_yarn_refused_on_non_geometric_frequencies():
     with pytest.raises(MethodError, match="plain RoPE"):
         hf.apply(m, "yarn")
     assert m.config._attn_implementation == "sdpa" and type(m.model.rotary_emb).__name__ == "LlamaRotaryEmbedding"
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_switching_away_from_infoscale_gives_the_stock_model(family):
+    """After apply(rerope), the rotary stand-in must not keep RoPE off when the user switches to sdpa."""
+    m = model_for(family)
+    stock = logits(m, ids_for())
+    hf.apply(m, "rerope")
+    assert not torch.allclose(logits(m, ids_for()), stock, atol=1e-3)
+    hf._set_attn_implementation(m, "sdpa")
+    with pytest.warns(UserWarning, match="not 'infoscale'.*RoPE runs as in the stock model"):
+        switched = logits(m, ids_for())
+    torch.testing.assert_close(switched, stock, atol=1e-5, rtol=1e-5)
+    hf._set_attn_implementation(m, "infoscale")  # back: the method again
+    assert not torch.allclose(logits(m, ids_for()), stock, atol=1e-3)

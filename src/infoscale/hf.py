@@ -68,6 +68,7 @@ from __future__ import annotations
 import functools
 import inspect
 import sys
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -461,14 +462,29 @@ def _fast(pm, L, query, key, value, mask, n_q, n_k, causal, scaling, dropout):
 class UnrotatedRotary(nn.Module):
     """Stands in for a model's rotary module: the same output shapes with cos = 1 and sin = 0, so the model's
     ``apply_rotary_pos_emb`` leaves q and k as they are and the cache keeps un-rotated keys. The original module
-    is kept as ``original`` (its buffers move with the model) and is put back by :func:`remove`."""
+    is kept as ``original`` (its buffers move with the model) and is put back by :func:`remove`.
 
-    def __init__(self, original: nn.Module):
+    Only the infoscale attention rotates q and k itself: if the user switches the model to another
+    implementation (``model.set_attn_implementation("sdpa")``) the stand-in returns the original cos and sin,
+    so the model is the stock one again, and warns once."""
+
+    def __init__(self, original: nn.Module, config=None):
         super().__init__()
         self.original = original
+        self.config = config  # the model's config: its _attn_implementation says who rotates q and k
+        self._warned = False
 
     def forward(self, x, position_ids, *args, **kwargs):
         cos, sin = self.original(x, position_ids, *args, **kwargs)
+        impl = getattr(self.config, "_attn_implementation", NAME) if self.config is not None else NAME
+        if impl != NAME:
+            if not self._warned:
+                self._warned = True
+                warnings.warn(f"infoscale.hf: the model's attention implementation is now {impl!r}, not "
+                              f"{NAME!r}, so its method is not in effect and RoPE runs as in the stock model; "
+                              "call infoscale.hf.apply(model, ...) again to use a method, or "
+                              "infoscale.hf.remove(model)", stacklevel=2)
+            return cos, sin
         return torch.ones_like(cos), torch.zeros_like(sin)
 
 
@@ -761,7 +777,7 @@ def apply(model, method: str | None = None, *, train_len: int | None = None):
     for m, r in ropes.items():
         setattr(m, _ROPE_ATTR, r)
     for parent, attr, rotary in rotaries.values():
-        setattr(parent, attr, UnrotatedRotary(rotary))
+        setattr(parent, attr, UnrotatedRotary(rotary, config))
         state["rotaries"].append((parent, attr, rotary))
     if _dynamic(pm):
         base = model.base_model
