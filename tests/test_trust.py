@@ -690,3 +690,47 @@ def test_infoscale_factor_refuses_what_has_no_value():
         infoscale.infoscale_factor(math.nan, train_len=4, head_dim=64)
     with pytest.raises(MethodError, match="n_q and n_k.*got n_q=8"):
         infoscale.build_plan("softmax", n_q=8, batch=1, heads=1, head_dim=8, train_len=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# crafted sizes: refused from the config and the weights' header, before anything is built
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("num_hidden_layers", 100_000_000, "describes a model of about"),
+    ("intermediate_size", 10**9, "describes a model of about"),
+    ("attention_key_size", 10**9, "describes a model of about"),
+    ("num_hidden_layers", 40_000, "describes about"),  # fits in memory, but not what the file holds
+    ("num_hidden_layers", 3, "missing ['gau_alpha.encoder.layer.2"),
+    ("intermediate_size", 130, "shape mismatch gau_alpha.encoder.layer.0.gau.i_dense.weight"),
+])
+def test_crafted_model_sizes_are_refused_before_building(tiny_run, corpus, tmp_path, capsys, monkeypatch, field,
+                                                          value, needle):
+    from infoscale import rundir
+
+    monkeypatch.setattr("infoscale.runtime.available_memory", lambda device: 8 * 2**30)
+    built = []
+    monkeypatch.setattr(rundir, "is_out_of_memory", lambda e: built.append(e) or False)
+    run = _copy_run(tiny_run, tmp_path / "run")
+    cfg = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps(cfg | {field: value}))
+    out = tmp_path / "r.jsonl"
+    refused(capsys, ["eval", "--models", run, "--lengths", "32", "--predictions", "16", "--bf16", "off",
+                     "--no-progress", "--out", out], needle)
+    assert not out.exists() and not built
+    refused(capsys, ["train", "--out", tmp_path / "ft", "--corpus", corpus, "--init-from", run,
+                     *TINY], needle)
+    assert not (tmp_path / "ft").exists()
+
+
+def test_running_out_of_memory_while_loading_is_one_line(tiny_run, tmp_path, capsys, monkeypatch):
+    from infoscale.models.gau import GAUForMaskedLM
+
+    def no_memory(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: you tried "
+                           "to allocate 274877906944 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(GAUForMaskedLM, "from_pretrained", no_memory)
+    refused(capsys, ["eval", "--models", tiny_run, "--lengths", "32", "--bf16", "off", "--no-progress", "--out",
+                     tmp_path / "r.jsonl"], "not enough memory on cpu to load the model", "tried to allocate")

@@ -29,7 +29,7 @@ from .errors import DataError
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_json", "read_records", "iter_records",
            "write_records", "merge_records", "record_identity", "locked", "record_key", "git_commit",
-           "os_error_in", "write_error"]
+           "os_error_in", "write_error", "check_output", "check_parent_folders"]
 
 
 def _umask() -> int:
@@ -39,6 +39,27 @@ def _umask() -> int:
 
 
 _FILE_MODE = 0o666 & ~_umask()
+
+
+def check_parent_folders(path: str | Path, flag: str) -> None:
+    """Refuse an output path under a regular file (``notes.txt/run``): nothing could be written there."""
+    for parent in Path(path).absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DataError(f"{flag} {path}: {parent} is a file, not a folder, so nothing can be written under "
+                                "it; choose another path")
+            return
+
+
+def check_output(path: str | Path, flag: str, *, folder: bool) -> None:
+    """Refuse, before any work, an output path that cannot be written: under a regular file, or an existing
+    file where a folder is wanted (``folder``) or a folder where a file is wanted."""
+    check_parent_folders(path, flag)
+    p = Path(path)
+    if folder and p.exists() and not p.is_dir():
+        raise DataError(f"{flag} {path} is an existing file, not a folder; choose a folder path")
+    if not folder and p.is_dir():
+        raise DataError(f"{flag} {path} is a folder; give the path of a JSONL record file")
 
 
 def os_error_in(exc: BaseException) -> OSError | None:

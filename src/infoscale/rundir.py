@@ -18,7 +18,7 @@ import torch
 
 from .data import CORPORA, CharTokenizer, TokenDocs, load_corpus, load_tokenizer
 from .errors import DataError
-from .models import family, train_len_of
+from .models import check_model_size, check_weights, family, is_out_of_memory, train_len_of, weight_shapes
 
 __all__ = ["Run", "load_run"]
 
@@ -98,6 +98,27 @@ def _read_json(path: Path) -> dict:
     return obj
 
 
+def check_sizes(p: Path, device="cpu") -> None:
+    """The config's sizes against free memory and the weights file's header, before anything is built (a
+    damaged or crafted config.json would otherwise allocate whatever it says)."""
+    import re
+
+    cls = family(_read_json(p / "config.json").get("model_type")).load_class()
+
+    try:
+        config = cls.config_class.from_pretrained(p)
+    except Exception as e:  # an InfoscaleError of the config's own checks, or transformers' parse errors
+        raise DataError(f"{p / 'config.json'} cannot be used: {str(e).splitlines()[0][:200]}") from None
+    check_model_size(config, device, str(p / "config.json"))
+    shapes = weight_shapes(p / "model.safetensors")
+    if config.model_type == "gau_alpha":  # runs saved by infoscale 0.1 have flat names
+        from .models.gau import FIRST_FORMAT_KEYS
+
+        for old, new in FIRST_FORMAT_KEYS.items():
+            shapes = {re.sub(old, new, k): v for k, v in shapes.items()}
+    check_weights(cls, config, shapes, str(p / "model.safetensors"), str(p / "config.json"))
+
+
 def load_run(path: str | Path, device="cpu") -> Run:
     """(model in eval mode, tokenizer, training options) of a run directory, one clear error per problem."""
     p = Path(path)
@@ -109,9 +130,13 @@ def load_run(path: str | Path, device="cpu") -> Run:
         raise DataError(f"{p} has no config.json + model.safetensors{hint}")
     fam = family(_read_json(cfg_file).get("model_type"))
     cls = fam.load_class()
+    check_sizes(p, device)
     try:
         model = cls.from_pretrained(p).to(device).eval()
     except Exception as e:  # truncated safetensors, wrong shapes
+        if is_out_of_memory(e):
+            raise DataError(f"not enough memory on {device} to load the model in {p} "
+                            f"({str(e).splitlines()[0][:120]}); free memory or use a larger device") from None
         raise DataError(f"cannot load the model in {p}: {type(e).__name__}: {str(e)[:200]}") from None
     tok = load_tokenizer(p)
     rows = int(model.config.vocab_size)

@@ -321,6 +321,9 @@ def prepare_run(cfg: TrainConfig, rank: int):
         split = split_documents(docs, cfg.seed, cfg.eval_docs)
         train_texts = [d.text for d in docs if d.name in set(split["train"])]
         if cfg.init_from:  # the weights' vocabulary: the token ids must mean what they meant
+            from .rundir import check_sizes
+
+            check_sizes(_init_run_dir(cfg.init_from))  # before the run directory is written
             tok = load_tokenizer(_init_run_dir(cfg.init_from))
         elif cfg.tokenizer == "bpe":
             tok = BPETokenizer.train(train_texts, cfg.vocab_size)
