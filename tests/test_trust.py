@@ -734,3 +734,45 @@ def test_running_out_of_memory_while_loading_is_one_line(tiny_run, tmp_path, cap
     monkeypatch.setattr(GAUForMaskedLM, "from_pretrained", no_memory)
     refused(capsys, ["eval", "--models", tiny_run, "--lengths", "32", "--bf16", "off", "--no-progress", "--out",
                      tmp_path / "r.jsonl"], "not enough memory on cpu to load the model", "tried to allocate")
+
+
+# ---------------------------------------------------------------------------------------------
+# corpora: regular files only, bounded sizes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_corpus_that_is_not_a_regular_file_is_refused_before_opening(tmp_path, capsys):
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)  # opening it would wait for a writer forever
+    for bad in ("/dev/zero", fifo):
+        refused(capsys, ["train", "--out", tmp_path / "run", "--corpus", bad, *TINY], "is not a regular file")
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_corpus_of_a_run_is_checked_at_eval_time_too(tiny_run, tmp_path, capsys):
+    run = _copy_run(tiny_run, tmp_path / "run")
+    cfg = json.loads((run / "train_config.json").read_text())
+    (run / "train_config.json").write_text(json.dumps(cfg | {"corpus": "/dev/zero"}))
+    out = tmp_path / "r.jsonl"
+    refused(capsys, ["eval", "--models", run, "--lengths", "32", "--bf16", "off", "--no-progress", "--out", out],
+            "/dev/zero is not a regular file")
+    assert not out.exists()
+
+
+def test_corpus_sizes_are_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpora, "MAX_LINE_BYTES", 1000)
+    monkeypatch.setattr(corpora, "MAX_CORPUS_BYTES", 50_000)
+    long_line = tmp_path / "c.jsonl"
+    long_line.write_text(json.dumps({"text": "ab" * 400}) + "\n" + json.dumps({"text": "x" * 2000}) + "\n")
+    with pytest.raises(DataError, match=r"c.jsonl:2 is longer than"):
+        corpora.load_corpus(str(long_line))
+    big = tmp_path / "big.txt"
+    big.write_text("word " * 20_000)
+    with pytest.raises(DataError, match="more than the .* GiB a corpus may hold"):
+        corpora.load_corpus(str(big))
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.txt").write_text("word " * 4000)
+    with pytest.raises(DataError, match="more than the"):
+        corpora.load_corpus(str(folder))
