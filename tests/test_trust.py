@@ -776,3 +776,24 @@ def test_corpus_sizes_are_bounded(tmp_path, monkeypatch):
         (folder / f"{i}.txt").write_text("word " * 4000)
     with pytest.raises(DataError, match="more than the"):
         corpora.load_corpus(str(folder))
+
+
+# ---------------------------------------------------------------------------------------------
+# calibration.json: read only for a calibrated method, checked
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content", ["{oops", "{}", '{"dims": [0, 16]}', '{"dims": ["a", 16]}', '{"dims": [16]}',
+                                     '[1, 2]', '{"dims": [NaN, 16]}'])
+def test_a_damaged_calibration_stops_only_calibrated_methods(tiny_run, tmp_path, capsys, content):
+    run = _copy_run(tiny_run, tmp_path / "run")
+    (run / "calibration.json").write_text(content)
+    out = tmp_path / "r.jsonl"
+    flags = ["--lengths", "32", "--predictions", "16", "--settings", "repeated", "--bf16", "off", "--no-progress",
+             "--out", str(out)]
+    assert cli(["eval", "--models", str(run), "--methods", "softmax", *flags]) == 0, capsys.readouterr().err
+    assert {r["method"] for r in read_records(out)} == {"softmax"}
+    capsys.readouterr()
+    refused(capsys, ["eval", "--models", run, "--methods", "infoscale(calibrated=True)", *flags],
+            str(run / "calibration.json"), "infoscale calibrate")
+    assert {r["method"] for r in read_records(out)} == {"softmax"}

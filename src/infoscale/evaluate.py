@@ -228,7 +228,9 @@ def _evaluate_mlm(cfg: EvalConfig, log=print) -> list[dict]:
     runs = [load_run(m, device) for m in cfg.models]
     for m in cfg.methods:  # a bad method or value is an error, before any work
         for run in runs:
-            parse_method(m, run.train_len)
+            isc = parse_method(m, run.train_len).get("infoscale")
+            if isc is not None and isc.calibrated:
+                run.load_calibration()
     heldout = {}
     for run in runs:  # lengths that cannot run are refused before any work
         for n in cfg.lengths:

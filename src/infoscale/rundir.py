@@ -51,6 +51,14 @@ class Run:
             return train_len_of(self.model.config)
         return int(L)
 
+    def load_calibration(self) -> None:
+        """Read the run's calibration.json now (a damaged one is refused before any work), if it has one."""
+        f = getattr(self.model.base_model, "calibration_file", None)
+        if f is not None and getattr(self.model.base_model, "infoscale_dims", None) is None:
+            from .models.gau import attach
+
+            attach(self.model, f)
+
     def heldout_docs(self, corpus: str | None = None) -> TokenDocs:
         """The held-out documents named in ``split.json``, tokenized. A run without a split (a converted
         checkpoint, trained elsewhere) is evaluated on every document of ``corpus``."""
@@ -148,10 +156,9 @@ def load_run(path: str | Path, device="cpu") -> Run:
         raise DataError(f"{p} has no train_config.json, so its corpus and training settings are unknown; evaluate a "
                         "run directory written by `infoscale train` (or restore that file)")
     tcfg = _read_json(p / "train_config.json")
-    # `infoscale calibrate` (GAU runs): per-layer d for infoscale(calibrated=True); a transformers model keeps its
+    # `infoscale calibrate` (GAU runs): per-layer d for infoscale(calibrated=True), read (and checked) only when a
+    # calibrated method runs, so a damaged file does not stop other methods; a transformers model keeps its
     # fitted dims in config.infoscale (infoscale.hf.calibrate), so a stray file beside one is not read
     if fam.module == "gau" and (p / "calibration.json").exists():
-        from .models.gau import attach
-
-        attach(model, p / "calibration.json")
+        model.base_model.calibration_file = p / "calibration.json"
     return Run(p, model, tok, tcfg)
