@@ -797,3 +797,22 @@ def test_a_damaged_calibration_stops_only_calibrated_methods(tiny_run, tmp_path,
     refused(capsys, ["eval", "--models", run, "--methods", "infoscale(calibrated=True)", *flags],
             str(run / "calibration.json"), "infoscale calibrate")
     assert {r["method"] for r in read_records(out)} == {"softmax"}
+
+
+# ---------------------------------------------------------------------------------------------
+# flags checked at parsing
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["train", "--corpus", "shakespeare", "--out"], ["eval", "--models", "m", "--out"],
+                                     ["analyze", "--out"], ["calibrate", "--model"], ["reproduce", "--runs"]])
+@pytest.mark.parametrize("seed", ["-1", str(2**32), "100000000000000000000"])
+def test_seeds_are_range_checked_before_anything_is_written(tmp_path, capsys, command, seed):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        cli([*command, str(out), "--seed", seed])
+    assert e.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    want = f"infoscale {command[0]}: error: argument --seed: must be an integer with 0 <= value < {2**32}, got {seed}"
+    assert last == want, last
+    assert not out.exists()

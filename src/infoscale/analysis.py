@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from .attn import attention_logits, parse_method
 from .data import make_windows
 from .errors import ConfigError, MethodError
-from .options import add_flags, from_args, option
+from .options import SEED_RANGE, add_flags, from_args, option
 
 HELP = "attention entropy, dilution and CosScale-vs-window measurements (records + plots)"
 
@@ -53,7 +53,7 @@ class AnalyzeConfig:
     windows: int = option(2, "held-out windows (or synthetic draws) per length")
     synthetic: bool = option(True, "also measure on synthetic q, k")
     out: str = option("report", "folder: analysis.jsonl and the plots")
-    seed: int = option(0, "seed of windows and synthetic draws")
+    seed: int = option(0, "seed of windows and synthetic draws", bounds=SEED_RANGE)
     progress: bool = option(True, "show transformers' progress bars while loading the model")
 
     def __post_init__(self):

@@ -41,7 +41,7 @@ import torch
 
 from .errors import ConfigError
 from .io import atomic_write_bytes
-from .options import add_flags, from_args, option
+from .options import SEED_RANGE, add_flags, from_args, option
 
 HELP = "fit InfoScale's effective dimension per layer on held-out text (for infoscale(calibrated=True))"
 FILE = "calibration.json"
@@ -216,7 +216,7 @@ class CalibrateConfig:
     lengths: list[int] = option((), "lengths n > L to fit on; default 4L, 16L, 64L (those the held-out text allows)")
     windows: int = option(2, "unlabelled held-out windows per length")
     rows: int = option(256, "query rows per window used in the fit (a seeded subset at long lengths)")
-    seed: int = option(0, "seed of the windows and rows")
+    seed: int = option(0, "seed of the windows and rows", bounds=SEED_RANGE)
     corpus: str = option("", "held-out text for runs without split.json (converted checkpoints)")
 
     def __post_init__(self):

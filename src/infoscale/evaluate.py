@@ -41,7 +41,7 @@ from .attn import parse_method
 from .data import make_windows
 from .errors import ConfigError, DataError, MethodError
 from .io import git_commit, merge_records, read_records, record_key
-from .options import add_flags, from_args, option
+from .options import SEED_RANGE, add_flags, from_args, option
 from .rundir import load_run
 from .runtime import available_memory, precision_info, quiet_libraries, use_bf16
 from .stats import cluster_ci, window_fields
@@ -65,7 +65,7 @@ class EvalConfig:
     samples: int = option(32, "sampled: positions per window")
     stride: int = option(8, "strided: mask every r-th position")
     out: str = option("results/results.jsonl", "JSONL file the records are appended to")
-    seed: int = option(0, "seed of the windows and masked positions")
+    seed: int = option(0, "seed of the windows and masked positions", bounds=SEED_RANGE)
     bf16: str = option("auto", "bf16 autocast and bf16 attention: auto, on, off")
     chunk_size: int = option(0, "query rows per attention chunk; 0 = the kernel's default (256 in fp32, 512 in bf16)")
     tokens_per_batch: int = option(16384, "tokens per forward batch (copies of a window × n)")

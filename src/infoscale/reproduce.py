@@ -28,7 +28,7 @@ from pathlib import Path
 
 from .errors import ConfigError
 from .io import read_records, write_records
-from .options import add_flags, from_args, option
+from .options import SEED_RANGE, add_flags, from_args, option
 from .train import TrainConfig, train
 
 TRAIN_LEN = 64  # L of every preset's evaluated models (the paper's fine-tuning length)
@@ -182,7 +182,7 @@ class ReproduceConfig:
     runs: str = option("runs", "folder for the models")
     results: str = option("results", "folder for the records")
     report: str = option("report", "folder for the report")
-    seed: int = option(0, "seed of everything")
+    seed: int = option(0, "seed of everything", bounds=SEED_RANGE)
     progress: bool = option(True, "show progress bars")
 
 

@@ -32,7 +32,7 @@ from .attn import REGISTRY, parse_method
 from .data import CORPORA, BPETokenizer, CharTokenizer, TokenDocs, load_corpus, load_tokenizer, split_documents
 from .errors import ConfigError, DataError, MethodError
 from .io import atomic_write, atomic_write_bytes, atomic_write_json, os_error_in, write_error
-from .options import add_flags, from_args, option
+from .options import SEED_RANGE, add_flags, from_args, option
 from .runtime import dist_info, precision_info, quiet_libraries, resolve_device, step_generator, use_bf16
 from .tasks import clm, mlm
 
@@ -68,7 +68,7 @@ class TrainConfig:
     val_windows: int = option(256, "held-out windows for the periodic accuracy at the training length")
     eval_every: int = option(400, "steps between held-out evaluations")
     save_every: int = option(400, "steps between checkpoints")
-    seed: int = option(0, "seed of the split, init, data order, masking and dropout")
+    seed: int = option(0, "seed of the split, init, data order, masking and dropout", bounds=SEED_RANGE)
     init_from: str = option("", "start from another run's weights and tokenizer (pretrain long, fine-tune short: a "
                                 "new --train-len, --attention and optimizer; the model's shape comes from that run)")
     bf16: str = option("auto", "bf16 autocast: auto (when the device supports it), on, off")
