@@ -816,3 +816,25 @@ def test_seeds_are_range_checked_before_anything_is_written(tmp_path, capsys, co
     want = f"infoscale {command[0]}: error: argument --seed: must be an integer with 0 <= value < {2**32}, got {seed}"
     assert last == want, last
     assert not out.exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "--models", "{run}", "--lengths", "32", "--out", "{file}/r.jsonl"],
+    ["eval", "--models", "{run}", "--lengths", "32", "--out", "{folder}"],
+    ["report", "{records}", "--out", "{file}"],
+    ["report", "{records}", "--out", "{file}/rep"],
+    ["analyze", "--lengths", "32", "--out", "{file}/an"],
+    ["reproduce", "--preset", "smoke", "--runs", "{file}/runs"],
+    ["reproduce", "--preset", "smoke", "--runs", "{file}"],
+    ["train", "--corpus", "shakespeare", "--bf16", "off", "--out", "{file}/run"],
+])
+def test_an_output_under_a_file_is_refused_before_work(tiny_run, tmp_path, capsys, argv):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep")
+    records = tmp_path / "r.jsonl"
+    write_records(records, [eval_rec()])
+    before = sorted(p.name for p in tmp_path.iterdir())
+    subs = {"{run}": str(tiny_run), "{file}": str(notes), "{folder}": str(tmp_path), "{records}": str(records)}
+    args = [next((a.replace(k, v) for k, v in subs.items() if k in a), a) for a in argv]
+    refused(capsys, args, "notes.txt" if "{file}" in " ".join(argv) else "is a folder")
+    assert notes.read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == before

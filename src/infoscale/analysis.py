@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from .attn import attention_logits, parse_method
 from .data import make_windows
 from .errors import ConfigError, MethodError
+from .io import check_output
 from .options import SEED_RANGE, add_flags, from_args, option
 
 HELP = "attention entropy, dilution and CosScale-vs-window measurements (records + plots)"
@@ -297,6 +298,7 @@ def run(args) -> int:
     from .report import write_report
 
     cfg = from_args(AnalyzeConfig, args)
+    check_output(cfg.out, "--out", folder=True)
     recs = analyze(cfg)
     out = Path(cfg.out)
     write_records(out / "analysis.jsonl", recs)

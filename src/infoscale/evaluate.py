@@ -40,7 +40,7 @@ from . import __version__
 from .attn import parse_method
 from .data import make_windows
 from .errors import ConfigError, DataError, MethodError
-from .io import git_commit, merge_records, read_records, record_key
+from .io import check_output, git_commit, merge_records, read_records, record_key
 from .options import SEED_RANGE, add_flags, from_args, option
 from .rundir import load_run
 from .runtime import available_memory, precision_info, quiet_libraries, use_bf16
@@ -204,6 +204,7 @@ def evaluate(cfg: EvalConfig, log=print) -> list[dict]:
     """Run the sweep; returns the new records (all records are in ``cfg.out``). Causal runs (Llama) are
     evaluated by :func:`infoscale.evaluate_clm.evaluate_clm`, masked-LM runs here."""
     quiet_libraries(cfg.progress)
+    check_output(cfg.out, "--out", folder=False)
     causal, mlm_cfg = _split_causal(cfg)
     new_causal = []
     if causal:

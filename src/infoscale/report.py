@@ -15,7 +15,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from .errors import DataError
-from .io import atomic_write_bytes, iter_records, record_identity
+from .io import atomic_write_bytes, check_output, iter_records, record_identity
 from .ranking import RESAMPLES, best_by_ci, bold_rule, cell_groups, paired, window_sums
 from .ranking import label as _label
 
@@ -28,6 +28,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    check_output(args.out, "--out", folder=True)
     records = load_records(args.records)
     if not records:
         raise DataError(f"no records in {' '.join(args.records)}")

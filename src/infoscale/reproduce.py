@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError
-from .io import read_records, write_records
+from .io import check_output, read_records, write_records
 from .options import SEED_RANGE, add_flags, from_args, option
 from .train import TrainConfig, train
 
@@ -208,6 +208,12 @@ def reproduce(cfg: ReproduceConfig, log=print) -> dict:
     from .evaluate import EvalConfig, evaluate
     from .report import write_report
 
+    where = paths(cfg)  # every output place is checked before any work
+    for flag, folder in (("--runs", cfg.runs), ("--results", cfg.results), ("--report", cfg.report),
+                         ("--runs", where["runs"]), ("--report", where["report"])):
+        check_output(folder, flag, folder=True)
+    for key in ("records", "analysis"):
+        check_output(where[key], "--results", folder=False)
     if cfg.preset in CLM_PRESETS:
         return reproduce_clm(cfg, log)
     if cfg.preset not in PRESETS:

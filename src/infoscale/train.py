@@ -31,7 +31,7 @@ import torch
 from .attn import REGISTRY, parse_method
 from .data import CORPORA, BPETokenizer, CharTokenizer, TokenDocs, load_corpus, load_tokenizer, split_documents
 from .errors import ConfigError, DataError, MethodError
-from .io import atomic_write, atomic_write_bytes, atomic_write_json, os_error_in, write_error
+from .io import atomic_write, atomic_write_bytes, atomic_write_json, check_parent_folders, os_error_in, write_error
 from .options import SEED_RANGE, add_flags, from_args, option
 from .runtime import dist_info, precision_info, quiet_libraries, resolve_device, step_generator, use_bf16
 from .tasks import clm, mlm
@@ -237,6 +237,7 @@ def same_corpus(old: str | None, new: str) -> bool:
 
 def _check_out(cfg: TrainConfig, out: Path) -> None:
     """Refuse an --out that cannot be used, before anything is read or written."""
+    check_parent_folders(out, "--out")
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is an existing file, not a run directory; choose another --out "
                         "(nothing was overwritten)")
