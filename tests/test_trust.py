@@ -838,3 +838,33 @@ def test_an_output_under_a_file_is_refused_before_work(tiny_run, tmp_path, capsy
     args = [next((a.replace(k, v) for k, v in subs.items() if k in a), a) for a in argv]
     refused(capsys, args, "notes.txt" if "{file}" in " ".join(argv) else "is a folder")
     assert notes.read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("[" * 100_000 + "]" * 100_000, "r.jsonl:2 is nested too deeply"),
+    (json.dumps(eval_rec(length=10**400)), "r.jsonl:2: length 1000"),
+    (json.dumps(eval_rec(length=-64)), "r.jsonl:2: length -64 is out of range"),
+    (json.dumps(eval_rec(value=1e308)), "r.jsonl:2: value = 1e+308 is not a finite number"),
+    (json.dumps(eval_rec(ci_high=1e308)), "r.jsonl:2: ci_high = 1e+308"),
+    (json.dumps(eval_rec(window_means="0.5", window_counts=[1])), "r.jsonl:2: window_means must be a list"),
+    (json.dumps(eval_rec(window_means=[0.5, 1e308], window_counts=[1, 1])), "window_means must be a list of finite"),
+    (json.dumps(eval_rec(metric="bogus")), "r.jsonl:2: unknown metric 'bogus'"),
+    (json.dumps(eval_rec(method="soft\nmax")), "r.jsonl:2: method 'soft\\nmax' is not a name"),
+    (json.dumps(eval_rec(method="a | b")), "r.jsonl:2: method 'a | b' is not a name"),
+    (json.dumps(eval_rec(model_name="")), "r.jsonl:2: model_name '' is not a name"),
+    (json.dumps(eval_rec(train="x")), "r.jsonl:2: train must be a JSON object"),
+])
+def test_report_validates_every_record(tmp_path, capsys, content, needle):
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(eval_rec()) + "\n" + content + "\n")
+    refused(capsys, ["report", path, "--out", tmp_path / "rep"], needle, "fix or remove that line")
+    assert not (tmp_path / "rep" / "report.md").exists()
+
+
+def test_report_file_names_stay_in_the_report_folder(tmp_path):
+    path = tmp_path / "r.jsonl"
+    write_records(path, [eval_rec(setting="../../escaped", length=n) for n in (32, 64)])
+    assert cli(["report", str(path), "--out", str(tmp_path / "rep")]) == 0
+    pngs = [p for p in tmp_path.rglob("*.png")]
+    assert pngs and all(p.parent == tmp_path / "rep" for p in pngs), pngs
+    assert not (tmp_path / "escaped_strided.png").exists()

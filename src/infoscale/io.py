@@ -161,6 +161,8 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, dict]]:
             rec = json.loads(line, parse_constant=_reject_constant)
         except (json.JSONDecodeError, ValueError):
             raise DataError(f"{p}:{i} is not a JSON record (or holds NaN/Infinity); fix or remove that line") from None
+        except RecursionError:
+            raise DataError(f"{p}:{i} is nested too deeply to be a record; fix or remove that line") from None
         if not isinstance(rec, dict):
             kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(rec), "a number")
             raise DataError(f"{p}:{i} is {kind}, not a record (a JSON object); fix or remove "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..errors import ConfigError, DataError
 
@@ -104,8 +105,8 @@ def weight_shapes(path) -> dict[str, tuple[int, ...]]:
         with safe_open(str(path), framework="pt") as f:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 (not a dict)
     except Exception as e:  # SafetensorError, OSError: a damaged or foreign file
-        raise DataError(f"cannot read {path}: {type(e).__name__}: {str(e)[:200]}; the file is damaged or not "
-                        "safetensors") from None
+        raise DataError(f"cannot load the model in {Path(path).parent}: {Path(path).name} cannot be read "
+                        f"({type(e).__name__}: {str(e)[:200]}); the file is damaged or not safetensors") from None
 
 
 def check_weights(cls, config, shapes: dict[str, tuple[int, ...]], where: str, config_file: str) -> None:
