@@ -868,3 +868,15 @@ def test_report_file_names_stay_in_the_report_folder(tmp_path):
     pngs = [p for p in tmp_path.rglob("*.png")]
     assert pngs and all(p.parent == tmp_path / "rep" for p in pngs), pngs
     assert not (tmp_path / "escaped_strided.png").exists()
+
+
+def test_analyze_refuses_a_length_that_cannot_fit_before_any_work(tmp_path, capsys, monkeypatch):
+    from infoscale import analysis
+
+    monkeypatch.setattr("infoscale.runtime.available_memory", lambda device: 2**30)  # 1 GiB free
+    out = tmp_path / "an"
+    err = refused(capsys, ["analyze", "--lengths", "64", "100000000", "--out", out], "length 100000000 needs about",
+                  "GiB is free on cpu", "the longest length that fits now is about")
+    fits = int(err.split("fits now is about ")[1].split(":")[0])
+    assert analysis.analysis_bytes(fits, 4) <= 2**30 < analysis.analysis_bytes(2 * fits, 4)
+    assert not out.exists()
