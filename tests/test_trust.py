@@ -880,3 +880,18 @@ def test_analyze_refuses_a_length_that_cannot_fit_before_any_work(tmp_path, caps
     fits = int(err.split("fits now is about ")[1].split(":")[0])
     assert analysis.analysis_bytes(fits, 4) <= 2**30 < analysis.analysis_bytes(2 * fits, 4)
     assert not out.exists()
+
+
+def test_settings_that_apply_to_no_model_are_an_error(tiny_run, tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    refused(capsys, ["eval", "--models", tiny_run, "--settings", "passkey", "--lengths", "32", "--bf16", "off",
+                     "--no-progress", "--out", out], "--settings passkey has nothing for the masked-LM runs (run)",
+            "contiguous and repeated", "passkey applies to causal (Llama) runs only")
+    assert not out.exists()
+
+
+def test_one_new_cell_is_singular(tiny_run, tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    assert cli(["eval", "--models", str(tiny_run), "--methods", "softmax", "--settings", "repeated", "--lengths", "32",
+                "--predictions", "16", "--bf16", "off", "--no-progress", "--out", str(out)]) == 0
+    assert "1 new cell (2 records) in" in capsys.readouterr().out

@@ -32,6 +32,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -206,6 +207,14 @@ def evaluate(cfg: EvalConfig, log=print) -> list[dict]:
     quiet_libraries(cfg.progress)
     check_output(cfg.out, "--out", folder=False)
     causal, mlm_cfg = _split_causal(cfg)
+    if mlm_cfg.models and not mlm_cfg.settings:  # e.g. --settings passkey on a masked-LM run
+        names = ", ".join(Path(m).name for m in mlm_cfg.models)
+        why = (f"--settings {' '.join(cfg.settings)} has nothing for the masked-LM runs ({names}): they take "
+               f"{' and '.join(SETTINGS)}; passkey applies to causal (Llama) runs only")
+        if not causal:
+            raise ConfigError(why)
+        log(f"skip: {why}")
+        mlm_cfg = dataclasses.replace(mlm_cfg, models=[])
     new_causal = []
     if causal:
         from .evaluate_clm import evaluate_clm
@@ -303,6 +312,10 @@ def _evaluate_mlm(cfg: EvalConfig, log=print) -> list[dict]:
     return new
 
 
+def _count(k: int, noun: str) -> str:
+    return f"{k} {noun}{'' if k == 1 else 's'}"
+
+
 def add_arguments(parser) -> None:
     add_flags(parser, EvalConfig)
 
@@ -310,5 +323,6 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     cfg = from_args(EvalConfig, args)
     new = evaluate(cfg, log=lambda s: print(s, file=sys.stderr))
-    print(f"{len({r['key'] for r in new})} new cells ({len(new)} records) in {cfg.out}")
+    cells = len({r["key"] for r in new})
+    print(f"{_count(cells, 'new cell')} ({_count(len(new), 'record')}) in {cfg.out}")
     return 0
