@@ -895,3 +895,13 @@ def test_one_new_cell_is_singular(tiny_run, tmp_path, capsys):
     assert cli(["eval", "--models", str(tiny_run), "--methods", "softmax", "--settings", "repeated", "--lengths", "32",
                 "--predictions", "16", "--bf16", "off", "--no-progress", "--out", str(out)]) == 0
     assert "1 new cell (2 records) in" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content, needle", [('{"a": 1}\n', "r.jsonl:1: incomplete eval record"),
+                                             ("notes\n", "r.jsonl:1 is not a JSON record")])
+def test_eval_does_not_append_to_a_file_that_is_not_a_record_file(tiny_run, tmp_path, capsys, content, needle):
+    out = tmp_path / "r.jsonl"
+    out.write_text(content)
+    refused(capsys, ["eval", "--models", tiny_run, "--lengths", "32", "--bf16", "off", "--no-progress", "--out", out],
+            "is not a record file infoscale can append to", needle, "give another --out")
+    assert out.read_text() == content

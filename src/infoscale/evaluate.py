@@ -201,11 +201,26 @@ def per_window(hits: list[np.ndarray], losses: list[np.ndarray]) -> tuple[dict, 
     return window_fields(hits, binary=True), window_fields(losses)
 
 
+def check_record_file(path: str) -> None:
+    """Refuse to append to an existing file whose lines are not records ``report`` reads (a file that is not
+    a record file, or a damaged one), before any work."""
+    from .io import iter_records
+    from .report import check_record
+
+    try:
+        for i, rec in iter_records(path):
+            check_record(rec, f"{path}:{i}")
+    except DataError as e:
+        raise DataError(f"--out {path} is not a record file infoscale can append to ({e}); give another "
+                        "--out") from None
+
+
 def evaluate(cfg: EvalConfig, log=print) -> list[dict]:
     """Run the sweep; returns the new records (all records are in ``cfg.out``). Causal runs (Llama) are
     evaluated by :func:`infoscale.evaluate_clm.evaluate_clm`, masked-LM runs here."""
     quiet_libraries(cfg.progress)
     check_output(cfg.out, "--out", folder=False)
+    check_record_file(cfg.out)
     causal, mlm_cfg = _split_causal(cfg)
     if mlm_cfg.models and not mlm_cfg.settings:  # e.g. --settings passkey on a masked-LM run
         names = ", ".join(Path(m).name for m in mlm_cfg.models)
