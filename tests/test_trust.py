@@ -905,3 +905,18 @@ def test_eval_does_not_append_to_a_file_that_is_not_a_record_file(tiny_run, tmp_
     refused(capsys, ["eval", "--models", tiny_run, "--lengths", "32", "--bf16", "off", "--no-progress", "--out", out],
             "is not a record file infoscale can append to", needle, "give another --out")
     assert out.read_text() == content
+
+
+def test_resume_keeps_the_precision_auto_chose(tmp_path, corpus, capsys, monkeypatch):
+    from infoscale import train as train_mod
+
+    auto = [a if a != "off" else "auto" for a in TINY]
+    chosen = []
+    monkeypatch.setattr(train_mod, "use_bf16", lambda flag, device: chosen.append(flag) or False)  # auto -> fp32
+    out = tmp_path / "run"
+    assert cli(["train", "--out", str(out), "--corpus", str(corpus), "--steps", "1", *auto]) == 0
+    assert json.loads((out / "train_config.json").read_text())["precision"] == "fp32" and chosen == ["auto"]
+    monkeypatch.setattr(train_mod, "use_bf16", lambda flag, device: chosen.append(flag) or True)  # now it would be bf16
+    assert cli(["train", "--out", str(out), "--corpus", str(corpus), "--steps", "2", "--resume", *auto]) == 0
+    assert chosen == ["auto"]  # not measured again
+    assert json.loads((out / "train_config.json").read_text())["precision"] == "fp32"

@@ -300,7 +300,28 @@ def _init_source(cfg: TrainConfig):
     return src
 
 
-def prepare_run(cfg: TrainConfig, rank: int):
+def _precision_field(bf16: bool | None) -> dict:
+    return {} if bf16 is None else {"precision": "bf16" if bf16 else "fp32"}
+
+
+def run_precision(cfg: TrainConfig, device) -> bool:
+    """Whether the run computes in bf16. A resumed run keeps the precision it started with (``precision`` in
+    train_config.json), so ``--bf16 auto`` is not measured again and cannot switch half-way."""
+    if cfg.resume:
+        try:
+            saved = json.loads((Path(cfg.out) / "train_config.json").read_text(encoding="utf-8")).get("precision")
+        except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+            saved = None  # _check_out names the problem
+        if saved in ("bf16", "fp32"):
+            if cfg.bf16 != "auto" and (cfg.bf16 == "on") != (saved == "bf16"):
+                raise ConfigError(f"--resume: the run in {cfg.out} computes in {saved}, but --bf16 {cfg.bf16} asks "
+                                  f"for the other precision; resume with --bf16 auto (or "
+                                  f"{'on' if saved == 'bf16' else 'off'})")
+            return saved == "bf16"
+    return use_bf16(cfg.bf16, device)
+
+
+def prepare_run(cfg: TrainConfig, rank: int, bf16: bool | None = None):
     """Create (or reopen with --resume, or replace with --overwrite) the run directory; returns
     (tokenizer, train docs, eval docs, ckpt). Everything is checked before the first file is written
     (a bad corpus or a training length no document reaches leaves no folder behind)."""
@@ -355,7 +376,8 @@ def prepare_run(cfg: TrainConfig, rank: int):
         out.mkdir(parents=True, exist_ok=True)
         tok.save(out)
         atomic_write_json(out / "split.json", split)
-        atomic_write_json(saved_cfg, dataclasses.asdict(cfg) | {"corpus": corpus_ref(cfg.corpus), "overwrite": False})
+        atomic_write_json(saved_cfg, dataclasses.asdict(cfg) | {"corpus": corpus_ref(cfg.corpus), "overwrite": False}
+                          | _precision_field(bf16))
     return tok, train_docs, eval_docs, ckpt
 
 
@@ -386,8 +408,8 @@ def train(cfg: TrainConfig) -> int:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if cfg.batch_size % world:
             raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
-    bf16 = use_bf16(cfg.bf16, device)
-    tok, train_docs, eval_docs, ckpt = prepare_run(cfg, rank)
+    bf16 = run_precision(cfg, device)
+    tok, train_docs, eval_docs, ckpt = prepare_run(cfg, rank, bf16)
     out = Path(cfg.out)
     if rank == 0:  # how this run computes (for the record; a resumed run rewrites it)
         atomic_write_json(out / "runtime.json", {"precision": precision_info(device), "torch": torch.__version__,
@@ -448,7 +470,7 @@ def train(cfg: TrainConfig) -> int:
         keep_metrics_until(out / "metrics.jsonl", start)
         if cfg.resume:  # a resume may ask for more steps (or the folder moved): record what this run is now
             atomic_write_json(out / "train_config.json", dataclasses.asdict(cfg) | {
-                "resume": False, "overwrite": False, "corpus": corpus_ref(cfg.corpus)})
+                "resume": False, "overwrite": False, "corpus": corpus_ref(cfg.corpus)} | _precision_field(bf16))
     bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress or rank != 0, dynamic_ncols=True,
                mininterval=2.0, desc=f"train {cfg.attention}")
     t0, tokens = time.perf_counter(), 0
