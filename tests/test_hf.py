@@ -488,3 +488,30 @@ def test_switching_away_from_infoscale_gives_the_stock_model(family):
     torch.testing.assert_close(switched, stock, atol=1e-5, rtol=1e-5)
     hf._set_attn_implementation(m, "infoscale")  # back: the method again
     assert not torch.allclose(logits(m, ids_for()), stock, atol=1e-3)
+
+
+def test_generate_beyond_the_training_length_does_not_warn_while_applied():
+    """transformers' 'exceeded the model's predefined maximum length' reminder is what a length method is for:
+    dropped while a method is applied, back after remove; other messages of that logger pass."""
+    import logging
+
+    from transformers.generation.stopping_criteria import MaxLengthCriteria
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    log = logging.getLogger("transformers.generation.stopping_criteria")
+    log.addHandler(handler)
+    ids = ids_for(n=30)
+    try:
+        m = hf.apply(model_for("llama"), "rerope+infoscale")
+        MaxLengthCriteria(max_length=100, max_position_embeddings=29)(ids, None)  # a new message: not cached
+        log.warning("another message")
+        assert seen == ["another message"]
+        out = m.generate(ids_for(n=12), max_new_tokens=2, do_sample=False)
+        assert out.shape[1] == 14 and not any("maximum length" in s for s in seen)
+        hf.remove(m)
+        MaxLengthCriteria(max_length=100, max_position_embeddings=28)(ids, None)
+        assert any("exceeded the model's predefined maximum length (28)" in s for s in seen), seen
+    finally:
+        log.removeHandler(handler)

@@ -86,7 +86,29 @@ def test_merge_keeps_records_added_by_another_writer(tmp_path):
     c = eval_rec(method="c")
     assert merge_records(path, [a, c]) == [c]  # a is there already
     assert [r["method"] for r in read_records(path)] == ["a", "b", "c"]
-    assert (tmp_path / "r.jsonl.lock").exists() and no_temp_files(tmp_path)
+    assert not (tmp_path / "r.jsonl.lock").exists() and no_temp_files(tmp_path)  # the lock file is removed
+
+
+def _merge_many(path: str, who: int) -> None:
+    for i in range(15):
+        merge_records(path, [eval_rec(method=f"m{who}", length=64 + i)])
+
+
+def test_removing_the_lock_file_keeps_the_lock_exclusive(tmp_path):
+    """Four processes merge 15 records each into one file: none is lost although each merge removes its lock
+    file (a process waiting on a removed lock file locks the new one)."""
+    import multiprocessing
+
+    path = tmp_path / "r.jsonl"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_merge_many, args=(str(path), w)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * 4
+    assert len(read_records(path)) == 60
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.jsonl"]
 
 
 def test_records_never_hold_nan(tmp_path):
@@ -920,3 +942,36 @@ def test_resume_keeps_the_precision_auto_chose(tmp_path, corpus, capsys, monkeyp
     assert cli(["train", "--out", str(out), "--corpus", str(corpus), "--steps", "2", "--resume", *auto]) == 0
     assert chosen == ["auto"]  # not measured again
     assert json.loads((out / "train_config.json").read_text())["precision"] == "fp32"
+
+
+# ---------------------------------------------------------------------------------------------
+# a newcomer's first steps
+# ---------------------------------------------------------------------------------------------
+
+
+def test_rope_is_exported_as_the_readme_uses_it():
+    from infoscale.attn.rope import Rope
+
+    assert infoscale.Rope is Rope and "Rope" in infoscale.__all__
+    q, k, v = _qkv(d=8)
+    infoscale.attention(q, k, v, "rerope", train_len=4, rope=infoscale.Rope(8, 10000.0, layout="halves"))
+
+
+def test_help_marks_required_flags_and_hides_empty_defaults():
+    sub = build_parser()._subparsers._group_actions[0].choices
+    assert "(default: )" not in sub["calibrate"].format_help()
+    usage = " ".join(sub["train"].format_usage().split())
+    assert "--out OUT" in usage and "[--out OUT]" not in usage
+    assert "not comparable to `infoscale eval`" in " ".join(sub["train"].format_help().split())
+
+
+def test_train_logs_that_its_heldout_accuracy_is_not_evals(tmp_path, corpus, capsys):
+    assert cli(["train", "--out", str(tmp_path / "run"), "--corpus", str(corpus), "--steps", "1", *TINY]) == 0
+    out = capsys.readouterr()
+    assert "80/10/10 masking, so not comparable to `infoscale eval`" in out.out + out.err
+
+
+@pytest.mark.parametrize("kw, passed", [({"n": 0}, "got n=0"), ({"n_q": 8}, "got n_q=8"), ({}, "got none of them")])
+def test_a_missing_length_says_what_was_passed(kw, passed):
+    with pytest.raises(MethodError, match=f"n \\(queries and keys\\) or both n_q and n_k.*{passed}"):
+        infoscale.build_plan("softmax", batch=1, heads=1, head_dim=8, train_len=4, **kw)

@@ -67,8 +67,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import sys
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -665,6 +667,24 @@ def _post_hook(module, args, kwargs, output):
 # --------------------------------------------------------------------------------------------
 
 
+# transformers' generate reminds that a generation "exceeded the model's predefined maximum length", which is what
+# a length method is for: while a model has a method applied, that one message is dropped (nothing else is).
+_LENGTH_REMINDER = "exceeded the model's predefined maximum length"
+_APPLIED: weakref.WeakSet = weakref.WeakSet()  # models with a method applied
+
+
+class _LengthReminderFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_APPLIED and _LENGTH_REMINDER in record.getMessage())
+
+
+_REMINDER_FILTER = _LengthReminderFilter()
+
+
+def _reminder_logger() -> logging.Logger:
+    return logging.getLogger("transformers.generation.stopping_criteria")
+
+
 def _register():
     from transformers import AttentionInterface, AttentionMaskInterface
 
@@ -785,6 +805,8 @@ def apply(model, method: str | None = None, *, train_len: int | None = None):
             state["hooks"] = [base.register_forward_pre_hook(_pre_hook, with_kwargs=True),
                               base.register_forward_hook(_post_hook, with_kwargs=True)]
     setattr(model, _STATE_ATTR, state)
+    _APPLIED.add(model)
+    _reminder_logger().addFilter(_REMINDER_FILTER)  # once: a logger holds a filter at most once
     return model
 
 
@@ -916,5 +938,8 @@ def remove(model):
     _set_attn_implementation(model, state["attn_implementation"])
     _restore_config(model.config, state["infoscale"])
     delattr(model, _STATE_ATTR)
+    _APPLIED.discard(model)
+    if not _APPLIED:
+        _reminder_logger().removeFilter(_REMINDER_FILTER)
     return model
 

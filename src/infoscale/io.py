@@ -7,7 +7,7 @@ or another operating-system error becomes a :class:`DataError` naming the file.
 
 Record files (JSONL, one JSON object a line) are shared: several processes may add records to one
 file at once. :func:`merge_records` takes an exclusive lock (``fcntl.flock`` on ``<file>.lock``
-beside it), re-reads the file, adds only the records it does not hold yet and replaces it
+beside it, removed when done), re-reads the file, adds only the records it does not hold yet and replaces it
 atomically, so no process loses another's records. No record holds NaN or an infinity.
 """
 
@@ -208,20 +208,37 @@ def write_records(path: str | Path, records: list[dict]) -> None:
 
 @contextlib.contextmanager
 def locked(path: str | Path):
-    """An exclusive lock on ``path`` between processes (``fcntl.flock`` on ``<path>.lock``)."""
+    """An exclusive lock on ``path`` between processes (``fcntl.flock`` on ``<path>.lock``), removed when done.
+
+    The lock file is unlinked while still locked; a process that was waiting on the old file then finds it is
+    no longer the one at ``<path>.lock`` and locks the new one, so two processes never hold the lock at once."""
     import fcntl
 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     lock = p.with_name(p.name + ".lock")
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise write_error(lock, e) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = os.stat(lock)
+            except FileNotFoundError:
+                current = None
+            if current is not None and os.path.samestat(current, os.fstat(fd)):
+                break  # the lock is ours and is the file at <path>.lock
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # removed or replaced meanwhile by the previous holder: lock the current file
     try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as e:
-        raise write_error(lock, e) from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
         os.close(fd)  # releases the lock
 
 

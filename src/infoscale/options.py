@@ -58,7 +58,7 @@ def _converter(tp, flag: str, bounds: tuple | None = None):
 
 
 def _help(doc: str, default) -> str:
-    if default is not None and default != "":
+    if default is not None and default != "" and default != []:
         shown = " ".join(str(x) for x in default) if isinstance(default, list) else default
         doc = f"{doc} (default: {shown})"
     return doc.replace("%", "%%")  # argparse %-formats help strings
@@ -72,8 +72,10 @@ def add_flags(parser: argparse.ArgumentParser, cls) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         doc = f.metadata.get("doc", "")
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        required = (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING) or bool(
+            f.metadata.get("required"))
+        default = (None if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING else
+                   f.default if f.default is not dataclasses.MISSING else f.default_factory())
         tp = hints[f.name]
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=_help(doc, default))

@@ -44,7 +44,7 @@ HELP = "train a GAU-α masked LM or a Llama causal LM at a short length (resumab
 
 @dataclass
 class TrainConfig:
-    out: str = option("", "run directory to create (or continue with --resume)")
+    out: str = option("", "run directory to create (or continue with --resume)", required=True)
     arch: str = option("gau", "gau (GAU-α masked LM) | llama (transformers' LlamaForCausalLM, next-token loss)")
     tokenizer: str = option("auto", "auto (char for gau, bpe for llama) | char | bpe (byte-level BPE, llama only)")
     vocab_size: int = option(2048, "bpe: vocabulary size, trained on the training split")
@@ -65,7 +65,8 @@ class TrainConfig:
     mask_prob: float = option(0.15, "share of tokens chosen for MLM (80% [MASK], 10% random, 10% kept)")
     min_count: int = option(3, "least count for a character to enter the vocabulary")
     eval_docs: int = option(4, "documents held out for evaluation")
-    val_windows: int = option(256, "held-out windows for the periodic accuracy at the training length")
+    val_windows: int = option(256, "held-out windows for the periodic accuracy at the training length (masked-LM: "
+                                   "masked as in training, 80/10/10, so not comparable to `infoscale eval`'s accuracy)")
     eval_every: int = option(400, "steps between held-out evaluations")
     save_every: int = option(400, "steps between checkpoints")
     seed: int = option(0, "seed of the split, init, data order, masking and dropout", bounds=SEED_RANGE)
@@ -531,7 +532,9 @@ def train(cfg: TrainConfig) -> int:
                                                            device=device, bf16=bf16)}
             log(rec)
             bar.write(f"step {done}: held-out {'next-token' if causal else 'masked'} accuracy at L={cfg.train_len}: "
-                      f"{rec['val_acc']:.4f} (loss {rec['val_loss']:.3f}, {rec['val_n']} predictions)")
+                      f"{rec['val_acc']:.4f} (loss {rec['val_loss']:.3f}, {rec['val_n']} predictions)"
+                      + ("" if causal else "; with training's 80/10/10 masking, so not comparable to `infoscale "
+                         "eval`, which masks with [MASK] only"))
         if done % cfg.save_every == 0 or done == cfg.steps:
             save_checkpoint(done)
         bar.update(1)

@@ -141,15 +141,13 @@ def build_plan(method, *, n: int | None = None, batch: int, heads: int, head_dim
     """
     if not isinstance(train_len, int) or isinstance(train_len, bool) or train_len < 1:
         raise MethodError(f"train_len must be a positive integer, got {train_len!r}")
-    given = {"n": n, "n_q": n_q, "n_k": n_k}
-    n_q, n_k = n_q or n, n_k or n
-    if n_q is None or n_k is None:
-        passed = ", ".join(f"{k}={v!r}" for k, v in given.items() if v is not None) or "none of them"
+    given = {k: v for k, v in (("n", n), ("n_q", n_q), ("n_k", n_k)) if v is not None}
+    bad = [k for k, v in given.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1]
+    n_q, n_k = (n if n_q is None else n_q), (n if n_k is None else n_k)
+    if bad or n_q is None or n_k is None:
+        passed = ", ".join(f"{k}={v!r}" for k, v in given.items()) or "none of them"
         raise MethodError(f"build_plan needs the sequence length: n (queries and keys) or both n_q and n_k, each a "
                           f"positive integer; got {passed}")
-    for name, value in (("n_q", n_q), ("n_k", n_k)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise MethodError(f"build_plan: {name} must be a positive integer, got {value!r}")
     pm = parse_method(method, train_len).resolved(train_len)
     device = torch.device(device)
     if rope is None:
