@@ -975,3 +975,17 @@ def test_train_logs_that_its_heldout_accuracy_is_not_evals(tmp_path, corpus, cap
 def test_a_missing_length_says_what_was_passed(kw, passed):
     with pytest.raises(MethodError, match=f"n \\(queries and keys\\) or both n_q and n_k.*{passed}"):
         infoscale.build_plan("softmax", batch=1, heads=1, head_dim=8, train_len=4, **kw)
+
+
+def test_running_out_of_memory_anywhere_is_one_line(tmp_path, capsys, monkeypatch):
+    from infoscale import analysis
+
+    def no_memory(cfg):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 256.00 GiB")
+
+    monkeypatch.setattr(analysis, "analyze", no_memory)
+    refused(capsys, ["analyze", "--lengths", "32", "--out", tmp_path / "an"], "out of memory (CUDA out of memory",
+            "use shorter lengths")
+    monkeypatch.setattr(analysis, "analyze", lambda cfg: 1 / 0)  # a bug keeps its traceback
+    with pytest.raises(ZeroDivisionError):
+        cli(["analyze", "--lengths", "32", "--out", str(tmp_path / "an")])

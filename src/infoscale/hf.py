@@ -322,7 +322,7 @@ def _core_geometry(mask, raw_mask, n_q: int, n_k: int, causal: bool, B: int, dev
         seq_len = seq_len.repeat_interleave(B // seq_len.shape[0])  # beams / expanded batches
     if seq_len is None:  # real tokens up to the last query
         seq_len = q_pos[:, -1] + 1
-    return q_pos, k_pos, kpm, seq_len
+    return q_pos, k_pos, kpm, seq_len.clamp(min=1)  # a row of padding only counts as one token
 
 
 def _layer_method(pm, settings: dict, module, L: int):
