@@ -246,7 +246,6 @@ def _evaluate_mlm(cfg: EvalConfig, log=print) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for m in cfg.methods:  # a bad method or value is refused before anything is measured or loaded
         parse_method(m)
-    bf16 = use_bf16(cfg.bf16, device)
     done = {r.get("key") for r in read_records(cfg.out)}  # also checks the file is readable, before any work
     new: list[dict] = []
     commit = git_commit()
@@ -267,6 +266,7 @@ def _evaluate_mlm(cfg: EvalConfig, log=print) -> list[dict]:
             raise DataError(f"{run.name}: the longest held-out document has {longest} tokens, so the contiguous "
                             f"setting cannot run at n={too_long[0]}; use --lengths up to {longest}, "
                             "--settings repeated, or a corpus with longer documents")
+    bf16 = use_bf16(cfg.bf16, device)  # measured once the runs and lengths are known to be usable
     for run in runs:
         model, L = run.model, run.train_len
         docs = heldout[run.path]

@@ -322,10 +322,11 @@ def run_precision(cfg: TrainConfig, device) -> bool:
     return use_bf16(cfg.bf16, device)
 
 
-def prepare_run(cfg: TrainConfig, rank: int, bf16: bool | None = None):
+def prepare_run(cfg: TrainConfig, rank: int, device):
     """Create (or reopen with --resume, or replace with --overwrite) the run directory; returns
-    (tokenizer, train docs, eval docs, ckpt). Everything is checked before the first file is written
-    (a bad corpus or a training length no document reaches leaves no folder behind)."""
+    (tokenizer, train docs, eval docs, ckpt, bf16). Everything is checked before the first file is written
+    (a bad corpus or a training length no document reaches leaves no folder behind) and before the precision
+    is chosen (``--bf16 auto`` measures, and says so)."""
     if not cfg.out:
         raise ConfigError("--out is required: the run directory to create")
     out = Path(cfg.out)
@@ -371,6 +372,7 @@ def prepare_run(cfg: TrainConfig, rank: int, bf16: bool | None = None):
     ckpt = load_checkpoint(out / "checkpoint.pt") if cfg.resume and (out / "checkpoint.pt").exists() else None
     if ckpt is not None and ckpt["step"] > cfg.steps and not (out / "model.safetensors").exists():
         raise ConfigError(f"--resume: the checkpoint in {out} is at step {ckpt['step']}; --steps must be at least that")
+    bf16 = run_precision(cfg, device)
     if not cfg.resume and rank == 0:
         if cfg.overwrite and out.exists():
             _clear_run(out)
@@ -379,7 +381,7 @@ def prepare_run(cfg: TrainConfig, rank: int, bf16: bool | None = None):
         atomic_write_json(out / "split.json", split)
         atomic_write_json(saved_cfg, dataclasses.asdict(cfg) | {"corpus": corpus_ref(cfg.corpus), "overwrite": False}
                           | _precision_field(bf16))
-    return tok, train_docs, eval_docs, ckpt
+    return tok, train_docs, eval_docs, ckpt, bf16
 
 
 def run(args) -> int:
@@ -409,8 +411,7 @@ def train(cfg: TrainConfig) -> int:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if cfg.batch_size % world:
             raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
-    bf16 = run_precision(cfg, device)
-    tok, train_docs, eval_docs, ckpt = prepare_run(cfg, rank, bf16)
+    tok, train_docs, eval_docs, ckpt, bf16 = prepare_run(cfg, rank, device)
     out = Path(cfg.out)
     if rank == 0:  # how this run computes (for the record; a resumed run rewrites it)
         atomic_write_json(out / "runtime.json", {"precision": precision_info(device), "torch": torch.__version__,
