@@ -33,7 +33,15 @@ from .data import CORPORA, BPETokenizer, CharTokenizer, TokenDocs, load_corpus, 
 from .errors import ConfigError, DataError, MethodError
 from .io import atomic_write, atomic_write_bytes, atomic_write_json, check_parent_folders, os_error_in, write_error
 from .options import SEED_RANGE, add_flags, from_args, option
-from .runtime import dist_info, precision_info, quiet_libraries, resolve_device, step_generator, use_bf16
+from .runtime import (
+    choose_precision,
+    dist_info,
+    precision_info,
+    quiet_libraries,
+    resolve_device,
+    step_generator,
+    use_bf16,
+)
 from .tasks import clm, mlm
 
 MODEL_PRESETS = ("tiny", "mini", "small", "paper")  # mini: llama only
@@ -318,6 +326,7 @@ def run_precision(cfg: TrainConfig, device) -> bool:
                 raise ConfigError(f"--resume: the run in {cfg.out} computes in {saved}, but --bf16 {cfg.bf16} asks "
                                   f"for the other precision; resume with --bf16 auto (or "
                                   f"{'on' if saved == 'bf16' else 'off'})")
+            choose_precision("on" if saved == "bf16" else "off", device)  # for runtime.json, without measuring
             return saved == "bf16"
     return use_bf16(cfg.bf16, device)
 
