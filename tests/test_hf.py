@@ -502,6 +502,8 @@ def test_generate_beyond_the_training_length_does_not_warn_while_applied():
     handler.emit = lambda record: seen.append(record.getMessage())
     log = logging.getLogger("transformers.generation.stopping_criteria")
     log.addHandler(handler)
+    level = log.level
+    log.setLevel(logging.WARNING)  # whatever verbosity other tests left on transformers' logger
     ids = ids_for(n=30)
     try:
         m = hf.apply(model_for("llama"), "rerope+infoscale")
@@ -515,3 +517,4 @@ def test_generate_beyond_the_training_length_does_not_warn_while_applied():
         assert any("exceeded the model's predefined maximum length (28)" in s for s in seen), seen
     finally:
         log.removeHandler(handler)
+        log.setLevel(level)
