@@ -989,3 +989,11 @@ def test_running_out_of_memory_anywhere_is_one_line(tmp_path, capsys, monkeypatc
     monkeypatch.setattr(analysis, "analyze", lambda cfg: 1 / 0)  # a bug keeps its traceback
     with pytest.raises(ZeroDivisionError):
         cli(["analyze", "--lengths", "32", "--out", str(tmp_path / "an")])
+
+
+def test_a_config_size_of_the_wrong_type_names_the_file(tiny_run, tmp_path, capsys):
+    run = _copy_run(tiny_run, tmp_path / "run")
+    cfg = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps(cfg | {"type_vocab_size": 2.5}))
+    refused(capsys, ["eval", "--models", run, "--lengths", "32", "--bf16", "off", "--no-progress", "--out",
+                     tmp_path / "r.jsonl"], "config.json: type_vocab_size must be a non-negative integer, got 2.5")

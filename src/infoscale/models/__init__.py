@@ -86,7 +86,10 @@ def check_model_size(config, device, where: str) -> None:
 
     from ..runtime import available_memory
 
-    need = 4 * parameter_count(config)
+    try:
+        need = 4 * parameter_count(config)
+    except DataError as e:
+        raise DataError(f"{where}: {e}") from None
     free = available_memory(torch.device(device))
     if free is not None and need > free:
         sizes = ", ".join(f"{k} = {getattr(config, k)}" for k in ("num_hidden_layers", "hidden_size",
