@@ -410,3 +410,53 @@ def test_not_a_directory_and_our_own_run(tmp_path):
     shutil.copy(src / "pytorch_model.bin", out / "pytorch_model.bin")
     with pytest.raises(DataError, match="already an infoscale run"):
         conv.convert(out)
+
+
+@pytest.mark.parametrize("fields, needle", [
+    ({"num_hidden_layers": 100_000_000}, "describes a model of about"),
+    ({"intermediate_size": 10**9}, "describes a model of about"),
+    ({"attention_key_size": 10**9}, "describes a model of about"),
+    ({"num_hidden_layers": 50_000}, "describes about"),  # fits in memory, but the file has 2 layers
+])
+def test_crafted_sizes_are_refused_before_building(tmp_path, capsys, monkeypatch, fields, needle):
+    from infoscale.cli import main as cli
+
+    monkeypatch.setattr("infoscale.runtime.available_memory", lambda device: 8 * 2**30)
+    src = write_checkpoint(tmp_path / "src", PORT_CONFIG, port_state_dict())
+    _edit_config(**fields)(src)
+    out = tmp_path / "run"
+    assert cli(["convert", str(src), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_a_fractional_train_len_is_refused_not_ignored(tmp_path):
+    info = {**NO_COSSCALE["my_info_dict"], "train_len": 64.5}
+    src = write_checkpoint(tmp_path / "src", {**PORT_CONFIG, **NO_COSSCALE, "my_info_dict": info}, port_state_dict())
+    with pytest.raises(DataError, match=r"from my_info_dict.train_len\) must be an integer >= 2, got 64.5"):
+        conv.convert(src)
+    assert conv.convert(src, train_len=64).model.config.train_len == 64  # --train-len overrides it
+
+
+def test_a_failed_conversion_leaves_nothing_and_can_be_rerun(tmp_path, capsys, monkeypatch):
+    from infoscale.cli import main as cli
+
+    info = {**NO_COSSCALE["my_info_dict"], "dataset": float("nan")}
+    src = write_checkpoint(tmp_path / "src", {**PORT_CONFIG, **NO_COSSCALE, "my_info_dict": info}, port_state_dict())
+    out = tmp_path / "run"
+    assert cli(["convert", str(src), "--out", str(out)]) == 2
+    assert "my_info_dict.dataset = nan" in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".run*"))
+    good = write_checkpoint(tmp_path / "good", PORT_CONFIG, port_state_dict())
+
+    def disk_full(self, *a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(GAUForMaskedLM, "save_pretrained", disk_full)
+    assert cli(["convert", str(good), "--out", str(out)]) == 2
+    capsys.readouterr()
+    assert not out.exists() and not list(tmp_path.glob(".run*"))
+    monkeypatch.undo()
+    assert cli(["convert", str(good), "--out", str(out)]) == 0  # the rerun is not blocked
+    assert load_run(out).model.config.num_hidden_layers == LAYERS

@@ -544,3 +544,48 @@ def test_yarn_refused_on_non_geometric_frequencies():
     with pytest.raises(MethodError, match="plain RoPE"):
         hf.apply(m, "yarn")
     assert m.config._attn_implementation == "sdpa" and type(m.model.rotary_emb).__name__ == "LlamaRotaryEmbedding"
+
+
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_switching_away_from_infoscale_gives_the_stock_model(family):
+    """After apply(rerope), the rotary stand-in must not keep RoPE off when the user switches to sdpa."""
+    m = model_for(family)
+    stock = logits(m, ids_for())
+    hf.apply(m, "rerope")
+    assert not torch.allclose(logits(m, ids_for()), stock, atol=1e-3)
+    hf._set_attn_implementation(m, "sdpa")
+    with pytest.warns(UserWarning, match="not 'infoscale'.*RoPE runs as in the stock model"):
+        switched = logits(m, ids_for())
+    torch.testing.assert_close(switched, stock, atol=1e-5, rtol=1e-5)
+    hf._set_attn_implementation(m, "infoscale")  # back: the method again
+    assert not torch.allclose(logits(m, ids_for()), stock, atol=1e-3)
+
+
+def test_generate_beyond_the_training_length_does_not_warn_while_applied():
+    """transformers' 'exceeded the model's predefined maximum length' reminder is what a length method is for:
+    dropped while a method is applied, back after remove; other messages of that logger pass."""
+    import logging
+
+    from transformers.generation.stopping_criteria import MaxLengthCriteria
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    log = logging.getLogger("transformers.generation.stopping_criteria")
+    log.addHandler(handler)
+    level = log.level
+    log.setLevel(logging.WARNING)  # whatever verbosity other tests left on transformers' logger
+    ids = ids_for(n=30)
+    try:
+        m = hf.apply(model_for("llama"), "rerope+infoscale")
+        MaxLengthCriteria(max_length=100, max_position_embeddings=29)(ids, None)  # a new message: not cached
+        log.warning("another message")
+        assert seen == ["another message"]
+        out = m.generate(ids_for(n=12), max_new_tokens=2, do_sample=False)
+        assert out.shape[1] == 14 and not any("maximum length" in s for s in seen)
+        hf.remove(m)
+        MaxLengthCriteria(max_length=100, max_position_embeddings=28)(ids, None)
+        assert any("exceeded the model's predefined maximum length (28)" in s for s in seen), seen
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)

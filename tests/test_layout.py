@@ -161,12 +161,13 @@ def test_every_flag_parses_a_typed_non_default_value():
             if not action.option_strings or action.dest == "help":
                 continue
             flag = action.option_strings[0]
+            required = {"eval": ["--models", "m"], "train": ["--out", "o"]}.get(command, [])  # the required flags
             if isinstance(action, argparse.BooleanOptionalAction):
-                ns = sp.parse_args(["--no-" + flag[2:]] + (["--models", "m"] if command == "eval" else []))
+                ns = sp.parse_args(["--no-" + flag[2:]] + required)
                 assert getattr(ns, action.dest) is False
                 continue
             value = _value_for(action)
-            extra = ["--models", "m"] if command == "eval" and action.dest != "models" else []
+            extra = required if flag not in required else []
             ns = sp.parse_args([flag, *value, *extra])
             got = getattr(ns, action.dest)
             want = hints[action.dest]

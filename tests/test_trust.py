@@ -86,7 +86,29 @@ def test_merge_keeps_records_added_by_another_writer(tmp_path):
     c = eval_rec(method="c")
     assert merge_records(path, [a, c]) == [c]  # a is there already
     assert [r["method"] for r in read_records(path)] == ["a", "b", "c"]
-    assert (tmp_path / "r.jsonl.lock").exists() and no_temp_files(tmp_path)
+    assert not (tmp_path / "r.jsonl.lock").exists() and no_temp_files(tmp_path)  # the lock file is removed
+
+
+def _merge_many(path: str, who: int) -> None:
+    for i in range(15):
+        merge_records(path, [eval_rec(method=f"m{who}", length=64 + i)])
+
+
+def test_removing_the_lock_file_keeps_the_lock_exclusive(tmp_path):
+    """Four processes merge 15 records each into one file: none is lost although each merge removes its lock
+    file (a process waiting on a removed lock file locks the new one)."""
+    import multiprocessing
+
+    path = tmp_path / "r.jsonl"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_merge_many, args=(str(path), w)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0] * 4
+    assert len(read_records(path)) == 60
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.jsonl"]
 
 
 def test_records_never_hold_nan(tmp_path):
@@ -628,3 +650,351 @@ def test_fuzz_every_accepted_method_gives_finite_attention(s, n, seed):
     causal = any(c.method.causal_only for c in pm.components)  # DCA refuses bidirectional attention
     out = infoscale.attention(q, k, v, pm, train_len=FUZZ_L, causal=causal)
     assert torch.isfinite(out).all(), (s, n)
+
+
+# ---------------------------------------------------------------------------------------------
+# infoscale.attention: an input that would give NaN or a wrong answer is refused
+# ---------------------------------------------------------------------------------------------
+
+
+def _qkv(n=6, d=8, dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(2, 2, n, d, generator=g).to(dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"method": "infoscale", "train_len": 1}, "training length >= 2"),
+    ({"method": "logn", "train_len": 1}, "training length >= 2"),
+    ({"scale": math.nan}, "scale must be a positive finite number"),
+    ({"scale": math.inf}, "scale must be a positive finite number"),
+    ({"scale": "0.5"}, "scale must be a positive finite number"),
+    ({"positions": torch.tensor([0.0, 1, 2, math.nan, 4, 5])}, "positions holds NaN or infinite"),
+    ({"positions": torch.tensor([0.0, 1, 2, 3, 4, math.inf])}, "positions holds NaN or infinite"),
+    ({"method": "ntk", "seq_len": math.nan}, "seq_len must be a finite number >= 1"),
+    ({"method": "ntk", "seq_len": 0}, "seq_len must be a finite number >= 1"),
+    ({"method": "ntk", "seq_len": -5}, "seq_len must be a finite number >= 1"),
+    ({"chunk_size": 1.5}, "chunk_size must be a positive integer"),
+    ({"chunk_size": "4"}, "chunk_size must be a positive integer"),
+    ({"key_padding_mask": torch.full((2, 6), 0.5)}, "float key_padding_mask is additive"),
+])
+def test_attention_refuses_inputs_that_would_be_wrong(change, needle):
+    q, k, v = _qkv()
+    kw = {"method": "softmax", "train_len": 4} | change
+    with pytest.raises(MethodError, match=needle):
+        infoscale.attention(q, k, v, kw.pop("method"), **kw)
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda t: t.numpy(), "q must be a torch.Tensor, got numpy.ndarray"),
+    (lambda t: torch.complex(t, t), "q is complex"),
+    (lambda t: t.to("meta"), "q is on the meta device"),
+])
+def test_attention_refuses_tensors_it_cannot_use(make, needle):
+    q, k, v = _qkv()
+    with pytest.raises(MethodError, match=needle):
+        infoscale.attention(make(q), k, v, "infoscale", train_len=4)
+
+
+def test_an_additive_float_padding_mask_means_what_transformers_means():
+    q, k, v = _qkv()
+    keep = torch.ones(2, 6, dtype=torch.bool)
+    keep[0, 4:] = False
+    want = infoscale.attention(q, k, v, "infoscale", train_len=4, key_padding_mask=keep)
+    for drop in (-math.inf, torch.finfo(torch.float32).min):
+        additive = torch.zeros(2, 6).masked_fill(~keep, drop)
+        got = infoscale.attention(q, k, v, "infoscale", train_len=4, key_padding_mask=additive)
+        torch.testing.assert_close(got, want)
+
+
+def test_infoscale_factor_refuses_what_has_no_value():
+    with pytest.raises(MethodError, match="train_len >= 2"):
+        infoscale.infoscale_factor(8, train_len=1, head_dim=64)
+    with pytest.raises(MethodError, match="finite n >= 1"):
+        infoscale.infoscale_factor(math.nan, train_len=4, head_dim=64)
+    with pytest.raises(MethodError, match="n_q and n_k.*got n_q=8"):
+        infoscale.build_plan("softmax", n_q=8, batch=1, heads=1, head_dim=8, train_len=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# crafted sizes: refused from the config and the weights' header, before anything is built
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field, value, needle", [
+    ("num_hidden_layers", 100_000_000, "describes a model of about"),
+    ("intermediate_size", 10**9, "describes a model of about"),
+    ("attention_key_size", 10**9, "describes a model of about"),
+    ("num_hidden_layers", 40_000, "describes about"),  # fits in memory, but not what the file holds
+    ("num_hidden_layers", 3, "missing ['gau_alpha.encoder.layer.2"),
+    ("intermediate_size", 130, "shape mismatch gau_alpha.encoder.layer.0.gau.i_dense.weight"),
+])
+def test_crafted_model_sizes_are_refused_before_building(tiny_run, corpus, tmp_path, capsys, monkeypatch, field,
+                                                          value, needle):
+    from infoscale import rundir
+
+    monkeypatch.setattr("infoscale.runtime.available_memory", lambda device: 8 * 2**30)
+    built = []
+    monkeypatch.setattr(rundir, "is_out_of_memory", lambda e: built.append(e) or False)
+    run = _copy_run(tiny_run, tmp_path / "run")
+    cfg = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps(cfg | {field: value}))
+    out = tmp_path / "r.jsonl"
+    refused(capsys, ["eval", "--models", run, "--lengths", "32", "--predictions", "16", "--bf16", "off",
+                     "--no-progress", "--out", out], needle)
+    assert not out.exists() and not built
+    refused(capsys, ["train", "--out", tmp_path / "ft", "--corpus", corpus, "--init-from", run,
+                     *TINY], needle)
+    assert not (tmp_path / "ft").exists()
+
+
+def test_running_out_of_memory_while_loading_is_one_line(tiny_run, tmp_path, capsys, monkeypatch):
+    from infoscale.models.gau import GAUForMaskedLM
+
+    def no_memory(*a, **k):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: you tried "
+                           "to allocate 274877906944 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(GAUForMaskedLM, "from_pretrained", no_memory)
+    refused(capsys, ["eval", "--models", tiny_run, "--lengths", "32", "--bf16", "off", "--no-progress", "--out",
+                     tmp_path / "r.jsonl"], "not enough memory on cpu to load the model", "tried to allocate")
+
+
+# ---------------------------------------------------------------------------------------------
+# corpora: regular files only, bounded sizes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_a_corpus_that_is_not_a_regular_file_is_refused_before_opening(tmp_path, capsys):
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)  # opening it would wait for a writer forever
+    for bad in ("/dev/zero", fifo):
+        refused(capsys, ["train", "--out", tmp_path / "run", "--corpus", bad, *TINY], "is not a regular file")
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_corpus_of_a_run_is_checked_at_eval_time_too(tiny_run, tmp_path, capsys):
+    run = _copy_run(tiny_run, tmp_path / "run")
+    cfg = json.loads((run / "train_config.json").read_text())
+    (run / "train_config.json").write_text(json.dumps(cfg | {"corpus": "/dev/zero"}))
+    out = tmp_path / "r.jsonl"
+    refused(capsys, ["eval", "--models", run, "--lengths", "32", "--bf16", "off", "--no-progress", "--out", out],
+            "/dev/zero is not a regular file")
+    assert not out.exists()
+
+
+def test_corpus_sizes_are_bounded(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpora, "MAX_LINE_BYTES", 1000)
+    monkeypatch.setattr(corpora, "MAX_CORPUS_BYTES", 50_000)
+    long_line = tmp_path / "c.jsonl"
+    long_line.write_text(json.dumps({"text": "ab" * 400}) + "\n" + json.dumps({"text": "x" * 2000}) + "\n")
+    with pytest.raises(DataError, match=r"c.jsonl:2 is longer than"):
+        corpora.load_corpus(str(long_line))
+    big = tmp_path / "big.txt"
+    big.write_text("word " * 20_000)
+    with pytest.raises(DataError, match="more than the .* GiB a corpus may hold"):
+        corpora.load_corpus(str(big))
+    folder = tmp_path / "f"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.txt").write_text("word " * 4000)
+    with pytest.raises(DataError, match="more than the"):
+        corpora.load_corpus(str(folder))
+
+
+# ---------------------------------------------------------------------------------------------
+# calibration.json: read only for a calibrated method, checked
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("content", ["{oops", "{}", '{"dims": [0, 16]}', '{"dims": ["a", 16]}', '{"dims": [16]}',
+                                     '[1, 2]', '{"dims": [NaN, 16]}'])
+def test_a_damaged_calibration_stops_only_calibrated_methods(tiny_run, tmp_path, capsys, content):
+    run = _copy_run(tiny_run, tmp_path / "run")
+    (run / "calibration.json").write_text(content)
+    out = tmp_path / "r.jsonl"
+    flags = ["--lengths", "32", "--predictions", "16", "--settings", "repeated", "--bf16", "off", "--no-progress",
+             "--out", str(out)]
+    assert cli(["eval", "--models", str(run), "--methods", "softmax", *flags]) == 0, capsys.readouterr().err
+    assert {r["method"] for r in read_records(out)} == {"softmax"}
+    capsys.readouterr()
+    refused(capsys, ["eval", "--models", run, "--methods", "infoscale(calibrated=True)", *flags],
+            str(run / "calibration.json"), "infoscale calibrate")
+    assert {r["method"] for r in read_records(out)} == {"softmax"}
+
+
+# ---------------------------------------------------------------------------------------------
+# flags checked at parsing
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["train", "--corpus", "shakespeare", "--out"], ["eval", "--models", "m", "--out"],
+                                     ["analyze", "--out"], ["calibrate", "--model"], ["reproduce", "--runs"]])
+@pytest.mark.parametrize("seed", ["-1", str(2**32), "100000000000000000000"])
+def test_seeds_are_range_checked_before_anything_is_written(tmp_path, capsys, command, seed):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        cli([*command, str(out), "--seed", seed])
+    assert e.value.code == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    want = f"infoscale {command[0]}: error: argument --seed: must be an integer with 0 <= value < {2**32}, got {seed}"
+    assert last == want, last
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "--models", "{run}", "--lengths", "32", "--out", "{file}/r.jsonl"],
+    ["eval", "--models", "{run}", "--lengths", "32", "--out", "{folder}"],
+    ["report", "{records}", "--out", "{file}"],
+    ["report", "{records}", "--out", "{file}/rep"],
+    ["analyze", "--lengths", "32", "--out", "{file}/an"],
+    ["reproduce", "--preset", "smoke", "--runs", "{file}/runs"],
+    ["reproduce", "--preset", "smoke", "--runs", "{file}"],
+    ["train", "--corpus", "shakespeare", "--bf16", "off", "--out", "{file}/run"],
+])
+def test_an_output_under_a_file_is_refused_before_work(tiny_run, tmp_path, capsys, argv):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("keep")
+    records = tmp_path / "r.jsonl"
+    write_records(records, [eval_rec()])
+    before = sorted(p.name for p in tmp_path.iterdir())
+    subs = {"{run}": str(tiny_run), "{file}": str(notes), "{folder}": str(tmp_path), "{records}": str(records)}
+    args = [next((a.replace(k, v) for k, v in subs.items() if k in a), a) for a in argv]
+    refused(capsys, args, "notes.txt" if "{file}" in " ".join(argv) else "is a folder")
+    assert notes.read_text() == "keep" and sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("content, needle", [
+    ("[" * 100_000 + "]" * 100_000, "r.jsonl:2 is nested too deeply"),
+    (json.dumps(eval_rec(length=10**400)), "r.jsonl:2: length 1000"),
+    (json.dumps(eval_rec(length=-64)), "r.jsonl:2: length -64 is out of range"),
+    (json.dumps(eval_rec(value=1e308)), "r.jsonl:2: value = 1e+308 is not a finite number"),
+    (json.dumps(eval_rec(ci_high=1e308)), "r.jsonl:2: ci_high = 1e+308"),
+    (json.dumps(eval_rec(window_means="0.5", window_counts=[1])), "r.jsonl:2: window_means must be a list"),
+    (json.dumps(eval_rec(window_means=[0.5, 1e308], window_counts=[1, 1])), "window_means must be a list of finite"),
+    (json.dumps(eval_rec(metric="bogus")), "r.jsonl:2: unknown metric 'bogus'"),
+    (json.dumps(eval_rec(method="soft\nmax")), "r.jsonl:2: method 'soft\\nmax' is not a name"),
+    (json.dumps(eval_rec(method="a | b")), "r.jsonl:2: method 'a | b' is not a name"),
+    (json.dumps(eval_rec(model_name="")), "r.jsonl:2: model_name '' is not a name"),
+    (json.dumps(eval_rec(train="x")), "r.jsonl:2: train must be a JSON object"),
+])
+def test_report_validates_every_record(tmp_path, capsys, content, needle):
+    path = tmp_path / "r.jsonl"
+    path.write_text(json.dumps(eval_rec()) + "\n" + content + "\n")
+    refused(capsys, ["report", path, "--out", tmp_path / "rep"], needle, "fix or remove that line")
+    assert not (tmp_path / "rep" / "report.md").exists()
+
+
+def test_report_file_names_stay_in_the_report_folder(tmp_path):
+    path = tmp_path / "r.jsonl"
+    write_records(path, [eval_rec(setting="../../escaped", length=n) for n in (32, 64)])
+    assert cli(["report", str(path), "--out", str(tmp_path / "rep")]) == 0
+    pngs = [p for p in tmp_path.rglob("*.png")]
+    assert pngs and all(p.parent == tmp_path / "rep" for p in pngs), pngs
+    assert not (tmp_path / "escaped_strided.png").exists()
+
+
+def test_analyze_refuses_a_length_that_cannot_fit_before_any_work(tmp_path, capsys, monkeypatch):
+    from infoscale import analysis
+
+    monkeypatch.setattr("infoscale.runtime.available_memory", lambda device: 2**30)  # 1 GiB free
+    out = tmp_path / "an"
+    err = refused(capsys, ["analyze", "--lengths", "64", "100000000", "--out", out], "length 100000000 needs about",
+                  "GiB is free on cpu", "the longest length that fits now is about")
+    fits = int(err.split("fits now is about ")[1].split(":")[0])
+    assert analysis.analysis_bytes(fits, 4) <= 2**30 < analysis.analysis_bytes(2 * fits, 4)
+    assert not out.exists()
+
+
+def test_settings_that_apply_to_no_model_are_an_error(tiny_run, tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    refused(capsys, ["eval", "--models", tiny_run, "--settings", "passkey", "--lengths", "32", "--bf16", "off",
+                     "--no-progress", "--out", out], "--settings passkey has nothing for the masked-LM runs (run)",
+            "contiguous and repeated", "passkey applies to causal (Llama) runs only")
+    assert not out.exists()
+
+
+def test_one_new_cell_is_singular(tiny_run, tmp_path, capsys):
+    out = tmp_path / "r.jsonl"
+    assert cli(["eval", "--models", str(tiny_run), "--methods", "softmax", "--settings", "repeated", "--lengths", "32",
+                "--predictions", "16", "--bf16", "off", "--no-progress", "--out", str(out)]) == 0
+    assert "1 new cell (2 records) in" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("content, needle", [('{"a": 1}\n', "r.jsonl:1: incomplete eval record"),
+                                             ("notes\n", "r.jsonl:1 is not a JSON record")])
+def test_eval_does_not_append_to_a_file_that_is_not_a_record_file(tiny_run, tmp_path, capsys, content, needle):
+    out = tmp_path / "r.jsonl"
+    out.write_text(content)
+    refused(capsys, ["eval", "--models", tiny_run, "--lengths", "32", "--bf16", "off", "--no-progress", "--out", out],
+            "is not a record file infoscale can append to", needle, "give another --out")
+    assert out.read_text() == content
+
+
+def test_resume_keeps_the_precision_auto_chose(tmp_path, corpus, capsys, monkeypatch):
+    from infoscale import train as train_mod
+
+    auto = [a if a != "off" else "auto" for a in TINY]
+    chosen = []
+    monkeypatch.setattr(train_mod, "use_bf16", lambda flag, device: chosen.append(flag) or False)  # auto -> fp32
+    out = tmp_path / "run"
+    assert cli(["train", "--out", str(out), "--corpus", str(corpus), "--steps", "1", *auto]) == 0
+    assert json.loads((out / "train_config.json").read_text())["precision"] == "fp32" and chosen == ["auto"]
+    monkeypatch.setattr(train_mod, "use_bf16", lambda flag, device: chosen.append(flag) or True)  # now it would be bf16
+    assert cli(["train", "--out", str(out), "--corpus", str(corpus), "--steps", "2", "--resume", *auto]) == 0
+    assert chosen == ["auto"]  # not measured again
+    assert json.loads((out / "train_config.json").read_text())["precision"] == "fp32"
+
+
+# ---------------------------------------------------------------------------------------------
+# a newcomer's first steps
+# ---------------------------------------------------------------------------------------------
+
+
+def test_rope_is_exported_as_the_readme_uses_it():
+    from infoscale.attn.rope import Rope
+
+    assert infoscale.Rope is Rope and "Rope" in infoscale.__all__
+    q, k, v = _qkv(d=8)
+    infoscale.attention(q, k, v, "rerope", train_len=4, rope=infoscale.Rope(8, 10000.0, layout="halves"))
+
+
+def test_help_marks_required_flags_and_hides_empty_defaults():
+    sub = build_parser()._subparsers._group_actions[0].choices
+    assert "(default: )" not in sub["calibrate"].format_help()
+    usage = " ".join(sub["train"].format_usage().split())
+    assert "--out OUT" in usage and "[--out OUT]" not in usage
+    assert "not comparable to `infoscale eval`" in " ".join(sub["train"].format_help().split())
+
+
+def test_train_logs_that_its_heldout_accuracy_is_not_evals(tmp_path, corpus, capsys):
+    assert cli(["train", "--out", str(tmp_path / "run"), "--corpus", str(corpus), "--steps", "1", *TINY]) == 0
+    out = capsys.readouterr()
+    assert "80/10/10 masking, so not comparable to `infoscale eval`" in out.out + out.err
+
+
+@pytest.mark.parametrize("kw, passed", [({"n": 0}, "got n=0"), ({"n_q": 8}, "got n_q=8"), ({}, "got none of them")])
+def test_a_missing_length_says_what_was_passed(kw, passed):
+    with pytest.raises(MethodError, match=f"n \\(queries and keys\\) or both n_q and n_k.*{passed}"):
+        infoscale.build_plan("softmax", batch=1, heads=1, head_dim=8, train_len=4, **kw)
+
+
+def test_running_out_of_memory_anywhere_is_one_line(tmp_path, capsys, monkeypatch):
+    from infoscale import analysis
+
+    def no_memory(cfg):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 256.00 GiB")
+
+    monkeypatch.setattr(analysis, "analyze", no_memory)
+    refused(capsys, ["analyze", "--lengths", "32", "--out", tmp_path / "an"], "out of memory (CUDA out of memory",
+            "use shorter lengths")
+    monkeypatch.setattr(analysis, "analyze", lambda cfg: 1 / 0)  # a bug keeps its traceback
+    with pytest.raises(ZeroDivisionError):
+        cli(["analyze", "--lengths", "32", "--out", str(tmp_path / "an")])
+
+
+def test_a_config_size_of_the_wrong_type_names_the_file(tiny_run, tmp_path, capsys):
+    run = _copy_run(tiny_run, tmp_path / "run")
+    cfg = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps(cfg | {"type_vocab_size": 2.5}))
+    refused(capsys, ["eval", "--models", run, "--lengths", "32", "--bf16", "off", "--no-progress", "--out",
+                     tmp_path / "r.jsonl"], "config.json: type_vocab_size must be a non-negative integer, got 2.5")

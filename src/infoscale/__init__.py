@@ -17,6 +17,7 @@ from .attn import (
     softmax_plus_factor,
     yarn_attention_factor,
 )
+from .attn.rope import Rope
 from .errors import ConfigError, DataError
 
 __version__ = "0.2.0"
@@ -35,6 +36,7 @@ __all__ = [
     "GAUForMaskedLM",
     "GAUModel",
     "REGISTRY",
+    "Rope",
     "InfoscaleError",
     "MethodError",
     "DataError",

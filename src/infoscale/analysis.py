@@ -38,8 +38,9 @@ import torch.nn.functional as F
 
 from .attn import attention_logits, parse_method
 from .data import make_windows
-from .errors import ConfigError, MethodError
-from .options import add_flags, from_args, option
+from .errors import ConfigError, DataError, MethodError
+from .io import check_output
+from .options import SEED_RANGE, add_flags, from_args, option
 
 HELP = "attention entropy, dilution and CosScale-vs-window measurements (records + plots)"
 
@@ -56,7 +57,7 @@ class AnalyzeConfig:
     windows: int = option(2, "held-out windows (or synthetic draws) per length")
     synthetic: bool = option(True, "also measure on synthetic q, k")
     out: str = option("report", "folder: analysis.jsonl and the plots")
-    seed: int = option(0, "seed of windows and synthetic draws")
+    seed: int = option(0, "seed of windows and synthetic draws", bounds=SEED_RANGE)
     progress: bool = option(True, "show transformers' progress bars while loading the model")
 
     def __post_init__(self):
@@ -267,12 +268,39 @@ def check_finite(recs: list[dict]) -> None:
                               f": its parameters make attention undefined; choose other parameters (nothing written)")
 
 
+# Bytes per (head, query, key) of one measurement: the fp32 logits and several float64 n × n matrices
+# (weights, their logarithms, products, masks); measured peak about 38 at n = 2048 with 4 heads.
+BYTES_PER_PAIR = 48
+
+
+def analysis_bytes(n: int, heads: int) -> int:
+    """Peak bytes of measuring one window at length n: every measurement holds whole n × n matrices."""
+    return BYTES_PER_PAIR * heads * n * n
+
+
+def check_lengths_fit(cfg: AnalyzeConfig, device) -> None:
+    """Refuse, before any work, a length whose n × n matrices would not fit in the memory free on ``device``
+    (as ``infoscale eval`` refuses a length whose forward batch would not fit)."""
+    from .runtime import available_memory
+
+    heads = 4 if cfg.synthetic else 1  # synthetic q, k have 4 heads; a model's are measured a head at a time
+    avail = available_memory(device)
+    for n in sorted(cfg.lengths, reverse=True)[:1]:
+        need = analysis_bytes(n, heads)
+        if avail is not None and need > avail:
+            fits = math.isqrt(avail // (BYTES_PER_PAIR * heads))
+            raise DataError(f"length {n} needs about {need / 2**30:.1f} GiB for its n × n attention matrices but "
+                            f"{avail / 2**30:.1f} GiB is free on {device.type} (the limit); the longest length that "
+                            f"fits now is about {fits}: use shorter --lengths")
+
+
 def analyze(cfg: AnalyzeConfig) -> list[dict]:
     from .runtime import quiet_libraries
 
     quiet_libraries(cfg.progress)
     if not cfg.synthetic and not cfg.model:
         raise ConfigError("nothing to measure: give --model or drop --no-synthetic")
+    check_lengths_fit(cfg, torch.device("cpu"))
     recs = []
     if cfg.synthetic:
         recs += entropy_dilution_records(cfg)
@@ -300,6 +328,7 @@ def run(args) -> int:
     from .report import write_report
 
     cfg = from_args(AnalyzeConfig, args)
+    check_output(cfg.out, "--out", folder=True)
     recs = analyze(cfg)
     out = Path(cfg.out)
     write_records(out / "analysis.jsonl", recs)

@@ -40,7 +40,7 @@ import torch
 from .calfit import D_MAX, D_MIN, Sample, calibrate_layers, fit_dim, h_norm, infoscale_t, sample_rows
 from .errors import ConfigError
 from .io import atomic_write_bytes
-from .options import add_flags, from_args, option
+from .options import SEED_RANGE, add_flags, from_args, option
 
 # the fit itself lives in infoscale.calfit (pure: logits in, dimension out), shared with infoscale.hf.calibrate
 __all__ = ["CalibrateConfig", "calibrate", "calibrate_pretrained", "gau_capture", "FILE", "D_MAX", "D_MIN", "Sample",
@@ -84,7 +84,7 @@ class CalibrateConfig:
     lengths: list[int] = option((), "lengths n > L to fit on; default 4L, 16L, 64L (those the held-out text allows)")
     windows: int = option(2, "unlabelled held-out windows per length")
     rows: int = option(256, "query rows per window used in the fit (a seeded subset at long lengths)")
-    seed: int = option(0, "seed of the windows and rows")
+    seed: int = option(0, "seed of the windows and rows", bounds=SEED_RANGE)
     corpus: str = option("", "held-out text for runs without split.json (converted checkpoints) and pretrained "
                               "models")
     train_len: int = option(0, "pretrained models: the training length L (0 = the config's)")

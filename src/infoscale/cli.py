@@ -75,6 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     except InfoscaleError as e:
         print(f"infoscale {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # running out of memory is one line too; anything else is a bug: its traceback
+        from .models import is_out_of_memory
+
+        if not is_out_of_memory(e):
+            raise
+        print(f"infoscale {args.command}: error: out of memory ({str(e).splitlines()[0][:160]}); use shorter "
+              "lengths, a smaller batch or model, or a machine with more memory", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print(f"infoscale {args.command}: interrupted; {interrupt_advice(args)}", file=sys.stderr)
         return 130

@@ -63,16 +63,20 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 from .data.tokenizers import SPECIALS, CharTokenizer
 from .errors import ConfigError, DataError, MethodError
-from .io import atomic_write_json
-from .models import family
+from .io import _nonfinite, atomic_write_json, check_parent_folders, os_error_in, write_error
+from .models import check_model_size, family, is_out_of_memory, parameter_count
 
 __all__ = ["HELP", "add_arguments", "run", "from_official", "convert", "Converted", "map_config",
            "map_state_dict", "vocab_permutation", "write_run"]
@@ -258,12 +262,13 @@ def map_config(cfg: dict, train_len: int | None = None, layers: int | None = Non
     info = cfg.get("my_info_dict") or {}
     if train_len is not None:
         L, L_from = train_len, "--train-len"
-    elif isinstance(info.get("train_len"), int) and not isinstance(info.get("train_len"), bool):
+    elif info.get("train_len") is not None:
         L, L_from = info["train_len"], "my_info_dict.train_len"
     else:
         L, L_from = _field(cfg, "max_position_embeddings"), "max_position_embeddings"
     if isinstance(L, bool) or not isinstance(L, int) or L < 2:
-        raise DataError(f"train_len (from {L_from}) must be an integer >= 2, got {L!r}")
+        fix = "" if L_from == "--train-len" else "; fix it in config.json or give --train-len"
+        raise DataError(f"train_len (from {L_from}) must be an integer >= 2, got {L!r}{fix}")
     n_layers = _field(cfg, "num_hidden_layers")
     if layers is not None:
         if not 1 <= layers <= n_layers:
@@ -375,6 +380,7 @@ def convert(path: str | Path, train_len: int | None = None, layers: int | None =
                         "without its tokenizer, pass the vocab.txt of the model it was fine-tuned from with --vocab)")
     cfg = _read_json(src / "config.json")
     kwargs, notes = map_config(cfg, train_len, layers, where=str(src / "config.json"))
+    check_model_size(SimpleNamespace(model_type="gau_alpha", **kwargs), "cpu", str(src / "config.json"))
     vocab = read_vocab(vocab_file)
     if len(vocab) != kwargs["vocab_size"]:
         raise DataError(f"{vocab_file} has {len(vocab)} tokens but config.json says vocab_size = "
@@ -388,8 +394,12 @@ def convert(path: str | Path, train_len: int | None = None, layers: int | None =
         config = GAUConfig(**kwargs)
     except (ConfigError, MethodError) as e:
         raise DataError(f"{src / 'config.json'}: {e}") from None
-    model = GAUForMaskedLM(config)
-    want = model.state_dict()
+    have, need = sum(t.numel() for t in mapped.values()), parameter_count(config)
+    if need > 2 * have + 10**6:  # e.g. a num_hidden_layers far beyond the file's layers: nothing is built
+        raise DataError(f"{src / 'config.json'} describes about {need:,} parameters but {src / weights_file} holds "
+                        f"{have:,}; they do not belong together")
+    with torch.device("meta"):  # the shapes the config implies, without memory
+        want = GAUForMaskedLM(config).state_dict()
     missing = [k for k in want if k not in mapped]
     extra = [k for k in mapped if k not in want]
     if missing or extra:
@@ -410,6 +420,12 @@ def convert(path: str | Path, train_len: int | None = None, layers: int | None =
     perm = vocab_permutation(vocab)
     key = "gau_alpha.embeddings.word_embeddings.weight"
     mapped[key] = mapped[key][torch.tensor(perm)]
+    try:
+        model = GAUForMaskedLM(config)
+    except Exception as e:
+        if is_out_of_memory(e):
+            raise DataError(f"not enough memory to build the model of {src} ({str(e).splitlines()[0][:120]})") from None
+        raise
     model.load_state_dict(mapped, strict=True)
     model.eval()
     tok = CharTokenizer([vocab[i] for i in perm])
@@ -420,6 +436,11 @@ def convert(path: str | Path, train_len: int | None = None, layers: int | None =
               "vocab_remap": moved, "source_config": {k: cfg.get(k) for k in (
                   "normalization", "norm_method", "my_info_dict", "max_position_embeddings", "num_hidden_layers",
                   "vocab_size", "hidden_size", "attention_key_size") if k in cfg}}
+    try:  # refused now, not when train_config.json is written
+        json.dumps(source, allow_nan=False)
+    except ValueError:
+        raise DataError(f"{src / 'config.json'} holds a non-finite number (NaN or infinity): "
+                        f"{_nonfinite(source)}; fix it and convert again") from None
     return Converted(model, tok, perm, source)
 
 
@@ -453,16 +474,29 @@ def write_run(conv: Converted, out: str | Path) -> Path:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise DataError(f"--out {out} already exists and is not an empty directory; choose a new path")
-    out.mkdir(parents=True, exist_ok=True)
-    conv.tokenizer.save(out)
-    cfg = conv.model.config
-    atomic_write_json(out / "train_config.json", {
-        "converted": True, "attention": cfg.attention, "train_len": cfg.train_len,
-        "corpus": None, "preset": None, "steps": None, "seed": None,
-        "note": ("converted checkpoint: no infoscale corpus or split; evaluate it on held-out text "
-                 "given explicitly (infoscale eval --corpus)"),
-        "infoscale_version": __version__, **conv.source})
-    conv.model.save_pretrained(out)
+    check_parent_folders(out, "--out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # everything goes to a temporary folder beside --out, renamed at the end: a failure leaves nothing
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        conv.tokenizer.save(tmp)
+        cfg = conv.model.config
+        atomic_write_json(tmp / "train_config.json", {
+            "converted": True, "attention": cfg.attention, "train_len": cfg.train_len,
+            "corpus": None, "preset": None, "steps": None, "seed": None,
+            "note": ("converted checkpoint: no infoscale corpus or split; evaluate it on held-out text "
+                     "given explicitly (infoscale eval --corpus)"),
+            "infoscale_version": __version__, **conv.source})
+        conv.model.save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        err = os_error_in(e)
+        if err is not None:
+            raise write_error(out, err) from None
+        raise
     return out
 
 

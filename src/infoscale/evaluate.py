@@ -32,6 +32,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,8 +41,8 @@ from . import __version__
 from .attn import parse_method
 from .data import make_windows
 from .errors import ConfigError, DataError, MethodError
-from .io import git_commit, merge_records, read_records, record_key
-from .options import add_flags, from_args, option
+from .io import check_output, git_commit, merge_records, read_records, record_key
+from .options import SEED_RANGE, add_flags, from_args, option
 from .rundir import load_run
 from .runtime import available_memory, device_flops, duration, precision_info, quiet_libraries, use_bf16
 from .stats import cluster_ci, window_fields
@@ -68,7 +69,7 @@ class EvalConfig:
     samples: int = option(32, "sampled: positions per window")
     stride: int = option(8, "strided: mask every r-th position")
     out: str = option("results/results.jsonl", "JSONL file the records are appended to")
-    seed: int = option(0, "seed of the windows and masked positions")
+    seed: int = option(0, "seed of the windows and masked positions", bounds=SEED_RANGE)
     bf16: str = option("auto", "bf16 autocast and bf16 attention: auto, on, off")
     chunk_size: int = option(0, "query rows per attention chunk; 0 = the kernel's default (256 in fp32, 512 in bf16)")
     tokens_per_batch: int = option(16384, "tokens per forward batch (copies of a window × n)")
@@ -180,11 +181,35 @@ def per_window(hits: list[np.ndarray], losses: list[np.ndarray]) -> tuple[dict, 
     return window_fields(hits, binary=True), window_fields(losses)
 
 
+def check_record_file(path: str) -> None:
+    """Refuse to append to an existing file whose lines are not records ``report`` reads (a file that is not
+    a record file, or a damaged one), before any work."""
+    from .io import iter_records
+    from .report import check_record
+
+    try:
+        for i, rec in iter_records(path):
+            check_record(rec, f"{path}:{i}")
+    except DataError as e:
+        raise DataError(f"--out {path} is not a record file infoscale can append to ({e}); give another "
+                        "--out") from None
+
+
 def evaluate(cfg: EvalConfig, log=print) -> list[dict]:
     """Run the sweep; returns the new records (all records are in ``cfg.out``). Causal runs (Llama) are
     evaluated by :func:`infoscale.evaluate_clm.evaluate_clm`, masked-LM runs here."""
     quiet_libraries(cfg.progress)
+    check_output(cfg.out, "--out", folder=False)
+    check_record_file(cfg.out)
     causal, mlm_cfg = _split_causal(cfg)
+    if mlm_cfg.models and not mlm_cfg.settings:  # e.g. --settings passkey on a masked-LM run
+        names = ", ".join(Path(m).name for m in mlm_cfg.models)
+        why = (f"--settings {' '.join(cfg.settings)} has nothing for the masked-LM runs ({names}): they take "
+               f"{' and '.join(SETTINGS)}; passkey applies to causal (Llama) runs only")
+        if not causal:
+            raise ConfigError(why)
+        log(f"skip: {why}")
+        mlm_cfg = dataclasses.replace(mlm_cfg, models=[])
     new_causal = []
     if causal:
         from .evaluate_clm import evaluate_clm
@@ -207,7 +232,9 @@ def _evaluate_mlm(cfg: EvalConfig, log=print) -> list[dict]:
     runs = [load_run(m, device) for m in cfg.models]
     for m in cfg.methods:  # a bad method or value is an error, before any work
         for run in runs:
-            parse_method(m, run.train_len)
+            isc = parse_method(m, run.train_len).get("infoscale")
+            if isc is not None and isc.calibrated:
+                run.load_calibration()
     heldout = {}
     for run in runs:  # lengths that cannot run are refused before any work
         for n in cfg.lengths:
@@ -219,7 +246,7 @@ def _evaluate_mlm(cfg: EvalConfig, log=print) -> list[dict]:
             raise DataError(f"{run.name}: the longest held-out document has {longest} tokens, so the contiguous "
                             f"setting cannot run at n={too_long[0]}; use --lengths up to {longest}, "
                             "--settings repeated, or a corpus with longer documents")
-    bf16 = use_bf16(cfg.bf16, device)  # measured once the runs are known to be usable (its line is not an error)
+    bf16 = use_bf16(cfg.bf16, device)  # measured once the runs and lengths are known to be usable
     for run in runs:
         model, L = run.model, run.train_len
         docs = heldout[run.path]
@@ -280,6 +307,10 @@ def _evaluate_mlm(cfg: EvalConfig, log=print) -> list[dict]:
     return new
 
 
+def _count(k: int, noun: str) -> str:
+    return f"{k} {noun}{'' if k == 1 else 's'}"
+
+
 def add_arguments(parser) -> None:
     add_flags(parser, EvalConfig)
 
@@ -287,5 +318,6 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     cfg = from_args(EvalConfig, args)
     new = evaluate(cfg, log=lambda s: print(s, file=sys.stderr))
-    print(f"{len({r['key'] for r in new})} new cells ({len(new)} records) in {cfg.out}")
+    cells = len({r["key"] for r in new})
+    print(f"{_count(cells, 'new cell')} ({_count(len(new), 'record')}) in {cfg.out}")
     return 0

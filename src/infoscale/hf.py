@@ -68,7 +68,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import sys
+import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -346,7 +349,7 @@ def _core_geometry(mask, raw_mask, n_q: int, n_k: int, causal: bool, B: int, dev
         seq_len = seq_len.repeat_interleave(B // seq_len.shape[0])  # beams / expanded batches
     if seq_len is None:  # real tokens up to the last query
         seq_len = q_pos[:, -1] + 1
-    return q_pos, k_pos, kpm, seq_len
+    return q_pos, k_pos, kpm, seq_len.clamp(min=1)  # a row of padding only counts as one token
 
 
 def _layer_method(pm, settings: dict, module, L: int):
@@ -488,14 +491,29 @@ def _fast(pm, L, query, key, value, mask, n_q, n_k, causal, scaling, dropout):
 class UnrotatedRotary(nn.Module):
     """Stands in for a model's rotary module: the same output shapes with cos = 1 and sin = 0, so the model's
     ``apply_rotary_pos_emb`` leaves q and k as they are and the cache keeps un-rotated keys. The original module
-    is kept as ``original`` (its buffers move with the model) and is put back by :func:`remove`."""
+    is kept as ``original`` (its buffers move with the model) and is put back by :func:`remove`.
 
-    def __init__(self, original: nn.Module):
+    Only the infoscale attention rotates q and k itself: if the user switches the model to another
+    implementation (``model.set_attn_implementation("sdpa")``) the stand-in returns the original cos and sin,
+    so the model is the stock one again, and warns once."""
+
+    def __init__(self, original: nn.Module, config=None):
         super().__init__()
         self.original = original
+        self.config = config  # the model's config: its _attn_implementation says who rotates q and k
+        self._warned = False
 
     def forward(self, x, position_ids, *args, **kwargs):
         cos, sin = self.original(x, position_ids, *args, **kwargs)
+        impl = getattr(self.config, "_attn_implementation", NAME) if self.config is not None else NAME
+        if impl != NAME:
+            if not self._warned:
+                self._warned = True
+                warnings.warn(f"infoscale.hf: the model's attention implementation is now {impl!r}, not "
+                              f"{NAME!r}, so its method is not in effect and RoPE runs as in the stock model; "
+                              "call infoscale.hf.apply(model, ...) again to use a method, or "
+                              "infoscale.hf.remove(model)", stacklevel=2)
+            return cos, sin
         return torch.ones_like(cos), torch.zeros_like(sin)
 
 
@@ -674,6 +692,24 @@ def _post_hook(module, args, kwargs, output):
 # --------------------------------------------------------------------------------------------
 # apply / remove
 # --------------------------------------------------------------------------------------------
+
+
+# transformers' generate reminds that a generation "exceeded the model's predefined maximum length", which is what
+# a length method is for: while a model has a method applied, that one message is dropped (nothing else is).
+_LENGTH_REMINDER = "exceeded the model's predefined maximum length"
+_APPLIED: weakref.WeakSet = weakref.WeakSet()  # models with a method applied
+
+
+class _LengthReminderFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_APPLIED and _LENGTH_REMINDER in record.getMessage())
+
+
+_REMINDER_FILTER = _LengthReminderFilter()
+
+
+def _reminder_logger() -> logging.Logger:
+    return logging.getLogger("transformers.generation.stopping_criteria")
 
 
 def _register():
@@ -875,7 +911,7 @@ def apply(model, method: str | None = None, *, train_len: int | None = None):
     for m, r in ropes.items():
         setattr(m, _ROPE_ATTR, r)
     for parent, attr, rotary in rotaries.values():
-        setattr(parent, attr, UnrotatedRotary(rotary))
+        setattr(parent, attr, UnrotatedRotary(rotary, config))
         state["rotaries"].append((parent, attr, rotary))
     if rebuilt is not None:
         new_config, modules = rebuilt
@@ -891,6 +927,8 @@ def apply(model, method: str | None = None, *, train_len: int | None = None):
             state["hooks"] = [base.register_forward_pre_hook(_pre_hook, with_kwargs=True),
                               base.register_forward_hook(_post_hook, with_kwargs=True)]
     setattr(model, _STATE_ATTR, state)
+    _APPLIED.add(model)
+    _reminder_logger().addFilter(_REMINDER_FILTER)  # once: a logger holds a filter at most once
     return model
 
 
@@ -1024,5 +1062,8 @@ def remove(model):
     _set_attn_implementation(model, state["attn_implementation"])
     _restore_config(model.config, state["infoscale"])
     delattr(model, _STATE_ATTR)
+    _APPLIED.discard(model)
+    if not _APPLIED:
+        _reminder_logger().removeFilter(_REMINDER_FILTER)
     return model
 

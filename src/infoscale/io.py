@@ -7,7 +7,7 @@ or another operating-system error becomes a :class:`DataError` naming the file.
 
 Record files (JSONL, one JSON object a line) are shared: several processes may add records to one
 file at once. :func:`merge_records` takes an exclusive lock (``fcntl.flock`` on ``<file>.lock``
-beside it), re-reads the file, adds only the records it does not hold yet and replaces it
+beside it, removed when done), re-reads the file, adds only the records it does not hold yet and replaces it
 atomically, so no process loses another's records. No record holds NaN or an infinity.
 """
 
@@ -29,7 +29,7 @@ from .errors import DataError
 
 __all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_json", "read_records", "iter_records",
            "write_records", "merge_records", "record_identity", "locked", "record_key", "git_commit",
-           "os_error_in", "write_error"]
+           "os_error_in", "write_error", "check_output", "check_parent_folders"]
 
 
 def _umask() -> int:
@@ -39,6 +39,27 @@ def _umask() -> int:
 
 
 _FILE_MODE = 0o666 & ~_umask()
+
+
+def check_parent_folders(path: str | Path, flag: str) -> None:
+    """Refuse an output path under a regular file (``notes.txt/run``): nothing could be written there."""
+    for parent in Path(path).absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise DataError(f"{flag} {path}: {parent} is a file, not a folder, so nothing can be written under "
+                                "it; choose another path")
+            return
+
+
+def check_output(path: str | Path, flag: str, *, folder: bool) -> None:
+    """Refuse, before any work, an output path that cannot be written: under a regular file, or an existing
+    file where a folder is wanted (``folder``) or a folder where a file is wanted."""
+    check_parent_folders(path, flag)
+    p = Path(path)
+    if folder and p.exists() and not p.is_dir():
+        raise DataError(f"{flag} {path} is an existing file, not a folder; choose a folder path")
+    if not folder and p.is_dir():
+        raise DataError(f"{flag} {path} is a folder; give the path of a JSONL record file")
 
 
 def os_error_in(exc: BaseException) -> OSError | None:
@@ -140,6 +161,8 @@ def iter_records(path: str | Path) -> Iterator[tuple[int, dict]]:
             rec = json.loads(line, parse_constant=_reject_constant)
         except (json.JSONDecodeError, ValueError):
             raise DataError(f"{p}:{i} is not a JSON record (or holds NaN/Infinity); fix or remove that line") from None
+        except RecursionError:
+            raise DataError(f"{p}:{i} is nested too deeply to be a record; fix or remove that line") from None
         if not isinstance(rec, dict):
             kind = {list: "an array", str: "a string", bool: "a boolean", type(None): "null"}.get(type(rec), "a number")
             raise DataError(f"{p}:{i} is {kind}, not a record (a JSON object); fix or remove "
@@ -185,20 +208,37 @@ def write_records(path: str | Path, records: list[dict]) -> None:
 
 @contextlib.contextmanager
 def locked(path: str | Path):
-    """An exclusive lock on ``path`` between processes (``fcntl.flock`` on ``<path>.lock``)."""
+    """An exclusive lock on ``path`` between processes (``fcntl.flock`` on ``<path>.lock``), removed when done.
+
+    The lock file is unlinked while still locked; a process that was waiting on the old file then finds it is
+    no longer the one at ``<path>.lock`` and locks the new one, so two processes never hold the lock at once."""
     import fcntl
 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     lock = p.with_name(p.name + ".lock")
+    while True:
+        try:
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as e:
+            raise write_error(lock, e) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                current = os.stat(lock)
+            except FileNotFoundError:
+                current = None
+            if current is not None and os.path.samestat(current, os.fstat(fd)):
+                break  # the lock is ours and is the file at <path>.lock
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # removed or replaced meanwhile by the previous holder: lock the current file
     try:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as e:
-        raise write_error(lock, e) from None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
         os.close(fd)  # releases the lock
 
 

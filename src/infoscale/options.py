@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import field
 
-__all__ = ["option", "add_flags", "from_args"]
+__all__ = ["option", "add_flags", "from_args", "SEED_RANGE"]
 
 
 def option(default, doc: str, **metadata):
@@ -34,7 +34,10 @@ def _unwrap_optional(tp):
     return tp, False
 
 
-def _converter(tp, flag: str):
+SEED_RANGE = (0, 2**32)  # numpy's and torch's seeds: 0 <= seed < 2**32
+
+
+def _converter(tp, flag: str, bounds: tuple | None = None):
     inner, optional = _unwrap_optional(tp)
     if inner not in (int, float, str):
         raise TypeError(f"{flag}: unsupported option type {tp!r}")
@@ -43,16 +46,19 @@ def _converter(tp, flag: str):
         if optional and text.lower() in ("none", ""):
             return None
         try:
-            return inner(text)
+            value = inner(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {inner.__name__}, got {text!r}") from None
+        if bounds is not None and not bounds[0] <= value < bounds[1]:
+            raise argparse.ArgumentTypeError(f"must be an integer with {bounds[0]} <= value < {bounds[1]}, got {text}")
+        return value
 
     parse.__name__ = inner.__name__
     return parse
 
 
 def _help(doc: str, default) -> str:
-    if default is not None and default != "":
+    if default is not None and default != "" and default != []:
         shown = " ".join(str(x) for x in default) if isinstance(default, list) else default
         doc = f"{doc} (default: {shown})"
     return doc.replace("%", "%%")  # argparse %-formats help strings
@@ -66,18 +72,20 @@ def add_flags(parser: argparse.ArgumentParser, cls) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         doc = f.metadata.get("doc", "")
-        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-        default = None if required else (f.default if f.default is not dataclasses.MISSING else f.default_factory())
+        required = (f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING) or bool(
+            f.metadata.get("required"))
+        default = (None if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING else
+                   f.default if f.default is not dataclasses.MISSING else f.default_factory())
         tp = hints[f.name]
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=_help(doc, default))
         elif typing.get_origin(tp) in (list, tuple):
             (inner,) = set(typing.get_args(tp)) - {Ellipsis}
-            parser.add_argument(flag, nargs="+", type=_converter(inner, flag), default=default, required=required,
-                                help=_help(doc, default))
+            parser.add_argument(flag, nargs="+", type=_converter(inner, flag, f.metadata.get("bounds")),
+                                default=default, required=required, help=_help(doc, default))
         else:
-            parser.add_argument(flag, type=_converter(tp, flag), default=default, required=required,
-                                help=_help(doc, default))
+            parser.add_argument(flag, type=_converter(tp, flag, f.metadata.get("bounds")), default=default,
+                                required=required, help=_help(doc, default))
 
 
 def from_args(cls, args: argparse.Namespace, **extra):

@@ -11,11 +11,12 @@ plots. Nothing here computes a metric: it only reads, groups and draws.
 from __future__ import annotations
 
 import math
+import re
 from collections import defaultdict
 from pathlib import Path
 
 from .errors import DataError
-from .io import atomic_write_bytes, iter_records, record_identity
+from .io import atomic_write_bytes, check_output, iter_records, record_identity
 from .ranking import RESAMPLES, best_by_ci, bold_rule, cell_groups, paired, window_sums
 from .ranking import label as _label
 
@@ -28,6 +29,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    check_output(args.out, "--out", folder=True)
     records = load_records(args.records)
     if not records:
         raise DataError(f"no records in {' '.join(args.records)}")
@@ -67,6 +69,63 @@ def check_record(rec: dict, where: str) -> None:
         what = "; ".join(x for x in (f"missing {', '.join(missing)}" if missing else "",
                                      f"wrong type or value of {', '.join(wrong)}" if wrong else "") if x)
         raise DataError(f"{where}: incomplete {kind} record ({what}); fix or remove that line")
+    problem = _record_problem(rec, kind)
+    if problem:
+        raise DataError(f"{where}: {problem}; fix or remove that line")
+
+
+# Names that reach tables and file names: printable, no table or code delimiters, not too long.
+SAFE_NAME = re.compile(r"[^\x00-\x1f\x7f|`<>\\]{1,200}")
+MAX_LENGTH = 2**40  # sequence lengths, layers, widths: integers in [1, MAX_LENGTH)
+MAX_VALUE = 1e15  # a metric's magnitude (beyond it sums and formats overflow)
+
+
+def _record_problem(rec: dict, kind: str) -> str:
+    """What makes a record with the right fields unusable (a value out of range, an unsafe name), or ''."""
+    for k in ("model_name", "method", "method_label", "setting", "protocol", "metric", "source"):
+        v = rec.get(k)
+        if v is not None and (not isinstance(v, str) or not SAFE_NAME.fullmatch(v)):
+            return (f"{k} {str(v)[:60]!r} is not a name report can show (at most 200 printable characters, without "
+                    "| ` < > \\ or line breaks)")
+    for k in ("length", "layer", "train_len", "width"):
+        v = rec.get(k)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not (0 if k == "layer" else 1) <= v
+                              < MAX_LENGTH):
+            return f"{k} {str(v)[:40]} is out of range (an integer from {0 if k == 'layer' else 1} to 2**40)"
+    for k in ("value", "ci_low", "ci_high", "H", "H_norm", "near_share", "s", "outside_mass", "js"):
+        v = rec.get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not (math.isfinite(v) and abs(v) <= MAX_VALUE):
+            return f"{k} = {v:.3g} is not a finite number of magnitude at most {MAX_VALUE:g}"
+    metric = rec.get("metric")
+    if kind == "eval" and metric not in METRICS and not (_BUCKET.fullmatch(metric) and isinstance(rec.get("bucket"),
+                                                                                                    list)):
+        return f"unknown metric {metric!r} (known: {', '.join(METRICS)}, nll[lo,hi) with a bucket)"
+    for k in ("window_means", "window_counts", "window_hits"):
+        v = rec.get(k)
+        if v is not None and (not isinstance(v, list) or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and abs(x) <= MAX_VALUE
+                for x in v)):
+            return f"{k} must be a list of finite numbers"
+    if rec.get("window_counts") and rec.get("window_hits") is not None \
+            and len(rec["window_hits"]) != len(rec["window_counts"]):
+        return "window_hits and window_counts differ in length"
+    bucket = rec.get("bucket")
+    if bucket is not None and (not isinstance(bucket, list) or len(bucket) != 2 or not all(
+            isinstance(b, int) and not isinstance(b, bool) and 0 <= b < MAX_LENGTH for b in bucket)):
+        return "bucket must be [lo, hi] with integer positions"
+    for k in ("train", "protocol_params"):
+        if rec.get(k) is not None and not isinstance(rec[k], dict):
+            return f"{k} must be a JSON object"
+    return ""
+
+
+_BUCKET = re.compile(r"nll\[\d{1,13},\d{1,13}\)")
+
+
+def safe_file_name(text: str) -> str:
+    """``text`` as one file-name component: letters, digits, ``._-`` (anything else becomes ``_``), never a path."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", str(text))[:100].strip("._")
+    return name or "_"
 
 
 def load_records(files) -> list[dict]:
@@ -385,7 +444,7 @@ def plot_eval(records: list[dict], out: Path) -> list[Path]:
         fig.suptitle(f"{setting} text, {protocol} protocol (solid: with InfoScale; shading: 95% CI)", fontsize=11)
         fig.tight_layout(rect=(0, (0.35 + 0.17 * math.ceil(len(handles) / ncol)) / height, 1, 1))
         slug = protocol.replace("strided (1 in ", "strided").rstrip(")")  # strided64: a file name without spaces
-        path = out / f"{'accuracy' if 'accuracy' in metrics else metrics[0]}_{setting}_{slug}.png"
+        path = out / safe_file_name(f"{'accuracy' if 'accuracy' in metrics else metrics[0]}_{setting}_{slug}.png")
         fig.savefig(path, dpi=110)
         plt.close(fig)
         paths.append(path)
@@ -491,7 +550,7 @@ def plot_analysis(records: list[dict], out: Path) -> list[Path]:
             axes[0, 0].legend(fontsize=7)
             fig.suptitle(f"{kind}: {src}", fontsize=11)
             fig.tight_layout()
-            path = out / f"{kind}_{src}.png"
+            path = out / safe_file_name(f"{kind}_{src}.png")
             fig.savefig(path, dpi=110)
             plt.close(fig)
             paths.append(path)

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError
-from .io import read_records, write_records
+from .io import check_output, read_records, write_records
 from .models.pretrained import PackagedModel
-from .options import add_flags, from_args, option
+from .options import SEED_RANGE, add_flags, from_args, option
 from .train import TrainConfig, train
 
 TRAIN_LEN = 64  # L of every preset's evaluated models (the paper's fine-tuning length)
@@ -254,7 +254,7 @@ class ReproduceConfig:
     runs: str = option("runs", "folder for the models")
     results: str = option("results", "folder for the records")
     report: str = option("report", "folder for the report")
-    seed: int = option(0, "seed of everything")
+    seed: int = option(0, "seed of everything", bounds=SEED_RANGE)
     progress: bool = option(True, "show progress bars")
 
 
@@ -293,6 +293,12 @@ def reproduce(cfg: ReproduceConfig, log=print) -> dict:
     from .evaluate import EvalConfig, evaluate
     from .report import write_report
 
+    where = paths(cfg)  # every output place is checked before any work
+    for flag, folder in (("--runs", cfg.runs), ("--results", cfg.results), ("--report", cfg.report),
+                         ("--runs", where["runs"]), ("--report", where["report"])):
+        check_output(folder, flag, folder=True)
+    for key in ("records", "analysis"):
+        check_output(where[key], "--results", folder=False)
     if cfg.preset in CLM_PRESETS:
         return reproduce_clm(cfg, log)
     if cfg.preset in LLM_PRESETS:

@@ -18,7 +18,7 @@ import torch
 
 from .data import CORPORA, CharTokenizer, TokenDocs, load_corpus, load_tokenizer
 from .errors import DataError
-from .models import family, train_len_of
+from .models import check_model_size, check_weights, family, is_out_of_memory, train_len_of, weight_shapes
 
 __all__ = ["Run", "load_run", "load_model"]
 
@@ -50,6 +50,14 @@ class Run:
         if L is None:
             return train_len_of(self.model.config)
         return int(L)
+
+    def load_calibration(self) -> None:
+        """Read the run's calibration.json now (a damaged one is refused before any work), if it has one."""
+        f = getattr(self.model.base_model, "calibration_file", None)
+        if f is not None and getattr(self.model.base_model, "infoscale_dims", None) is None:
+            from .models.gau import attach
+
+            attach(self.model, f)
 
     def heldout_docs(self, corpus: str | None = None) -> TokenDocs:
         """The held-out documents named in ``split.json``, tokenized. A run without a split (a converted
@@ -98,6 +106,27 @@ def _read_json(path: Path) -> dict:
     return obj
 
 
+def check_sizes(p: Path, device="cpu") -> None:
+    """The config's sizes against free memory and the weights file's header, before anything is built (a
+    damaged or crafted config.json would otherwise allocate whatever it says)."""
+    import re
+
+    cls = family(_read_json(p / "config.json").get("model_type")).load_class()
+
+    try:
+        config = cls.config_class.from_pretrained(p)
+    except Exception as e:  # an InfoscaleError of the config's own checks, or transformers' parse errors
+        raise DataError(f"{p / 'config.json'} cannot be used: {str(e).splitlines()[0][:200]}") from None
+    check_model_size(config, device, str(p / "config.json"))
+    shapes = weight_shapes(p / "model.safetensors")
+    if config.model_type == "gau_alpha":  # runs saved by infoscale 0.1 have flat names
+        from .models.gau import FIRST_FORMAT_KEYS
+
+        for old, new in FIRST_FORMAT_KEYS.items():
+            shapes = {re.sub(old, new, k): v for k, v in shapes.items()}
+    check_weights(cls, config, shapes, str(p / "model.safetensors"), str(p / "config.json"))
+
+
 def load_run(path: str | Path, device="cpu") -> Run:
     """(model in eval mode, tokenizer, training options) of a run directory, one clear error per problem."""
     p = Path(path)
@@ -109,9 +138,13 @@ def load_run(path: str | Path, device="cpu") -> Run:
         raise DataError(f"{p} has no config.json + model.safetensors{hint}")
     fam = family(_read_json(cfg_file).get("model_type"))
     cls = fam.load_class()
+    check_sizes(p, device)
     try:
         model = cls.from_pretrained(p).to(device).eval()
     except Exception as e:  # truncated safetensors, wrong shapes
+        if is_out_of_memory(e):
+            raise DataError(f"not enough memory on {device} to load the model in {p} "
+                            f"({str(e).splitlines()[0][:120]}); free memory or use a larger device") from None
         raise DataError(f"cannot load the model in {p}: {type(e).__name__}: {str(e)[:200]}") from None
     tok = load_tokenizer(p)
     rows = int(model.config.vocab_size)
@@ -123,12 +156,11 @@ def load_run(path: str | Path, device="cpu") -> Run:
         raise DataError(f"{p} has no train_config.json, so its corpus and training settings are unknown; evaluate a "
                         "run directory written by `infoscale train` (or restore that file)")
     tcfg = _read_json(p / "train_config.json")
-    # `infoscale calibrate` (GAU runs): per-layer d for infoscale(calibrated=True); a transformers model keeps its
+    # `infoscale calibrate` (GAU runs): per-layer d for infoscale(calibrated=True), read (and checked) only when a
+    # calibrated method runs, so a damaged file does not stop other methods; a transformers model keeps its
     # fitted dims in config.infoscale (infoscale.hf.calibrate), so a stray file beside one is not read
     if fam.module == "gau" and (p / "calibration.json").exists():
-        from .models.gau import attach
-
-        attach(model, p / "calibration.json")
+        model.base_model.calibration_file = p / "calibration.json"
     return Run(p, model, tok, tcfg)
 
 

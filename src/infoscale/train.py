@@ -31,9 +31,17 @@ import torch
 from .attn import REGISTRY, parse_method
 from .data import CORPORA, BPETokenizer, CharTokenizer, TokenDocs, load_corpus, load_tokenizer, split_documents
 from .errors import ConfigError, DataError, MethodError
-from .io import atomic_write, atomic_write_bytes, atomic_write_json, os_error_in, write_error
-from .options import add_flags, from_args, option
-from .runtime import dist_info, precision_info, quiet_libraries, resolve_device, step_generator, use_bf16
+from .io import atomic_write, atomic_write_bytes, atomic_write_json, check_parent_folders, os_error_in, write_error
+from .options import SEED_RANGE, add_flags, from_args, option
+from .runtime import (
+    choose_precision,
+    dist_info,
+    precision_info,
+    quiet_libraries,
+    resolve_device,
+    step_generator,
+    use_bf16,
+)
 from .tasks import clm, mlm
 
 MODEL_PRESETS = ("tiny", "mini", "small", "paper")  # mini: llama only
@@ -44,7 +52,7 @@ HELP = "train a GAU-α masked LM or a Llama causal LM at a short length (resumab
 
 @dataclass
 class TrainConfig:
-    out: str = option("", "run directory to create (or continue with --resume)")
+    out: str = option("", "run directory to create (or continue with --resume)", required=True)
     arch: str = option("gau", "gau (GAU-α masked LM) | llama (transformers' LlamaForCausalLM, next-token loss)")
     tokenizer: str = option("auto", "auto (char for gau, bpe for llama) | char | bpe (byte-level BPE, llama only)")
     vocab_size: int = option(2048, "bpe: vocabulary size, trained on the training split")
@@ -65,10 +73,11 @@ class TrainConfig:
     mask_prob: float = option(0.15, "share of tokens chosen for MLM (80% [MASK], 10% random, 10% kept)")
     min_count: int = option(3, "least count for a character to enter the vocabulary")
     eval_docs: int = option(4, "documents held out for evaluation")
-    val_windows: int = option(256, "held-out windows for the periodic accuracy at the training length")
+    val_windows: int = option(256, "held-out windows for the periodic accuracy at the training length (masked-LM: "
+                                   "masked as in training, 80/10/10, so not comparable to `infoscale eval`'s accuracy)")
     eval_every: int = option(400, "steps between held-out evaluations")
     save_every: int = option(400, "steps between checkpoints")
-    seed: int = option(0, "seed of the split, init, data order, masking and dropout")
+    seed: int = option(0, "seed of the split, init, data order, masking and dropout", bounds=SEED_RANGE)
     init_from: str = option("", "start from another run's weights and tokenizer (pretrain long, fine-tune short: a "
                                 "new --train-len, --attention and optimizer; the model's shape comes from that run)")
     bf16: str = option("auto", "bf16 autocast: auto (when the device supports it), on, off")
@@ -237,6 +246,7 @@ def same_corpus(old: str | None, new: str) -> bool:
 
 def _check_out(cfg: TrainConfig, out: Path) -> None:
     """Refuse an --out that cannot be used, before anything is read or written."""
+    check_parent_folders(out, "--out")
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is an existing file, not a run directory; choose another --out "
                         "(nothing was overwritten)")
@@ -299,10 +309,33 @@ def _init_source(cfg: TrainConfig):
     return src
 
 
-def prepare_run(cfg: TrainConfig, rank: int):
+def _precision_field(bf16: bool | None) -> dict:
+    return {} if bf16 is None else {"precision": "bf16" if bf16 else "fp32"}
+
+
+def run_precision(cfg: TrainConfig, device) -> bool:
+    """Whether the run computes in bf16. A resumed run keeps the precision it started with (``precision`` in
+    train_config.json), so ``--bf16 auto`` is not measured again and cannot switch half-way."""
+    if cfg.resume:
+        try:
+            saved = json.loads((Path(cfg.out) / "train_config.json").read_text(encoding="utf-8")).get("precision")
+        except (OSError, ValueError, UnicodeDecodeError, AttributeError):
+            saved = None  # _check_out names the problem
+        if saved in ("bf16", "fp32"):
+            if cfg.bf16 != "auto" and (cfg.bf16 == "on") != (saved == "bf16"):
+                raise ConfigError(f"--resume: the run in {cfg.out} computes in {saved}, but --bf16 {cfg.bf16} asks "
+                                  f"for the other precision; resume with --bf16 auto (or "
+                                  f"{'on' if saved == 'bf16' else 'off'})")
+            choose_precision("on" if saved == "bf16" else "off", device)  # for runtime.json, without measuring
+            return saved == "bf16"
+    return use_bf16(cfg.bf16, device)
+
+
+def prepare_run(cfg: TrainConfig, rank: int, device):
     """Create (or reopen with --resume, or replace with --overwrite) the run directory; returns
-    (tokenizer, train docs, eval docs, ckpt). Everything is checked before the first file is written
-    (a bad corpus or a training length no document reaches leaves no folder behind)."""
+    (tokenizer, train docs, eval docs, ckpt, bf16). Everything is checked before the first file is written
+    (a bad corpus or a training length no document reaches leaves no folder behind) and before the precision
+    is chosen (``--bf16 auto`` measures, and says so)."""
     if not cfg.out:
         raise ConfigError("--out is required: the run directory to create")
     out = Path(cfg.out)
@@ -321,6 +354,9 @@ def prepare_run(cfg: TrainConfig, rank: int):
         split = split_documents(docs, cfg.seed, cfg.eval_docs)
         train_texts = [d.text for d in docs if d.name in set(split["train"])]
         if cfg.init_from:  # the weights' vocabulary: the token ids must mean what they meant
+            from .rundir import check_sizes
+
+            check_sizes(_init_run_dir(cfg.init_from))  # before the run directory is written
             tok = load_tokenizer(_init_run_dir(cfg.init_from))
         elif cfg.tokenizer == "bpe":
             tok = BPETokenizer.train(train_texts, cfg.vocab_size)
@@ -345,14 +381,16 @@ def prepare_run(cfg: TrainConfig, rank: int):
     ckpt = load_checkpoint(out / "checkpoint.pt") if cfg.resume and (out / "checkpoint.pt").exists() else None
     if ckpt is not None and ckpt["step"] > cfg.steps and not (out / "model.safetensors").exists():
         raise ConfigError(f"--resume: the checkpoint in {out} is at step {ckpt['step']}; --steps must be at least that")
+    bf16 = run_precision(cfg, device)
     if not cfg.resume and rank == 0:
         if cfg.overwrite and out.exists():
             _clear_run(out)
         out.mkdir(parents=True, exist_ok=True)
         tok.save(out)
         atomic_write_json(out / "split.json", split)
-        atomic_write_json(saved_cfg, dataclasses.asdict(cfg) | {"corpus": corpus_ref(cfg.corpus), "overwrite": False})
-    return tok, train_docs, eval_docs, ckpt
+        atomic_write_json(saved_cfg, dataclasses.asdict(cfg) | {"corpus": corpus_ref(cfg.corpus), "overwrite": False}
+                          | _precision_field(bf16))
+    return tok, train_docs, eval_docs, ckpt, bf16
 
 
 def run(args) -> int:
@@ -382,8 +420,7 @@ def train(cfg: TrainConfig) -> int:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if cfg.batch_size % world:
             raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
-    bf16 = use_bf16(cfg.bf16, device)
-    tok, train_docs, eval_docs, ckpt = prepare_run(cfg, rank)
+    tok, train_docs, eval_docs, ckpt, bf16 = prepare_run(cfg, rank, device)
     out = Path(cfg.out)
     if rank == 0:  # how this run computes (for the record; a resumed run rewrites it)
         atomic_write_json(out / "runtime.json", {"precision": precision_info(device), "torch": torch.__version__,
@@ -444,7 +481,7 @@ def train(cfg: TrainConfig) -> int:
         keep_metrics_until(out / "metrics.jsonl", start)
         if cfg.resume:  # a resume may ask for more steps (or the folder moved): record what this run is now
             atomic_write_json(out / "train_config.json", dataclasses.asdict(cfg) | {
-                "resume": False, "overwrite": False, "corpus": corpus_ref(cfg.corpus)})
+                "resume": False, "overwrite": False, "corpus": corpus_ref(cfg.corpus)} | _precision_field(bf16))
     bar = tqdm(total=cfg.steps, initial=start, disable=not cfg.progress or rank != 0, dynamic_ncols=True,
                mininterval=2.0, desc=f"train {cfg.attention}")
     t0, tokens = time.perf_counter(), 0
@@ -505,7 +542,9 @@ def train(cfg: TrainConfig) -> int:
                                                            device=device, bf16=bf16)}
             log(rec)
             bar.write(f"step {done}: held-out {'next-token' if causal else 'masked'} accuracy at L={cfg.train_len}: "
-                      f"{rec['val_acc']:.4f} (loss {rec['val_loss']:.3f}, {rec['val_n']} predictions)")
+                      f"{rec['val_acc']:.4f} (loss {rec['val_loss']:.3f}, {rec['val_n']} predictions)"
+                      + ("" if causal else "; with training's 80/10/10 masking, so not comparable to `infoscale "
+                         "eval`, which masks with [MASK] only"))
         if done % cfg.save_every == 0 or done == cfg.steps:
             save_checkpoint(done)
         bar.update(1)

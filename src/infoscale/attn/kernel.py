@@ -140,6 +140,15 @@ def _block(plan: Plan, rot, v, r0: int, r1: int, ranges, dtype, dropout_p: float
 
 
 def _check_inputs(q, k, v):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(x, torch.Tensor):
+            raise MethodError(f"{name} must be a torch.Tensor, got {type(x).__module__}.{type(x).__name__}; convert "
+                              f"it with torch.as_tensor")
+        if x.is_complex():
+            raise MethodError(f"{name} is complex ({x.dtype}); attention takes real q, k, v (RoPE is applied here, "
+                              f"pass them before it)")
+        if x.device.type == "meta":
+            raise MethodError(f"{name} is on the meta device, which holds no values; move it to a real device")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise MethodError("q, k, v must be 4-D (batch, heads, n, d); got shapes "
                           f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -149,6 +158,11 @@ def _check_inputs(q, k, v):
     if v.shape[:3] != k.shape[:3]:
         raise MethodError(f"v must be (batch, heads, n_k, d_v) matching k's first three dims {tuple(k.shape[:3])}, "
                           f"got {tuple(v.shape)}")
+
+
+def _check_chunk(chunk_size):
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise MethodError(f"chunk_size must be a positive integer (query rows per chunk) or None, got {chunk_size!r}")
 
 
 def _plan_for(q, k, method, train_len, kw) -> Plan:
@@ -200,9 +214,8 @@ def attention_fast(q, k, v, method="softmax", *, train_len: int, causal: bool = 
     _check_inputs(q, k, v)
     plan = plan or _plan_for(q, k, method, train_len, _plan_kwargs(causal, key_padding_mask, attn_mask, positions,
                                                                    key_positions, rope, scale, softcap, seq_len))
+    _check_chunk(chunk_size)
     chunk = chunk_size or (2 * DEFAULT_CHUNK if bf16 else DEFAULT_CHUNK)
-    if chunk < 1:
-        raise MethodError(f"chunk_size must be positive, got {chunk}")
     dev = q.device.type
     if torch.is_autocast_enabled(dev) and torch.get_autocast_dtype(dev) == torch.bfloat16:
         bf16 = True  # honour the caller's bf16 autocast (softmax and masks still run in fp32)
@@ -237,7 +250,8 @@ def attention(q, k, v, method="softmax", *, train_len: int, causal: bool = False
         train_len: L, the length the model was trained at.
         causal: a query attends to keys at positions <= its own.
         key_padding_mask: (batch, n_k), True/1 for real keys; padded keys get no weight, are not
-            counted in l, and do not count in n for dynamic methods.
+            counted in l, and do not count in n for dynamic methods. A float mask is additive, as in
+            transformers and SDPA: 0 keeps a key, -inf (or the dtype's most negative value) drops it.
         attn_mask: bool, broadcastable to (batch, heads, n_q, n_k), True = may attend (a model's own
             mask: padding, causal, sliding window); combined with the method's masks.
         positions, key_positions: RoPE positions of queries, (n_q,) or (batch, n_q), and keys,
@@ -257,6 +271,7 @@ def attention(q, k, v, method="softmax", *, train_len: int, causal: bool = False
     """
     if impl not in ("auto", "fast", "reference"):
         raise MethodError(f"impl must be 'auto', 'fast' or 'reference', got {impl!r}")
+    _check_chunk(chunk_size)
     kw = _plan_kwargs(causal, key_padding_mask, attn_mask, positions, key_positions, rope, scale, softcap, seq_len)
     if return_weights or impl == "reference":
         out, w = attention_reference(q, k, v, method, train_len=train_len, dropout_p=dropout_p, training=training,

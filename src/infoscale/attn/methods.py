@@ -507,6 +507,9 @@ def _v_infoscale(p, train_len):
         raise MethodError("give dim or calibrated=True, not both (calibrated fits a dim per layer)")
     if p.train_len is not None and p.train_len < 2:
         raise MethodError(f"train_len must be an integer >= 2, got {p.train_len}")
+    if p.train_len is None and train_len is not None and train_len < 2:
+        raise MethodError(f"needs a training length >= 2 (its factor divides by 1 - L^(-2/d), which is 0 at L = 1), "
+                          f"got train_len={train_len}; pass the length the model was trained at")
     if p.train_len is not None and p.calibrated:
         raise MethodError("give train_len or calibrated=True, not both (the calibration fits d at the model's own "
                           "training length)")
@@ -515,6 +518,8 @@ def _v_infoscale(p, train_len):
 def _v_logn(p, train_len):
     if p.train_len is not None and p.train_len < 2:
         raise MethodError(f"train_len must be an integer >= 2 (log 1 = 0), got {p.train_len}")
+    if p.train_len is None and train_len is not None and train_len < 2:
+        raise MethodError(f"needs a training length >= 2 (log 1 = 0), got train_len={train_len}")
 
 
 def _infoscale_temperature(p, l, ctx):

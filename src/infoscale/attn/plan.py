@@ -87,18 +87,42 @@ def _as_bool_mask(key_padding_mask, b: int, n: int, device) -> torch.Tensor | No
     m = torch.as_tensor(key_padding_mask, device=device)
     if m.shape != (b, n):
         raise MethodError(f"key_padding_mask must have shape (batch, n) = {(b, n)}, got {tuple(m.shape)}")
+    if m.is_complex():
+        raise MethodError(f"key_padding_mask must be bool (True = real key) or additive float, got {m.dtype}")
+    if m.is_floating_point():  # additive, as transformers and SDPA use it: 0 keeps a key, -inf drops it
+        keep, drop = m == 0, m <= torch.finfo(m.dtype).min / 2
+        if not bool((keep | drop).all()):
+            bad = m[~(keep | drop)].flatten()[0].item()
+            raise MethodError(f"a float key_padding_mask is additive (0 = keep the key, -inf = drop it), but it holds "
+                              f"{bad}; pass a bool mask (True = real key) or only 0 and -inf")
+        return keep
     return m.bool() if m.dtype != torch.bool else m
 
 
 def _positions(given, default: torch.Tensor, batch: int, name: str, device) -> torch.Tensor:
     if given is None:
         return default[None]
-    pos = torch.as_tensor(given, device=device).to(torch.float64)
+    pos = torch.as_tensor(given, device=device)
+    if pos.is_complex():
+        raise MethodError(f"{name} must be real, got {pos.dtype}")
+    pos = pos.to(torch.float64)
     pos = pos[None] if pos.dim() == 1 else pos
     n = default.shape[0]
     if pos.dim() != 2 or pos.shape[-1] != n or pos.shape[0] not in (1, batch):
         raise MethodError(f"{name} must have shape (n,) or (batch, n) with n = {n}, got {tuple(pos.shape)}")
+    if not bool(torch.isfinite(pos).all()):
+        raise MethodError(f"{name} holds NaN or infinite values; positions must be finite numbers")
     return pos
+
+
+def _positive_number(scale) -> float:
+    try:
+        value = float(scale)
+    except (TypeError, ValueError, RuntimeError):
+        value = math.nan
+    if isinstance(scale, (bool, str, bytes)) or not (math.isfinite(value) and value > 0):
+        raise MethodError(f"scale must be a positive finite number (the logit scale, default 1/sqrt(d)), got {scale!r}")
+    return value
 
 
 def _call_temperature(f, params, ctx, l):
@@ -117,9 +141,13 @@ def build_plan(method, *, n: int | None = None, batch: int, heads: int, head_dim
     """
     if not isinstance(train_len, int) or isinstance(train_len, bool) or train_len < 1:
         raise MethodError(f"train_len must be a positive integer, got {train_len!r}")
-    n_q, n_k = n_q or n, n_k or n
-    if n_q is None or n_k is None:
-        raise MethodError("build_plan needs n, or n_q and n_k")
+    given = {k: v for k, v in (("n", n), ("n_q", n_q), ("n_k", n_k)) if v is not None}
+    bad = [k for k, v in given.items() if not isinstance(v, int) or isinstance(v, bool) or v < 1]
+    n_q, n_k = (n if n_q is None else n_q), (n if n_k is None else n_k)
+    if bad or n_q is None or n_k is None:
+        passed = ", ".join(f"{k}={v!r}" for k, v in given.items()) or "none of them"
+        raise MethodError(f"build_plan needs the sequence length: n (queries and keys) or both n_q and n_k, each a "
+                          f"positive integer; got {passed}")
     pm = parse_method(method, train_len).resolved(train_len)
     device = torch.device(device)
     if rope is None:
@@ -145,6 +173,9 @@ def build_plan(method, *, n: int | None = None, batch: int, heads: int, head_dim
     # n per row for length-dependent methods: the real keys (padding changes nothing), or the caller's
     if seq_len is not None:
         n_eff = torch.as_tensor(seq_len, dtype=torch.float64, device=device).reshape(-1)
+        if n_eff.numel() == 0 or not bool((torch.isfinite(n_eff) & (n_eff >= 1)).all()):
+            raise MethodError(f"seq_len must be a finite number >= 1 (the sequence length n), or one per batch row; "
+                              f"got {seq_len!r}")
     elif kpm is not None:
         n_eff = kpm.sum(-1).double()
     else:
@@ -153,7 +184,7 @@ def build_plan(method, *, n: int | None = None, batch: int, heads: int, head_dim
     rows = n_eff.shape[0]
     ctx = Context(train_len=train_len, head_dim=head_dim, heads=heads, rope=rope, seq_len=n_eff, dims=dims)
 
-    base_scale = 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+    base_scale = 1.0 / math.sqrt(head_dim) if scale is None else _positive_number(scale)
     logit_scale = torch.full((rows,), base_scale, dtype=torch.float64)
     inv_freq = rope.frequencies()[None] if rope is not None else None
     regions = [Region(None)]

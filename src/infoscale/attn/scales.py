@@ -22,14 +22,16 @@ def infoscale_factor(n, train_len: int, head_dim: int, clamp: bool = True):
     code's form (below 1 for l < L). Golden values: (4096, 64, 128) -> 1.392, (512, 64, 128) -> 1.215.
     """
     _check_positive(train_len=train_len, head_dim=head_dim)
+    if train_len < 2:
+        raise MethodError(f"infoscale_factor needs train_len >= 2 (1 - L^(-2/d) is 0 at L = 1), got {train_len}")
     denom = math.sqrt(1.0 - train_len ** (-2.0 / head_dim))
     if _is_tensor(n):
         l = n.double().clamp(min=1.0)
         if clamp:
             l = l.clamp(min=float(train_len))
         return (1.0 - l ** (-2.0 / head_dim)).sqrt() / denom
-    if n < 1:
-        raise MethodError(f"infoscale_factor needs n >= 1 keys, got {n}")
+    if not (n >= 1 and math.isfinite(n)):  # also refuses NaN, which every comparison fails
+        raise MethodError(f"infoscale_factor needs a finite n >= 1 keys, got {n}")
     l = max(n, train_len) if clamp else n
     return math.sqrt(1.0 - l ** (-2.0 / head_dim)) / denom
 
@@ -44,6 +46,8 @@ def logn_factor(n, train_len: int, clamp: bool = True):
     if _is_tensor(n):
         f = n.double().clamp(min=1.0).log() / math.log(train_len)
         return f.clamp(min=1.0) if clamp else f
+    if not (n >= 0 and math.isfinite(n)):
+        raise MethodError(f"logn_factor needs a finite n >= 0 keys, got {n}")
     f = math.log(max(n, 1)) / math.log(train_len)
     return max(1.0, f) if clamp else f
 

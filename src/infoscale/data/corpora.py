@@ -29,6 +29,7 @@ import importlib.resources
 import json
 import os
 import re
+import stat
 import subprocess
 import sys
 import tarfile
@@ -129,8 +130,38 @@ def peoples_daily(paragraphs_per_doc: int = 20) -> list[Document]:
             for i in range(0, len(paras), paragraphs_per_doc)]
 
 
+# A corpus is read into memory: its files may hold this much in all, and a JSONL document this much.
+MAX_CORPUS_BYTES = 4 * 2**30
+MAX_LINE_BYTES = 32 * 2**20
+
+
+def _file_size(path: Path) -> int:
+    """The size of a regular file; anything else (a device such as /dev/zero, a FIFO, a socket) is refused
+    before it is opened, since reading it would never end or never start."""
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        raise DataError(f"cannot read corpus file {path}: {e.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise DataError(f"corpus {path} is not a regular file (a device, FIFO or socket cannot be a corpus); give a "
+                        "text file, a .jsonl file or a folder of .txt/.md files")
+    return st.st_size
+
+
+def _too_big(path: Path, size: int) -> DataError:
+    return DataError(f"corpus {path} holds {size / 2**30:.3g} GiB, more than the {MAX_CORPUS_BYTES / 2**30:g} GiB a "
+                     "corpus may hold (it is read into memory); use a part of it")
+
+
 def _read_utf8(path: Path) -> str:
-    data = path.read_bytes()
+    limit = MAX_CORPUS_BYTES
+    size = _file_size(path)
+    if size > limit:
+        raise _too_big(path, size)
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:  # it grew meanwhile
+        raise _too_big(path, len(data))
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -138,27 +169,50 @@ def _read_utf8(path: Path) -> str:
                         f"iconv -f latin1 -t utf-8") from None
 
 
-def user_corpus(path: str | Path) -> list[Document]:
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"corpus {str(path)!r} is neither a known corpus ({', '.join(CORPORA)}) nor an existing path")
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".md") and f.is_file())
-        if not files:
-            raise DataError(f"folder {p} has no .txt or .md files")
-        docs = [Document(str(f.relative_to(p)), normalize(_read_utf8(f))) for f in files]
-    elif p.suffix == ".jsonl":
-        docs = []
-        for i, line in enumerate(_read_utf8(p).splitlines(), 1):
+def _jsonl_documents(p: Path) -> list[Document]:
+    """One document per line of a JSONL file, read a line at a time (a line may hold MAX_LINE_BYTES)."""
+    size = _file_size(p)
+    if size > MAX_CORPUS_BYTES:
+        raise _too_big(p, size)
+    docs = []
+    with open(p, "rb") as f:
+        for i, raw in enumerate(iter(lambda: f.readline(MAX_LINE_BYTES + 1), b""), 1):
+            if len(raw) > MAX_LINE_BYTES:
+                raise DataError(f"{p}:{i} is longer than {MAX_LINE_BYTES // 2**20} MiB; split that document into "
+                                "several lines")
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{p}:{i} is not UTF-8 (invalid byte at column {e.start + 1}); convert the file, "
+                                "e.g. iconv -f latin1 -t utf-8") from None
             if not line.strip():
                 continue
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(f"{p}:{i} is not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise DataError(f"{p}:{i} is nested too deeply to be a corpus line") from None
             if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
                 raise DataError(f"{p}:{i} has no string field 'text'; each line must be like {{\"text\": \"...\"}}")
             docs.append(Document(f"{p.name}:{i}", normalize(rec["text"])))
+    return docs
+
+
+def user_corpus(path: str | Path) -> list[Document]:
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"corpus {str(path)!r} is neither a known corpus ({', '.join(CORPORA)}) nor an existing path")
+    if p.is_dir():
+        files = sorted(f for f in p.rglob("*") if f.suffix in (".txt", ".md") and f.is_file())  # regular files
+        if not files:
+            raise DataError(f"folder {p} has no .txt or .md files")
+        total = sum(_file_size(f) for f in files)
+        if total > MAX_CORPUS_BYTES:
+            raise _too_big(p, total)
+        docs = [Document(str(f.relative_to(p)), normalize(_read_utf8(f))) for f in files]
+    elif p.suffix == ".jsonl":
+        docs = _jsonl_documents(p)
     else:
         text = normalize(_read_utf8(p))
         docs = [Document(f"{p.name}#{i}", part) for i, part in enumerate(split_text(text), 1)]

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import stat
 from pathlib import Path
 
 import torch
@@ -35,7 +37,7 @@ from ..attn import attention, build_plan, merge_with_training, parse_method
 from ..attn.errors import MethodError
 from ..attn.methods import ParsedMethod
 from ..attn.plan import with_dims
-from ..errors import ConfigError
+from ..errors import ConfigError, DataError
 
 PRESETS = {
     # seconds on a laptop: for tests
@@ -231,6 +233,9 @@ class GAUModel(GAUPreTrainedModel):
         isc = pm.get("infoscale")
         if isc is not None and isc.calibrated:  # per-layer d (infoscale calibrate): only the temperature differs
             dims = getattr(self, "infoscale_dims", None)
+            if dims is None and getattr(self, "calibration_file", None) is not None:  # read when first needed
+                attach(self, self.calibration_file)
+                dims = self.infoscale_dims
             if dims is None:
                 raise MethodError("infoscale(calibrated=True) needs this model's calibration: run `infoscale calibrate "
                                   "--model RUN` (then load the run again) or infoscale.models.gau.attach(model, ...)")
@@ -323,13 +328,35 @@ def attention_inputs(model: GAUForMaskedLM, input_ids, method: str | ParsedMetho
     return [(q[:, None], k[:, None]) for q, k in captured]
 
 
+def read_calibration(path: str | Path) -> dict:
+    """A calibration.json (written by ``infoscale calibrate``), checked: a JSON object whose ``dims`` is a list of
+    positive finite numbers. A damaged file is a :class:`DataError` naming it and how to redo it."""
+    path = Path(path)
+    redo = f"run `infoscale calibrate --model {path.parent}` again to redo it"
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > 2**20:
+            raise DataError(f"{path} is not a calibration (a regular file of at most 1 MiB); {redo}")
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise DataError(f"{path} is damaged ({type(e).__name__}: {str(e)[:80]}); {redo}") from None
+    dims = obj.get("dims") if isinstance(obj, dict) else None
+    if not isinstance(dims, list) or not dims:
+        raise DataError(f"{path} is damaged: it has no list of per-layer dims ('dims'); {redo}")
+    for i, d in enumerate(dims):
+        if isinstance(d, bool) or not isinstance(d, (int, float)) or not (math.isfinite(d) and d > 0):
+            raise DataError(f"{path} is damaged: dims[{i}] = {d!r} is not a positive finite number; {redo}")
+    return obj
+
+
 def attach(model, calibration: dict | str | Path | None) -> None:
     """Give a GAU model its calibrated dimensions (from a dict or a calibration.json); None removes them."""
+    where = "the calibration"
     if isinstance(calibration, (str, Path)):
-        calibration = json.loads(Path(calibration).read_text())
+        where, calibration = str(calibration), read_calibration(calibration)
     base = getattr(model, "base_model", model)
     dims = None if calibration is None else [float(d) for d in calibration["dims"]]
     if dims is not None and len(dims) != len(base.encoder.layer):
-        raise ConfigError(f"the calibration has {len(dims)} layers but the model has {len(base.encoder.layer)}; "
+        raise ConfigError(f"{where} has {len(dims)} layers but the model has {len(base.encoder.layer)}; "
                           "rerun `infoscale calibrate` for this model")
     base.infoscale_dims = dims
