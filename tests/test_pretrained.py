@@ -160,9 +160,10 @@ def _eval(models, corpus, out, *extra):
                  "--passkey-trials", "2", "--depths", "0.5", "--out", str(out), "--no-progress", *extra])
 
 
-def test_eval_report_on_a_model_directory_and_a_gguf_file(model_dir, gguf_file, corpus, tmp_path):
+def test_eval_report_on_a_model_directory_and_a_gguf_file(model_dir, gguf_file, corpus, tmp_path, capfd):
     out = tmp_path / "r.jsonl"
     assert _eval([model_dir, gguf_file[0]], corpus, out) == 0
+    assert "de-quantizing" not in capfd.readouterr().err  # --no-progress silences the GGUF reader's bar too
     recs = read_records(out)
     names = {r["model_name"] for r in recs}
     assert names == {"tiny-llama", "tiny-llama.F32"}

@@ -308,7 +308,7 @@ def analyze(cfg: AnalyzeConfig) -> list[dict]:
     if cfg.model:
         from .rundir import load_model
 
-        run = load_model(cfg.model, "cpu", cfg.train_len or None)
+        run = load_model(cfg.model, "cpu", cfg.train_len or None, cfg.progress)
         docs = run.heldout_docs(cfg.corpus or None)
         if run.task == "clm":
             recs += causal_entropy_records(cfg, run, docs)

@@ -187,7 +187,7 @@ def evaluate_clm(cfg, models: list[str], log=print) -> list[dict]:
     new: list[dict] = []
     settings = [s for s in cfg.settings if s in CLM_SETTINGS]
     for path in models:
-        run = load_model(path, device, cfg.train_len or None)
+        run = load_model(path, device, cfg.train_len or None, cfg.progress)
         model, L = run.model, run.train_len
         _check_causal_budget(run, cfg, log)
         docs = run.heldout_docs(cfg.corpus or None)

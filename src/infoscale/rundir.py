@@ -164,14 +164,14 @@ def load_run(path: str | Path, device="cpu") -> Run:
     return Run(p, model, tok, tcfg)
 
 
-def load_model(path, device, train_len: int | None = None):
+def load_model(path, device, train_len: int | None = None, progress: bool = True):
     """What ``--model``/``--models`` names: a run directory (:func:`load_run`) or a pretrained model, a
     transformers model directory or a ``.gguf`` file (:func:`infoscale.models.pretrained.load_pretrained`, with
     ``train_len`` overriding its config's L; a run's L is known, so ``train_len`` must agree with it)."""
     from .models.pretrained import is_pretrained, load_pretrained
 
     if is_pretrained(path):
-        return load_pretrained(path, device, train_len=train_len)
+        return load_pretrained(path, device, train_len=train_len, progress=progress)
     run = load_run(path, device)
     if train_len is not None and train_len != run.train_len:
         raise DataError(f"--train-len {train_len} is for pretrained models; the run {run.name} was trained at "

@@ -21,8 +21,11 @@ evaluation record says it. A pretrained model has no held-out split: every docum
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -239,7 +242,23 @@ def _resolve(path: Path) -> tuple[Path, dict, str]:
     return path, {"use_safetensors": True}, "transformers"
 
 
-def load_pretrained(path, device="cpu", *, train_len: int | None = None) -> PretrainedRun:
+@contextlib.contextmanager
+def _gguf_progress(show: bool):
+    """transformers' GGUF reader shows its own tqdm bar ("Converting and de-quantizing GGUF tensors"), outside its
+    logging switches; with progress off it is replaced by a silent one for the duration of the load."""
+    mod = sys.modules.get("transformers.modeling_gguf_pytorch_utils")
+    bar = getattr(mod, "tqdm", None)
+    if show or bar is None:
+        yield
+        return
+    mod.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        mod.tqdm = bar
+
+
+def load_pretrained(path, device="cpu", *, train_len: int | None = None, progress: bool = True) -> PretrainedRun:
     """Load a pretrained causal LM (a model directory or a ``.gguf`` file) in eval mode, float32, one clear error
     per problem; ``train_len`` overrides the config's length."""
     import transformers
@@ -280,9 +299,12 @@ def load_pretrained(path, device="cpu", *, train_len: int | None = None) -> Pret
                   else "config: max_position_embeddings")
     if L < 2:
         raise ConfigError(f"--train-len must be at least 2, got {L}")
+    if fmt == "gguf":
+        import transformers.modeling_gguf_pytorch_utils  # noqa: F401  (loaded, so its progress bar can be silenced)
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **common, **(
-            {} if fmt == "gguf" else {"use_safetensors": True}))
+        with _gguf_progress(progress):
+            model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, **common, **(
+                {} if fmt == "gguf" else {"use_safetensors": True}))
         tok = AutoTokenizer.from_pretrained(directory, **common)
     except (MemoryError, RuntimeError) as e:
         if isinstance(e, MemoryError) or "alloc" in str(e).lower():
