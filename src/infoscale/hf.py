@@ -58,6 +58,16 @@ row or mask keys (softmax, temperatures, window, StreamingLLM) take a fast path 
 t(l_i) into q and calls ``torch.nn.functional.scaled_dot_product_attention`` (as Llama 4's
 ``attn_temperature_tuning`` and Qwen's ``use_logn_attn`` do), which is exact: t(l_i)·(q_i·k_j) = (t(l_i) q_i)·k_j.
 
+Bounded cache of the windowed methods (``window``, ``streamingllm``, ``lm_infinite``): ``apply`` wraps the model's
+``_prepare_cache_for_generation`` (on the instance), so that ``generate`` replaces the fresh ``DynamicCache`` it
+made (none given by the caller) by a :class:`SinkCache` (:mod:`infoscale.hf_cache`, :func:`bounded_cache`): per
+layer the first ``sinks`` and the last ``window`` keys, the rest dropped as StreamingLLM's ``StartRecentKVCache``
+drops them. The keys it returns carry their sequence indices, from which the attention function places them after
+an eviction (:func:`_kept_geometry`); a forward pre-hook gives the cache the batch's left padding. ``streamingllm``
+(without ``true_positions=True``) moves positions: its keys are cached un-rotated and every step rotates them at
+their index within the kept set, the query after the last (StreamingLLM's pos_shift); the same positions in a
+forward without cache are the core's definition, so cached decoding equals a full forward.
+
 Refused with a clear error: train-time methods (CosScale, ALiBi, PoSE) unless ``config.infoscale["train_method"]``
 says the model was trained with them; position methods on models whose rotary module cannot be found or
 reproduced (complex RoPE as Llama 4, frequencies that change with the length: ``dynamic``, ``longrope``);
