@@ -16,7 +16,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from infoscale import hf
 from infoscale.errors import ConfigError
 
-from .test_hf import SMALL, V, ids_for, logits, model_for
+from .test_hf import CAUSAL, SMALL, V, ids_for, logits, model_for
 
 METHODS = ["streamingllm(sinks=2, window=5)", "streamingllm(sinks=2, window=5, true_positions=True)",
            "window(width=4)", "lm_infinite(sinks=2, window=5, cap=4)",
@@ -36,11 +36,11 @@ def _caches_seen(m):
 
 
 @pytest.mark.parametrize("method", METHODS + ["streamingllm(sinks=2, window=14)"])
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("family", CAUSAL)
 def test_generate_uses_the_bounded_cache_and_equals_a_full_forward(family, method):
     """generate() after apply builds a SinkCache by itself; every step's logits are the full forward's (no cache)
-    at that token. Qwen2's layer 1 and Mistral's layers have their own sliding window (16, 12): window=14 keeps
-    fewer recent keys there, all they attend."""
+    at that token, on every causal family. Qwen2's layer 1, Mistral's layers and Gemma's sliding layers have their
+    own window (16, 12, 6): there window=14 keeps fewer recent keys, all they attend."""
     m = hf.apply(model_for(family), method)
     ids = ids_for(n=9)
     seen, hook = _caches_seen(m)
@@ -54,6 +54,17 @@ def test_generate_uses_the_bounded_cache_and_equals_a_full_forward(family, metho
     assert max(cache.stored()) <= sinks + window < seq.shape[1]
     full = logits(m, seq)[:, ids.shape[1] - 1:-1]
     torch.testing.assert_close(step, full, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_a_cache_without_the_config(family):
+    """SinkCache(sinks, window) without the model's config: every layer full attention, the same steps."""
+    m = hf.apply(model_for(family), "streamingllm(sinks=2, window=5)")
+    ids = ids_for(n=9)
+    seq, step = _generate(m, ids, 16)
+    got_seq, got = _generate(m, ids, 16, **{hf.cache_kwarg(m): hf.SinkCache(sinks=2, window=5)})
+    assert torch.equal(got_seq, seq)
+    torch.testing.assert_close(got, step, atol=1e-5, rtol=1e-5)
 
 
 def _one_layer():
