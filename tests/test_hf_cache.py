@@ -99,6 +99,21 @@ def test_each_step_is_a_forward_over_the_kept_tokens(method):
         torch.testing.assert_close(g, want, atol=2e-5, rtol=1e-4, msg=lambda s, t=t: f"step {t}: {s}")
 
 
+@pytest.mark.parametrize("method", ["streamingllm(sinks=2, window=5)", "lm_infinite(sinks=2, window=5, cap=4)",
+                                    "window(width=4)+logn"])
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_chunked_prefill(family, method):
+    """Forwards of several tokens on a cache that has already dropped keys (a prompt read in chunks of 7): the
+    logits of a single forward over the whole text."""
+    m = hf.apply(model_for(family), method)
+    seq = ids_for(n=30, seed=7)
+    cache = hf.bounded_cache(m)
+    with torch.no_grad():
+        got = torch.cat([m(seq[:, c:c + 7], **{hf.cache_kwarg(m): cache}, use_cache=True).logits
+                         for c in range(0, seq.shape[1], 7)], 1)
+    torch.testing.assert_close(got, logits(m, seq), atol=2e-5, rtol=1e-4)
+
+
 @pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated")  # the old keyword, on transformers 5.24+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_caller_cache_under_either_keyword(family):
