@@ -42,7 +42,8 @@ KEPT_ATTR = "_infoscale_kept"  # on the key tensor a bounded layer returns: a :c
 
 class Kept:
     """Where the keys a bounded layer returned sit: ``index`` (n_k,) their indices in the sequence, the same for
-    every row; ``pads`` (B,) each row's left padding, or None; ``contiguous``: no key was dropped between them."""
+    every row; ``pads`` (B,) each row's left padding, or None; ``contiguous``: they are one stretch of the sequence
+    (nothing dropped between them), the last ones, as transformers' mask and the shapes place them."""
 
     __slots__ = ("index", "pads", "contiguous")
 
@@ -65,7 +66,8 @@ class SinkLayer(DynamicLayer):
         self.cumulative_length = 0  # tokens seen (the sequence index of the next one)
         self.index: torch.Tensor | None = None  # (n_stored,) sequence indices of the stored keys
         self.pads: torch.Tensor | None = None  # (B,) left padding per row, set before the first update
-        self.dropped = False
+        self.dropped = False  # some key was dropped (no roll-back past it)
+        self.gap = False  # the stored keys skip some: kept first slots, then the recent ones after a dropped stretch
 
     def first(self) -> int:
         """Slots kept at the start: the sinks, after the largest left padding of the batch."""
@@ -81,14 +83,16 @@ class SinkLayer(DynamicLayer):
         index = torch.cat([self.index, torch.arange(self.cumulative_length, self.cumulative_length + n,
                                                     device=self.index.device)])
         self.cumulative_length += n
-        setattr(keys, KEPT_ATTR, Kept(index, self.pads, not self.dropped))
+        setattr(keys, KEPT_ATTR, Kept(index, self.pads, not self.gap))
         # drop what no later query may attend: beyond the first slots and the last `window` tokens
-        keep = (index < self.first()) | (index >= self.cumulative_length - self.window)
-        if bool(keep.all()):
+        first, recent = self.first(), self.cumulative_length - self.window
+        if recent <= first:
             self.keys, self.values, self.index = keys, values, index
         else:
+            keep = (index < first) | (index >= recent)
             self.keys, self.values, self.index = keys[..., keep, :], values[..., keep, :], index[keep]
-            self.dropped = True
+            # without first slots (window) the kept keys stay one stretch: transformers' own mask places them
+            self.dropped, self.gap = True, self.gap or first > 0
         return keys, values
 
     def get_mask_sizes(self, query) -> tuple[int, int]:
@@ -114,7 +118,7 @@ class SinkLayer(DynamicLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.index, self.dropped, self.cumulative_length = None, False, 0
+        self.index, self.dropped, self.gap, self.cumulative_length = None, False, False, 0
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove == 0:
