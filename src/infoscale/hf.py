@@ -31,7 +31,8 @@ How it plugs in (transformers' "attention interface", docs: huggingface.co/docs/
   ``l_i = Σ_j mask_ij`` over the model's own mask (padding, causal, sliding window) and the method's; when
   the mask was skipped, l_i = q_offset + i + 1 (causal) or n_k (bidirectional), which is the same count.
 
-Positions (ReRoPE, Leaky ReRoPE, SelfExtend, DCA, LM-Infinite, PI, NTK, YaRN): these need the keys *before*
+Positions (ReRoPE, Leaky ReRoPE, SelfExtend, DCA, LM-Infinite, PI, NTK, YaRN, StreamingLLM's positions within its
+cache): these need the keys *before*
 rotation. ``apply``
 replaces the model's rotary module(s) by a stand-in returning cos = 1, sin = 0 of the same shape, so the
 model's own ``apply_rotary_pos_emb`` becomes the identity and the KV cache stores un-rotated keys (the design of
@@ -54,8 +55,8 @@ fixed factor, e.g. ``pi(factor=n_prompt / L)``; the keys of earlier steps stay c
 re-rotated with the same frequencies at every step.
 
 The computation is :func:`infoscale.attention` (reference semantics). Methods that only scale logits per query
-row or mask keys (softmax, temperatures, window, StreamingLLM) take a fast path that folds the row factor
-t(l_i) into q and calls ``torch.nn.functional.scaled_dot_product_attention`` (as Llama 4's
+row or mask keys (softmax, temperatures, window, StreamingLLM on true positions) take a fast path that folds the
+row factor t(l_i) into q and calls ``torch.nn.functional.scaled_dot_product_attention`` (as Llama 4's
 ``attn_temperature_tuning`` and Qwen's ``use_logn_attn`` do), which is exact: t(l_i)·(q_i·k_j) = (t(l_i) q_i)·k_j.
 
 Bounded cache of the windowed methods (``window``, ``streamingllm``, ``lm_infinite``): ``apply`` wraps the model's
