@@ -183,7 +183,9 @@ class StreamingParams:
     window: int | None = param(None, "|i - j| <= window; None = L // 2 (as window)")
     true_positions: bool = param(False, "keep every token at its position in the sequence; False = StreamingLLM's "
                                         "own positions within the cache (a sink beyond the window sits "
-                                        "sinks + window − j before its query)", quiet=True)
+                                        "sinks + window − j before its query)")
+    # true_positions is written out in every method string (not quiet): records made when streamingllm meant true
+    # positions carry the string without it, so a resumed evaluation does not take them for the new default
 
 
 @dataclass(frozen=True)
