@@ -8,7 +8,7 @@ TORCH  := torch==2.13.0
 COMPAT_VENV := .venv-compat
 TRANSFORMERS_MIN := $(shell sed -n 's/.*"transformers>=\([0-9.]*\),.*/\1/p' pyproject.toml)
 # The test files that exercise transformers: infoscale.hf, the GAU PreTrainedModel, checkpoint conversion, doctor.
-COMPAT_TESTS := tests/test_hf.py tests/test_model_train.py tests/test_convert.py tests/test_doctor.py
+COMPAT_TESTS := tests/test_hf.py tests/test_hf_cache.py tests/test_model_train.py tests/test_convert.py tests/test_doctor.py
 # The lock: the exact version of every Python dependency the suite was last verified with (make test installs
 # from it, so the README's test command gives the same result next month). Refresh it with `make lock`.
 LOCK   := constraints.txt

@@ -81,7 +81,8 @@ def naive_attention(q, k, v, method: dict, L: int, causal=False, pad=None, posit
     factor (alibi: slopes, and right_slopes for keys right of the query; self_extend: w and group, None = per
     length; dca: chunk, local); infoscale's dim replaces d in its formula and temp_len replaces L in infoscale's
     and logn's;
-    mask: None|'window'|'sinks' with w, sinks.
+    mask: None|'window'|'sinks' with w, sinks; kept: positions within the kept set (the sinks and the window, each at
+    its index there: StreamingLLM's cache positions).
     Returns (out, weights).
     """
     B, H, n, d = q.shape
@@ -129,7 +130,12 @@ def naive_attention(q, k, v, method: dict, L: int, causal=False, pad=None, posit
                     kj = k[b, h, j]
                     if method.get("cos_s"):
                         kj = kj / np.linalg.norm(kj)
-                    delta = p[j] - p[i]
+                    pi = p[i]
+                    if method.get("kept") and p[j] < method["sinks"] and abs(p[i] - p[j]) > method["w"]:
+                        # positions within the kept set (StreamingLLM's cache): the sinks, then the window up to
+                        # the query, indexed 0, 1, ...: the query sits at min(p_i, sinks + w)
+                        pi = min(p[i], method["sinks"] + method["w"])
+                    delta = p[j] - pi
                     if pos == "alibi":
                         score = float(qi @ kj)
                     else:
@@ -156,7 +162,7 @@ def naive_attention(q, k, v, method: dict, L: int, causal=False, pad=None, posit
                         slope = method["slopes"][h]
                         if p[j] > p[i] and method.get("right_slopes"):  # key right of the query
                             slope = method["right_slopes"][h]
-                        z -= slope * abs(p[i] - p[j])
+                        z -= slope * abs(pi - p[j])
                     logits[j] = z
                 t = 1.0
                 temp = method.get("temp")

@@ -38,7 +38,7 @@ CASES = {
     "alibi": {"pos": "alibi", "slopes": _slopes(H)},
     "pose": {},
     "window": {"mask": "window", "w": L // 2},
-    "streamingllm": {"mask": "sinks", "sinks": 4, "w": L // 2},
+    "streamingllm": {"mask": "sinks", "sinks": 4, "w": L // 2, "kept": True},
     "lm_infinite": {"mask": "sinks", "sinks": 10, "w": L - 1, "pos": "lminf", "cap": L},
     "hf_linear": {"pos": "pi", "factor": 2.0},
     "hf_dynamic": {"pos": "hf_dynamic", "factor": 2.0},
@@ -66,7 +66,13 @@ CASES = {
     "logn(train_len=32)": {"temp": "logn", "temp_len": 32},
     "infoscale(dim=3.5, train_len=32)": {"temp": "infoscale", "dim": 3.5, "temp_len": 32},
     "infoscale(clamp=False, train_len=32)": {"temp": "infoscale_noclamp", "temp_len": 32},
-    "streamingllm(sinks=2, window=3)+infoscale": {"mask": "sinks", "sinks": 2, "w": 3, "temp": "infoscale"},
+    "streamingllm(sinks=2, window=3)+infoscale": {"mask": "sinks", "sinks": 2, "w": 3, "temp": "infoscale",
+                                                  "kept": True},
+    "streamingllm(sinks=2, window=3, true_positions=True)": {"mask": "sinks", "sinks": 2, "w": 3},
+    "ntk(factor=2.0)+streamingllm(sinks=3, window=2)": {"pos": "ntk", "factor": 2.0, "mask": "sinks", "sinks": 3,
+                                                       "w": 2, "kept": True},
+    "alibi(max_bias=2.0)+streamingllm(sinks=2, window=3)": {"pos": "alibi", "slopes": [2 ** -1, 2 ** -2],
+                                                           "mask": "sinks", "sinks": 2, "w": 3, "kept": True},
     "lm_infinite(sinks=3, window=5, cap=6)": {"mask": "sinks", "sinks": 3, "w": 5, "pos": "lminf", "cap": 6},
     "self_extend(group=3, window=2)+infoscale": {"pos": "self_extend", "w": 2, "group": 3, "temp": "infoscale"},
     "self_extend(window=5)+infoscale": {"pos": "self_extend", "w": 5, "group": None, "temp": "infoscale"},
@@ -387,3 +393,29 @@ def test_fast_path_gradients_equal_reference_gradients(method):
     for a, b in zip(grads["fast"], grads["reference"], strict=True):
         assert torch.isfinite(a).all() and b.abs().sum() > 0
         assert (a - b).abs().max() <= 1e-4 * (1 + b.abs().max())
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["bidir", "causal"])
+def test_streamingllm_positions_are_those_of_the_kept_set(causal):
+    """StreamingLLM's default positions: query i's output is plain attention over the tokens it keeps (the sinks
+    and its window), re-indexed 0, 1, ... in order, as a bounded cache that rotates keys at their cache index
+    holds them; up to sinks + window + 1 tokens nothing is dropped and it equals true positions."""
+    S, W, n = 2, 3, 4 * L
+    q, k, v = _inputs(n, seed=11, b=1)
+    method = f"streamingllm(sinks={S}, window={W})"
+    got = infoscale.attention(q, k, v, method, train_len=L, causal=causal, impl="reference")
+    for i in range(n):
+        keep = [j for j in range(n) if j < S or abs(i - j) <= W or i < S]
+        keep = [j for j in keep if j <= i] if causal else keep
+        idx = torch.tensor(keep)
+        pos = torch.arange(len(keep), dtype=torch.float64)
+        want = infoscale.attention(q[:, :, [i]], k[:, :, idx], v[:, :, idx], "softmax", train_len=L,
+                                   positions=pos[[keep.index(i)]], key_positions=pos, impl="reference")
+        np.testing.assert_allclose(got[:, :, i:i + 1].numpy(), want.numpy(), atol=1e-5)
+    true_method = f"streamingllm(sinks={S}, window={W}, true_positions=True)"
+    true = infoscale.attention(q, k, v, true_method, train_len=L, causal=causal)
+    m = S + W + 1
+    short = infoscale.attention(q[:, :, :m], k[:, :, :m], v[:, :, :m], method, train_len=L, causal=causal)
+    short_true = infoscale.attention(q[:, :, :m], k[:, :, :m], v[:, :, :m], true_method, train_len=L, causal=causal)
+    assert (short - short_true).abs().max() < 1e-6
+    assert (got - true).abs().max() > 1e-3

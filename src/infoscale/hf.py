@@ -31,7 +31,8 @@ How it plugs in (transformers' "attention interface", docs: huggingface.co/docs/
   ``l_i = Σ_j mask_ij`` over the model's own mask (padding, causal, sliding window) and the method's; when
   the mask was skipped, l_i = q_offset + i + 1 (causal) or n_k (bidirectional), which is the same count.
 
-Positions (ReRoPE, Leaky ReRoPE, SelfExtend, DCA, LM-Infinite, PI, NTK, YaRN): these need the keys *before*
+Positions (ReRoPE, Leaky ReRoPE, SelfExtend, DCA, LM-Infinite, PI, NTK, YaRN, StreamingLLM's positions within its
+cache): these need the keys *before*
 rotation. ``apply``
 replaces the model's rotary module(s) by a stand-in returning cos = 1, sin = 0 of the same shape, so the
 model's own ``apply_rotary_pos_emb`` becomes the identity and the KV cache stores un-rotated keys (the design of
@@ -54,9 +55,19 @@ fixed factor, e.g. ``pi(factor=n_prompt / L)``; the keys of earlier steps stay c
 re-rotated with the same frequencies at every step.
 
 The computation is :func:`infoscale.attention` (reference semantics). Methods that only scale logits per query
-row or mask keys (softmax, temperatures, window, StreamingLLM) take a fast path that folds the row factor
-t(l_i) into q and calls ``torch.nn.functional.scaled_dot_product_attention`` (as Llama 4's
+row or mask keys (softmax, temperatures, window, StreamingLLM on true positions) take a fast path that folds the
+row factor t(l_i) into q and calls ``torch.nn.functional.scaled_dot_product_attention`` (as Llama 4's
 ``attn_temperature_tuning`` and Qwen's ``use_logn_attn`` do), which is exact: t(l_i)·(q_i·k_j) = (t(l_i) q_i)·k_j.
+
+Bounded cache of the windowed methods (``window``, ``streamingllm``, ``lm_infinite``): ``apply`` wraps the model's
+``_prepare_cache_for_generation`` (on the instance), so that ``generate`` replaces the fresh ``DynamicCache`` it
+made (none given by the caller) by a :class:`SinkCache` (:mod:`infoscale.hf_cache`, :func:`bounded_cache`): per
+layer the first ``sinks`` and the last ``window`` keys, the rest dropped as StreamingLLM's ``StartRecentKVCache``
+drops them. The keys it returns carry their sequence indices, from which the attention function places them after
+an eviction (:func:`_kept_geometry`); a forward pre-hook gives the cache the batch's left padding. ``streamingllm``
+(without ``true_positions=True``) moves positions: its keys are cached un-rotated and every step rotates them at
+their index within the kept set, the query after the last (StreamingLLM's pos_shift); the same positions in a
+forward without cache are the core's definition, so cached decoding equals a full forward.
 
 Refused with a clear error: train-time methods (CosScale, ALiBi, PoSE) unless ``config.infoscale["train_method"]``
 says the model was trained with them; position methods on models whose rotary module cannot be found or
@@ -66,12 +77,12 @@ remote-code models; models that do not use transformers' attention interface.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import inspect
 import logging
 import sys
 import warnings
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -80,10 +91,11 @@ from torch import nn
 from .attn import attention, attention_logits, build_plan, merge_with_training, parse_method
 from .attn.rope import Rope, rotate
 from .errors import ConfigError, MethodError
+from .hf_cache import KEPT_ATTR, SinkCache
 from .models import train_len_of
 
 __all__ = ["NAME", "apply", "remove", "calibrate", "capture_attention", "cache_kwarg", "infoscale_attention",
-           "infoscale_mask", "train_len_of"]
+           "infoscale_mask", "train_len_of", "SinkCache", "bounded_cache"]
 
 NAME = "infoscale"
 # The newest transformers release this package's CI has run its tests against (the version in the committed
@@ -118,13 +130,18 @@ def _rotary_component(method: str, train_len: int):
     return None
 
 
+def _cache_positions(pm) -> bool:
+    """Whether RoPE positions are those within the kept set (StreamingLLM's default), which moves positions."""
+    return any(c.method.cache_positions is not None and c.method.cache_positions(c.params) for c in pm.components)
+
+
 def _needs_positions(pm) -> bool:
-    return pm.slot("positions") is not None
+    return pm.slot("positions") is not None or _cache_positions(pm)
 
 
 def _fast_ok(pm) -> bool:
     """Only per-row logit factors and masks: exact with a q fold and torch's SDPA."""
-    return all(set(c.method.slots) <= {"temperature", "mask"} for c in pm.components)
+    return all(set(c.method.slots) <= {"temperature", "mask"} for c in pm.components) and not _cache_positions(pm)
 
 
 def _mask_params(pm):
@@ -142,8 +159,8 @@ def _without_positions(pm):
     keeps its Λ-mask, which is StreamingLLM's mask with its sinks and window."""
     parts = []
     for c in pm.components:
-        if c.name == "lm_infinite":
-            parts.append(f"streamingllm(sinks={c.params.sinks}, window={c.params.window})")
+        if c.name in ("lm_infinite", "streamingllm"):  # no RoPE: no positions to move
+            parts.append(f"streamingllm(sinks={c.params.sinks}, window={c.params.window}, true_positions=True)")
         elif "positions" not in c.method.slots:
             parts.append(str(c))
     return "+".join(parts) or "softmax"
@@ -328,6 +345,17 @@ def infoscale_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
         _capture_method(module, pm, L, query, key, mask, attention_mask, n_q, n_k, causal, scaling, softcap, rope,
                         kwargs)
 
+    kept = getattr(key, KEPT_ATTR, None)
+    if kept is not None and not kept.contiguous:  # a bounded cache after eviction: keys placed by their record
+        q_pos, k_pos, kpm, model_mask = _kept_geometry(kept, B, n_q, kwargs.get("sliding_window"), query.device)
+        seq_len = _seq_len(kwargs, B, q_pos)
+        out = attention(query, _kv_repeat(key, H), _kv_repeat(value, H), pm, train_len=L, causal=causal,
+                        key_padding_mask=kpm, attn_mask=model_mask, positions=q_pos, key_positions=k_pos, rope=rope,
+                        scale=scaling, softcap=softcap, seq_len=seq_len, return_weights=want_weights,
+                        dropout_p=dropout, training=training)
+        out, w = out if want_weights else (out, None)
+        return out.transpose(1, 2).contiguous(), w
+
     if _fast_ok(pm) and softcap is None and not want_weights:
         return _fast(pm, L, query, key, value, mask, n_q, n_k, causal, scaling, dropout)
 
@@ -344,12 +372,39 @@ def _core_geometry(mask, raw_mask, n_q: int, n_k: int, causal: bool, B: int, dev
     """(query positions, key positions, key padding, n per row) as the core takes them (:func:`_geometry`; n: the
     prompt's real tokens kept by the forward hook for dynamic methods, else the real tokens up to the last query)."""
     q_pos, k_pos, kpm = _geometry(mask, raw_mask, n_q, n_k, causal, device, kwargs.get("position_ids"))
+    return q_pos, k_pos, kpm, _seq_len(kwargs, B, q_pos)
+
+
+def _seq_len(kwargs, B: int, q_pos: torch.Tensor) -> torch.Tensor:
+    """n per row: the prompt's real tokens kept by the forward hook for dynamic methods, else the real tokens up to
+    the last query."""
     seq_len = kwargs.get(SEQ_LEN_KWARG)
     if seq_len is not None and seq_len.shape[0] != B and B % seq_len.shape[0] == 0:
         seq_len = seq_len.repeat_interleave(B // seq_len.shape[0])  # beams / expanded batches
-    if seq_len is None:  # real tokens up to the last query
+    if seq_len is None:
         seq_len = q_pos[:, -1] + 1
-    return q_pos, k_pos, kpm, seq_len.clamp(min=1)  # a row of padding only counts as one token
+    return seq_len.clamp(min=1)  # a row of padding only counts as one token
+
+
+def _kept_geometry(kept, B: int, n_q: int, sliding_window, device):
+    """Positions of the queries (B|1, n_q) and keys (B|1, n_k), key padding (B, n_k) or None, and the model's own
+    mask beyond causality (its sliding window on sequence indices, as transformers' ``sliding_window_overlay``)
+    for the keys a bounded cache returned (:mod:`infoscale.hf_cache`): the new queries are its last n_q keys; a
+    row left-padded by P has its real tokens at positions index − P."""
+    idx = kept.index.to(device)
+    pos = idx[None].double()
+    kpm = None
+    if kept.pads is not None:
+        pos = pos - kept.pads.to(device)[:, None].double()
+        kpm = pos >= 0
+        if kpm.shape[0] != B and B % kpm.shape[0] == 0:  # beams / expanded batches
+            r = B // kpm.shape[0]
+            pos, kpm = pos.repeat_interleave(r, 0), kpm.repeat_interleave(r, 0)
+    model_mask = None
+    if sliding_window:
+        q_idx = idx[-n_q:]
+        model_mask = (q_idx[:, None] - idx[None, :] < int(sliding_window))[None, None]
+    return pos[:, -n_q:], pos, kpm, model_mask
 
 
 def _layer_method(pm, settings: dict, module, L: int):
@@ -690,22 +745,93 @@ def _post_hook(module, args, kwargs, output):
 
 
 # --------------------------------------------------------------------------------------------
+# The bounded cache of the windowed methods
+# --------------------------------------------------------------------------------------------
+
+
+def bounded_cache(model) -> SinkCache:
+    """A :class:`SinkCache` for the windowed method applied to ``model`` (``window``: no sinks; ``streamingllm``,
+    ``lm_infinite``: their sinks), which ``generate`` uses by itself after :func:`apply`; for a by-hand
+    ``model(ids, **{cache_kwarg(model): cache}, use_cache=True)`` loop."""
+    s = _settings(model.config)
+    band = _mask_params(_parsed(s["method"], int(s["train_len"])))
+    if band is None:
+        raise ConfigError(f"{s['method']} attends every key; a bounded cache is for the windowed methods (window, "
+                          "streamingllm, lm_infinite)")
+    window, sinks = band
+    return SinkCache(sinks=sinks, window=window, config=model.config)
+
+
+def _bounded_padding_hook(module, args, kwargs):
+    """Before a forward on an empty :class:`SinkCache`: the batch's left padding, from the 2-D attention mask, so
+    that the cache keeps each row's first real tokens as its sinks."""
+    cache = _cache_in(kwargs)
+    if isinstance(cache, SinkCache) and cache.get_seq_length() == 0:
+        am = kwargs.get("attention_mask")
+        if isinstance(am, dict):
+            am = next(iter(am.values()), None)
+        if isinstance(am, torch.Tensor) and am.dim() == 4:
+            am = (getattr(am, _META_ATTR, None) or (0, 0, None))[2]
+        if isinstance(am, torch.Tensor) and am.dim() == 2:
+            cache.set_padding(am)
+    return args, kwargs
+
+
+def _generation_cache_wrapper(model, original):
+    """``model._prepare_cache_for_generation``, then a fresh ``DynamicCache`` that ``generate`` made for itself
+    (none given by the caller) replaced by :func:`bounded_cache`. The same hook on transformers 5.1 … 5.25: the
+    method takes ``model_kwargs`` second (after ``generation_config``) and puts the cache under ``past_key_values``
+    (before 5.24) or ``cache``. Assisted decoding and contrastive search roll the cache back: they keep a full one."""
+    from transformers import DynamicCache
+
+    @functools.wraps(original)
+    def prepare(*args, **kwargs):
+        model_kwargs = kwargs.get("model_kwargs", args[1] if len(args) > 1 else None)
+        mode = kwargs.get("generation_mode", args[2] if len(args) > 2 else None)
+        given = {k: model_kwargs.get(k) for k in CACHE_KWARGS} if isinstance(model_kwargs, dict) else {}
+        out = original(*args, **kwargs)
+        if getattr(mode, "value", mode) in ("assisted_generation", "contrastive_search"):
+            return out
+        for name in given:
+            made = model_kwargs.get(name)
+            if given[name] is None and type(made) is DynamicCache and made.get_seq_length() == 0:
+                model_kwargs[name] = bounded_cache(model)
+        return out
+
+    return prepare
+
+
+# --------------------------------------------------------------------------------------------
 # apply / remove
 # --------------------------------------------------------------------------------------------
 
 
 # transformers' generate reminds that a generation "exceeded the model's predefined maximum length", which is what
-# a length method is for: while a model has a method applied, that one message is dropped (nothing else is).
+# a length method is for: during generate() of a model with a method applied, that one message is dropped (nothing
+# else is, and no other model's generation is touched: apply wraps the instance's generate, which marks the call).
 _LENGTH_REMINDER = "exceeded the model's predefined maximum length"
-_APPLIED: weakref.WeakSet = weakref.WeakSet()  # models with a method applied
+_GENERATING: contextvars.ContextVar[bool] = contextvars.ContextVar("infoscale_generating", default=False)
 
 
 class _LengthReminderFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (_APPLIED and _LENGTH_REMINDER in record.getMessage())
+        return not (_GENERATING.get() and _LENGTH_REMINDER in record.getMessage())
 
 
 _REMINDER_FILTER = _LengthReminderFilter()
+
+
+def _quiet_generate(generate):
+    """``model.generate`` with the length reminder dropped for the duration of the call."""
+    @functools.wraps(generate)
+    def run(*args, **kwargs):
+        token = _GENERATING.set(True)
+        try:
+            return generate(*args, **kwargs)
+        finally:
+            _GENERATING.reset(token)
+    run._infoscale_quiet = True
+    return run
 
 
 def _reminder_logger() -> logging.Logger:
@@ -926,9 +1052,17 @@ def apply(model, method: str | None = None, *, train_len: int | None = None):
         if any(p.kind == p.VAR_KEYWORD for p in inspect.signature(base.forward).parameters.values()):
             state["hooks"] = [base.register_forward_pre_hook(_pre_hook, with_kwargs=True),
                               base.register_forward_hook(_post_hook, with_kwargs=True)]
+    if _mask_params(pm) is not None and hasattr(model, "_prepare_cache_for_generation"):
+        # the windowed methods decode with a bounded cache (infoscale.hf_cache)
+        base = model.base_model
+        state["hooks"].append(base.register_forward_pre_hook(_bounded_padding_hook, with_kwargs=True))
+        model._prepare_cache_for_generation = _generation_cache_wrapper(model, model._prepare_cache_for_generation)
+        state["generation_cache"] = True
+    if hasattr(model, "generate") and not getattr(model.generate, "_infoscale_quiet", False):
+        model.generate = _quiet_generate(model.generate)  # an instance attribute: remove deletes it
+        state["quiet_generate"] = True
     setattr(model, _STATE_ATTR, state)
-    _APPLIED.add(model)
-    _reminder_logger().addFilter(_REMINDER_FILTER)  # once: a logger holds a filter at most once
+    _reminder_logger().addFilter(_REMINDER_FILTER)  # once: a logger holds a filter at most once; idle outside generate
     return model
 
 
@@ -1052,6 +1186,8 @@ def remove(model):
         return model
     for h in state["hooks"]:
         h.remove()
+    if state.get("generation_cache"):
+        del model._prepare_cache_for_generation  # the instance attribute: the class's method again
     for parent, attr, rotary in state["rotaries"]:
         setattr(parent, attr, rotary)
     for _, m in _attention_modules(model):
@@ -1061,9 +1197,8 @@ def remove(model):
         setattr(model.config, k, v)
     _set_attn_implementation(model, state["attn_implementation"])
     _restore_config(model.config, state["infoscale"])
+    if state.get("quiet_generate") and "generate" in vars(model):
+        del model.generate  # the class's generate again
     delattr(model, _STATE_ATTR)
-    _APPLIED.discard(model)
-    if not _APPLIED:
-        _reminder_logger().removeFilter(_REMINDER_FILTER)
     return model
 

@@ -27,7 +27,7 @@ import torch
 
 from . import rope as _rope
 from .errors import MethodError
-from .plan import Plan, build_plan
+from .plan import Plan, build_plan, kept_query_positions
 from .rope import Rope
 
 __all__ = ["attention", "attention_reference", "attention_fast", "attention_logits", "Plan", "build_plan"]
@@ -85,7 +85,10 @@ def _block(plan: Plan, rot, v, r0: int, r1: int, ranges, dtype, dropout_p: float
     rows = torch.arange(r0, r1, device=dev)
     cols = torch.cat([torch.arange(a, b, device=dev) for a, b in ranges])
     qp, kp = plan.q_pos[:, rows][:, :, None], plan.k_pos[:, cols][:, None, :]  # (B|1, r, 1), (B|1, 1, c)
-    rel = (kp - qp)[:, None] if plan.slopes is not None else None  # (B|1, 1, r, c)
+    rel = None
+    if plan.slopes is not None:  # ALiBi's distance, on positions within the kept set when the method asks for them
+        q_at = kept_query_positions(qp, kp, plan.window, plan.sinks) if plan.cache_positions else qp
+        rel = (kp - q_at)[:, None]  # (B|1, 1, r, c)
 
     allowed = plan.allowed(rows, cols)
     # Row factor c · m² · t(l_i): folded into the query rows so the score matrix is touched once less

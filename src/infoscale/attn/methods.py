@@ -181,6 +181,11 @@ class WindowParams:
 class StreamingParams:
     sinks: int = param(4, "sink tokens, attended by all and attending all (StreamingLLM start_size)")
     window: int | None = param(None, "|i - j| <= window; None = L // 2 (as window)")
+    true_positions: bool = param(False, "keep every token at its position in the sequence; False = StreamingLLM's "
+                                        "own positions within the cache (a sink beyond the window sits "
+                                        "sinks + window − j before its query)")
+    # true_positions is written out in every method string (not quiet): records made when streamingllm meant true
+    # positions carry the string without it, so a resumed evaluation does not take them for the new default
 
 
 @dataclass(frozen=True)
@@ -569,6 +574,10 @@ class Method:
     temperature: Callable | None = None  # (params, l, ctx) -> factor tensor
     positions: Callable | None = None  # (params, ctx) -> PositionEffect
     mask: Callable | None = None  # params -> (window, sinks)
+    # params -> whether RoPE positions are those within the kept set (the sinks and the window), as a bounded KV
+    # cache holds them (StreamingLLM): a sink j beyond the window of query i is rotated at distance
+    # min(p_i, sinks + window) − p_j, every other pair at its true distance
+    cache_positions: Callable | None = None
     training: Callable | None = None  # (params, L) -> f(gen, batch, length) -> positions
     # (params, L) -> transformers rope_parameters: the hf backend runs the model's own rotary with them (the
     # ecosystem's implementation, set through the config as a user would); the core computes the same positions
@@ -671,9 +680,14 @@ REGISTRY: dict[str, Method] = {
                "mask |i − j| <= width", "Su 2023, kexue.fm/archives/9431 (local attention baseline)",
                validate=_v_positive(width=1), defaults=_fill(width=_half), mask=lambda p: (p.width, 0)),
         Method("streamingllm", ("mask",), StreamingParams,
-               "mask |i − j| <= window, or i < sinks, or j < sinks",
-               "Xiao et al. 2023, arXiv 2309.17453", validate=_v_sinks, defaults=_fill(window=_half),
-               mask=lambda p: (p.window, p.sinks)),
+               "mask |i − j| <= window, or i < sinks, or j < sinks; RoPE positions within the kept set (the sinks "
+               "and the window): a sink j beyond the window is at distance min(i, sinks + window) − j, every other "
+               "key at i − j (true_positions=True: every key at i − j)",
+               "Xiao et al. 2023, arXiv 2309.17453, §3.2 (positions within the cache, not the text); "
+               "github.com/mit-han-lab/streaming-llm: pos_shift (keys cached un-rotated, rotated at their cache "
+               "index at every step; the query at its own) and StartRecentKVCache (start_size + recent_size keys)",
+               validate=_v_sinks, defaults=_fill(window=_half), mask=lambda p: (p.window, p.sinks),
+               cache_positions=lambda p: not p.true_positions),
         Method("lm_infinite", ("mask", "positions"), LMInfiniteParams,
                "Λ-mask (|i − j| <= window or sink row/column) and relative position "
                "sign(Δ)·min(|Δ|, cap)", "Han et al. 2023, arXiv 2308.16137", validate=_v_sinks,

@@ -42,6 +42,7 @@ class Plan:
     slopes_right: torch.Tensor | None  # ALiBi slopes for keys right of the query (H,); None = symmetric
     window: int | None  # mask band half-width
     sinks: int
+    cache_positions: bool  # positions within the kept set (StreamingLLM): see :func:`kept_query_positions`
     temperature: object  # (l) -> factor, or None
     softcap: float | None
     key_padding_mask: torch.Tensor | None  # (B, n_k) bool, True = real key
@@ -125,6 +126,23 @@ def _positive_number(scale) -> float:
     return value
 
 
+def kept_query_positions(qp: torch.Tensor, kp: torch.Tensor, window: int, sinks: int) -> torch.Tensor:
+    """The query's position against each key under positions within the kept set (StreamingLLM, Xiao et al. 2023,
+    arXiv 2309.17453 §3.2): query i keeps the sinks 0 .. sinks − 1 and the keys with |p_i − p_j| <= window, each at
+    its index in that set, so the query sits at min(p_i, sinks + window); a key inside the window keeps its distance
+    p_i − p_j and a sink beyond it is min(p_i, sinks + window) − p_j away. ``qp``, ``kp`` broadcast against each
+    other; returns the query position to use for each pair (p_i where nothing moves)."""
+    far_sink = (kp < sinks) & ((qp - kp).abs() > window)
+    return torch.where(far_sink, qp.clamp(max=float(sinks + window)), qp)
+
+
+def _kept_region(window: int, sinks: int) -> Region:
+    """The pairs whose positions move under positions within the kept set: sinks beyond the window, the query
+    rotated at min(p_i, sinks + window)."""
+    return Region(lambda qp, kp: (kp < sinks) & ((qp - kp).abs() > window),
+                  lambda pos: pos.clamp(max=float(sinks + window)))
+
+
 def _call_temperature(f, params, ctx, l):
     return f(params, l, ctx)
 
@@ -189,6 +207,7 @@ def build_plan(method, *, n: int | None = None, batch: int, heads: int, head_dim
     inv_freq = rope.frequencies()[None] if rope is not None else None
     regions = [Region(None)]
     normalize, slopes, slopes_right, window, sinks, temperature = False, None, None, None, 0, None
+    cache_positions, region_method = None, None
     for c in pm.components:
         m, p = c.method, c.params
         if m.causal_only and not causal:
@@ -206,12 +225,19 @@ def build_plan(method, *, n: int | None = None, batch: int, heads: int, head_dim
             if eff.logit_factor is not None:
                 logit_scale = logit_scale * eff.logit_factor
             if eff.regions is not None:
-                regions = eff.regions
+                regions, region_method = eff.regions, c.name
             if eff.slopes is not None:
                 slopes, inv_freq = eff.slopes.to(device), None
                 slopes_right = eff.slopes_right.to(device) if eff.slopes_right is not None else None
         if m.mask is not None:
             window, sinks = m.mask(p)
+        if m.cache_positions is not None and m.cache_positions(p):
+            cache_positions = c.name
+    if cache_positions is not None and inv_freq is not None:
+        if region_method is not None:
+            raise MethodError(f"{cache_positions}'s positions within the cache do not compose with {region_method}'s "
+                              f"piecewise positions; give {cache_positions}(true_positions=True) to combine them")
+        regions = regions + [_kept_region(window, sinks)]
     if causal:  # a region of keys after their query only holds pairs causality masks: not scored at all
         regions = [r for i, r in enumerate(regions) if i == 0 or not r.later_keys]
     if softcap is not None and not (softcap > 0 and math.isfinite(softcap)):
@@ -222,7 +248,7 @@ def build_plan(method, *, n: int | None = None, batch: int, heads: int, head_dim
                 inv_freq=inv_freq.to(**to) if inv_freq is not None else None,
                 regions=regions,
                 logit_scale=logit_scale.to(**to), normalize=normalize, slopes=slopes,
-                slopes_right=slopes_right, window=window, sinks=sinks,
+                slopes_right=slopes_right, window=window, sinks=sinks, cache_positions=cache_positions is not None,
                 temperature=temperature, softcap=softcap, key_padding_mask=kpm, attn_mask=attn_mask)
 
 
