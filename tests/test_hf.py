@@ -100,7 +100,7 @@ FAMILIES = CAUSAL + ["modernbert"]
 METHODS = ["softmax", "infoscale", "logn", "softmax_plus", "pi", "ntk", "yarn", "rerope", "leaky_rerope", "window",
            "streamingllm", "lm_infinite", "rerope+infoscale", "leaky_rerope(window=3)+logn", "yarn+infoscale",
            "ntk+streamingllm(sinks=2, window=5)+infoscale", "window(width=3)+logn", "pi(factor=2)", "self_extend",
-           "self_extend(group=3, window=2)+infoscale", "dca", "dca(chunk=4, local=2)+logn"]
+           "self_extend(group=3, window=2)+infoscale", "dca", "dca(chunk=4, local=2)+logn", "llama4(floor=4)"]
 
 
 def _causal_only(method: str) -> bool:
@@ -254,6 +254,14 @@ def test_transformers_rope_types_equal_core(family, method):
     m = hf.apply(model_for(family), method)
     assert m.config.rope_parameters["rope_type"] == method[3:].split("(")[0].split("+")[0]
     _layers_equal_core(family, method, m)
+
+
+def test_every_training_free_method_is_checked_layer_by_layer():
+    """Completeness guard: every registered method that needs no training runs in the layer == core checks of every
+    family (METHODS, or HF_ROPE_METHODS for transformers' own rope types)."""
+    used = {c.name for m in METHODS + HF_ROPE_METHODS for c in infoscale.parse_method(m, L).components}
+    missing = {name for name, m in infoscale.REGISTRY.items() if not m.train_time and name != "softmax"} - used
+    assert not missing, f"add these methods to METHODS in tests/test_hf.py: {sorted(missing)}"
 
 
 @pytest.mark.parametrize(("ours", "theirs"), [("yarn(factor=2.0)", "hf_yarn(factor=2.0)"),
