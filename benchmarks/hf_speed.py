@@ -28,8 +28,8 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from infoscale import hf
 from infoscale.errors import ConfigError
 
-METHODS = ["softmax", "infoscale", "logn", "window", "streamingllm", "pi", "yarn", "rerope", "leaky_rerope",
-           "lm_infinite", "rerope+infoscale"]
+METHODS = ["softmax", "infoscale", "logn", "window", "streamingllm", "pi", "yarn", "hf_yarn(factor=4.0)", "rerope",
+           "leaky_rerope", "lm_infinite", "rerope+infoscale", "self_extend", "dca"]
 QUICK_METHODS = ["softmax", "infoscale", "window", "yarn", "rerope"]
 LONG_METHODS = ["window", "streamingllm", "streamingllm(true_positions=True)", "lm_infinite"]
 LONG_CONTEXTS = [4096, 16384, 65536]
