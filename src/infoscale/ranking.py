@@ -84,3 +84,23 @@ def bold_rule(ranked: dict) -> str:
     if all(r is None for r in ranked.values()):
         return ""
     return " only where its paired 95% CI against the runner-up excludes 0 (see the Δ table)"
+
+
+def provenance(train: dict, with_schedule: bool = True) -> str:
+    """The sentence a report table opens with: how the model came to be. A pretrained model (records of
+    ``infoscale eval --models <dir or .gguf>``) says so, with its L and where L came from; a run says its
+    training method, L, corpus and steps."""
+    if train.get("source") == "pretrained":
+        params = train.get("parameters")
+        size = f", {params / 1e6:.1f}M parameters" if isinstance(params, (int, float)) else ""
+        return (f"Pretrained `{train.get('model_type')}` ({train.get('format')}{size}), not trained here; L = "
+                f"{train.get('train_len')} ({train.get('train_len_from')}).")
+    text = f"Trained with `{train.get('attention')}` at L = {train.get('train_len')}"
+    if not with_schedule:
+        return text + "."
+    text += f" on {train.get('corpus')} ({train.get('steps')} steps"
+    if train.get("init_from"):
+        from pathlib import Path
+
+        text += f", fine-tuned from `{Path(train['init_from']).name}`"
+    return text + ")."

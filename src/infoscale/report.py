@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .errors import DataError
 from .io import atomic_write_bytes, check_output, iter_records, record_identity
-from .ranking import RESAMPLES, best_by_ci, bold_rule, cell_groups, paired, window_sums
+from .ranking import RESAMPLES, best_by_ci, bold_rule, cell_groups, paired, provenance, window_sums
 from .ranking import label as _label
 
 HELP = "markdown tables and PNG plots from result records"
@@ -224,9 +224,7 @@ def eval_tables(records: list[dict]) -> list[str]:
         dup = any(c[3] > 1 for c in cell.values())
         lines += [f"### {model}: {setting}, {protocol} protocol, {metric}",
                   "",
-                  f"Trained with `{train.get('attention')}` at L = {train.get('train_len')} on {train.get('corpus')} "
-                  f"({train.get('steps')} steps"
-                  f"{', fine-tuned from `' + Path(train['init_from']).name + '`' if train.get('init_from') else ''}). "
+                  f"{provenance(train)} "
                   f"{metric.replace('_', ' ').capitalize()}{' (%)' if pct else ''}"
                   f"{' ± 95% CI half-width' if any(c[1] is not None for c in cell.values()) else ''}; best per "
                   f"length in bold{bold_rule(ranked)}{'; † = mean of several records' if dup else ''}.",
@@ -265,6 +263,9 @@ def _strip_temperature(label: str):
         return None
     rest = [t for t in terms if t is not temps[0]]
     return "+".join(rest), temps[0]
+
+
+FEW_WINDOWS = 5  # fewer clusters than this: a cluster bootstrap's CI is not to be trusted (said under the table)
 
 
 def _is_ecosystem_reference(label: str) -> bool:
@@ -357,6 +358,11 @@ def delta_tables(records: list[dict]) -> list[str]:
             best.append(f"**{first}** ({txt})" if sig else f"none ({txt})")
         lines += ["| *best* (vs runner-up) | " + " | ".join(best) + " |", "",
                   "Bold Δ: the CI excludes 0.", ""]
+        counts = [len(ws[1]) for ws in (window_sums(r) for r in recs) if ws is not None]
+        if counts and min(counts) < FEW_WINDOWS:
+            lines += [f"Only {min(counts)} windows per cell here: a bootstrap over so few windows understates the "
+                      f"uncertainty (its CI spans little more than the windows' own Δs); read these Δs as "
+                      f"indications, not as separated results ({FEW_WINDOWS} or more windows for that).", ""]
     if missing:
         lines += [f"No paired Δ for {', '.join(missing)}: those records have no per-window results (written before "
                   "`infoscale eval` stored them); rerun the evaluation into a new file to get them.", ""]

@@ -13,7 +13,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from .ranking import best_by_ci, bold_rule
+from .ranking import best_by_ci, bold_rule, provenance
 from .ranking import label as _label
 
 __all__ = ["is_bucket", "bucket_tables", "plot_buckets"]
@@ -47,7 +47,7 @@ def bucket_tables(records: list[dict]) -> list[str]:
                 best[b] = cell[r[0], b]["value"] if r[5] else None
         train = recs[0].get("train", {})
         lines += [f"### {model}: next-token NLL by target position at n = {n}", "",
-                  f"Trained with `{train.get('attention')}` at L = {train.get('train_len')}. Mean NLL (nats) of the "
+                  f"{provenance(train, with_schedule=False)} Mean NLL (nats) of the "
                   "tokens whose position falls in each bucket ± 95% CI half-width (windows as clusters); lowest per "
                   f"bucket in bold{bold_rule(ranked)}.", "",
                   "| method | " + " | ".join(f"[{lo}, {hi})" for lo, hi in buckets) + " |",
