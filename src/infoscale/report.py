@@ -358,7 +358,8 @@ def delta_tables(records: list[dict]) -> list[str]:
             best.append(f"**{first}** ({txt})" if sig else f"none ({txt})")
         lines += ["| *best* (vs runner-up) | " + " | ".join(best) + " |", "",
                   "Bold Δ: the CI excludes 0.", ""]
-        counts = [len(ws[1]) for ws in (window_sums(r) for r in recs) if ws is not None]
+        # cells with a CI (2 windows or more; one window shows "–")
+        counts = [len(ws[1]) for ws in (window_sums(r) for r in recs) if ws is not None and len(ws[1]) >= 2]
         if counts and min(counts) < FEW_WINDOWS:
             lines += [f"Only {min(counts)} windows per cell here: a bootstrap over so few windows understates the "
                       f"uncertainty (its CI spans little more than the windows' own Δs); read these Δs as "
