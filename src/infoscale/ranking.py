@@ -104,3 +104,8 @@ def provenance(train: dict, with_schedule: bool = True) -> str:
 
         text += f", fine-tuned from `{Path(train['init_from']).name}`"
     return text + ")."
+
+
+def origin(train: dict) -> str:
+    """A plot title's short form of :func:`provenance`: ``trained: <method>`` or ``pretrained``."""
+    return "pretrained" if train.get("source") == "pretrained" else f"trained: {train.get('attention')}"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .errors import DataError
 from .io import atomic_write_bytes, check_output, iter_records, record_identity
-from .ranking import RESAMPLES, best_by_ci, bold_rule, cell_groups, paired, provenance, window_sums
+from .ranking import RESAMPLES, best_by_ci, bold_rule, cell_groups, origin, paired, provenance, window_sums
 from .ranking import label as _label
 
 HELP = "markdown tables and PNG plots from result records"
@@ -432,7 +432,7 @@ def plot_eval(records: list[dict], out: Path) -> list[Path]:
                 if j == 0:
                     axes[a, 0].set_ylabel(metric.replace("_", " ") + (" (%)" if scale == 100 else ""))
             train = mrecs[0].get("train", {})
-            axes[0, j].set_title(f"{model}\ntrained: {train.get('attention')}, L={train.get('train_len')}", fontsize=9)
+            axes[0, j].set_title(f"{model}\n{origin(train)}, L={train.get('train_len')}", fontsize=9)
             for ax in axes[:, j]:
                 ax.set_xscale("log", base=2)
                 ax.grid(alpha=0.3)

@@ -13,7 +13,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from .ranking import best_by_ci, bold_rule, provenance
+from .ranking import best_by_ci, bold_rule, origin, provenance
 from .ranking import label as _label
 
 __all__ = ["is_bucket", "bucket_tables", "plot_buckets"]
@@ -109,7 +109,7 @@ def plot_buckets(records: list[dict], out: Path) -> list[Path]:
             ax.axvline(L, color="grey", lw=0.8, ls=":")
         ax.set_xscale("log", base=2)
         ax.grid(alpha=0.3)
-        ax.set_title(f"{model} (trained: {train.get('attention')}, L={L}), n={n}", fontsize=9)
+        ax.set_title(f"{model} ({origin(train)}, L={L}), n={n}", fontsize=9)
         ax.set_xlabel("target position (bucket [L·2^k, L·2^(k+1)), log₂)")
     axes[0, 0].set_ylabel("next-token NLL (nats)")
     if math.isfinite(lo_y):  # methods that explode would flatten the others: cap the axis at 2.5× the best
@@ -118,10 +118,12 @@ def plot_buckets(records: list[dict], out: Path) -> list[Path]:
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(lab, h)
-    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 6), fontsize=8,
-               frameon=False)
+    # as many legend columns as the figure is wide (an entry such as hf_yarn(factor=4.0)+infoscale takes ~2.3 in)
+    width, height = fig.get_size_inches()
+    ncol = max(1, min(len(handles), int(width / 2.3)))
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     fig.suptitle("NLL by position (solid: with a length temperature; above the y limit: off the chart)", fontsize=11)
-    fig.tight_layout(rect=(0, 0.05 + 0.03 * math.ceil(len(handles) / 6), 1, 1))
+    fig.tight_layout(rect=(0, (0.35 + 0.17 * math.ceil(len(handles) / ncol)) / height, 1, 1))
     path = out / "nll_by_position.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
