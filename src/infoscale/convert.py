@@ -60,7 +60,6 @@ Where the converted model and the port can differ (none of them in ``infoscale e
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -75,7 +74,7 @@ import torch
 
 from .data.tokenizers import SPECIALS, CharTokenizer
 from .errors import ConfigError, DataError, MethodError
-from .io import _nonfinite, atomic_write_json, check_parent_folders, os_error_in, write_error
+from .io import _nonfinite, atomic_write_json, check_parent_folders, os_error_in, sha256_file, write_error
 from .models import check_model_size, family, is_out_of_memory, parameter_count
 
 __all__ = ["HELP", "add_arguments", "run", "from_official", "convert", "Converted", "map_config",
@@ -432,7 +431,7 @@ def convert(path: str | Path, train_len: int | None = None, layers: int | None =
     moved = {str(perm[i]): i for i in range(len(perm)) if perm[i] != i}
     source = {"converted_from": str(src.resolve()), "source_layout": PORT, "weights_file": weights_file,
               "vocab_file": str(vocab_file.resolve()),
-              "weights_sha256": _sha256(src / weights_file), **notes, **wnotes,
+              "weights_sha256": sha256_file(src / weights_file), **notes, **wnotes,
               "vocab_remap": moved, "source_config": {k: cfg.get(k) for k in (
                   "normalization", "norm_method", "my_info_dict", "max_position_embeddings", "num_hidden_layers",
                   "vocab_size", "hidden_size", "attention_key_size") if k in cfg}}
@@ -452,14 +451,6 @@ def from_official(path: str | Path, train_len: int | None = None, layers: int | 
     Token ids follow infoscale's vocabulary order: ids 1..4 and the ids of [UNK] [CLS] [SEP] [MASK]
     are swapped (see :func:`vocab_permutation`); :func:`convert` also returns the tokenizer."""
     return convert(path, train_len, layers, vocab).model
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------------------------

@@ -347,19 +347,12 @@ def infoscale_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
 
     kept = getattr(key, KEPT_ATTR, None)
     if kept is not None and not kept.contiguous:  # a bounded cache after eviction: keys placed by their record
-        q_pos, k_pos, kpm, model_mask = _kept_geometry(kept, B, n_q, kwargs.get("sliding_window"), query.device)
+        q_pos, k_pos, kpm, mask = _kept_geometry(kept, B, n_q, kwargs.get("sliding_window"), query.device)
         seq_len = _seq_len(kwargs, B, q_pos)
-        out = attention(query, _kv_repeat(key, H), _kv_repeat(value, H), pm, train_len=L, causal=causal,
-                        key_padding_mask=kpm, attn_mask=model_mask, positions=q_pos, key_positions=k_pos, rope=rope,
-                        scale=scaling, softcap=softcap, seq_len=seq_len, return_weights=want_weights,
-                        dropout_p=dropout, training=training)
-        out, w = out if want_weights else (out, None)
-        return out.transpose(1, 2).contiguous(), w
-
-    if _fast_ok(pm) and softcap is None and not want_weights:
+    elif _fast_ok(pm) and softcap is None and not want_weights:
         return _fast(pm, L, query, key, value, mask, n_q, n_k, causal, scaling, dropout)
-
-    q_pos, k_pos, kpm, seq_len = _core_geometry(mask, attention_mask, n_q, n_k, causal, B, query.device, kwargs)
+    else:
+        q_pos, k_pos, kpm, seq_len = _core_geometry(mask, attention_mask, n_q, n_k, causal, B, query.device, kwargs)
     out = attention(query, _kv_repeat(key, H), _kv_repeat(value, H), pm, train_len=L, causal=causal,
                     key_padding_mask=kpm, attn_mask=mask, positions=q_pos, key_positions=k_pos, rope=rope,
                     scale=scaling, softcap=softcap, seq_len=seq_len, return_weights=want_weights,

@@ -27,7 +27,7 @@ from typing import BinaryIO
 
 from .errors import DataError
 
-__all__ = ["atomic_write", "atomic_write_bytes", "atomic_write_json", "read_records", "iter_records",
+__all__ = ["sha256_file", "atomic_write", "atomic_write_bytes", "atomic_write_json", "read_records", "iter_records",
            "write_records", "merge_records", "record_identity", "locked", "record_key", "git_commit",
            "os_error_in", "write_error", "check_output", "check_parent_folders"]
 
@@ -285,3 +285,12 @@ def git_commit() -> str | None:
         return r.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def sha256_file(path) -> str:
+    """The hex sha256 of a file, read 1 MiB at a time (a model file can be gigabytes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

