@@ -44,7 +44,7 @@ MAX_OBJECT = 64 << 20  # no novel's serialized text is near this: a larger claim
 
 def fetch_deb(folder: Path) -> Path:
     """The pinned ``.deb`` in ``folder`` (downloaded once with ``apt-get download``), its sha256 checked."""
-    import hashlib
+    from ..io import sha256_file
 
     path = folder / FILENAME
     if not path.exists():
@@ -58,7 +58,7 @@ def fetch_deb(folder: Path) -> Path:
             raise DataError(f"could not download {PACKAGE}={VERSION} for the austen corpus (apt-get said: "
                             f"{r.stderr.strip()[-300:] or 'nothing'}); run `apt-get update` once, or put {FILENAME} "
                             f"in {folder}")
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = sha256_file(path)
     if digest != SHA256:
         raise DataError(f"{path} has sha256 {digest}, expected {SHA256}; delete it and run again")
     return path

