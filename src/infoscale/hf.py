@@ -42,8 +42,8 @@ kept and describes the model's RoPE to the core as a :class:`infoscale.attn.rope
 ``attention_scaling`` (YaRN/LongRoPE mscale) and its layout (transformers' ``rotate_half``); per-layer-type
 rotaries (Gemma 3, ModernBERT) give one Rope per layer type, and NoPE layers (SmolLM3 ``no_rope_layers``) none.
 ``apply`` checks each Rope against the model's own ``apply_rotary_pos_emb`` on probe positions and refuses a
-model whose rotation it cannot reproduce. Every call then rotates q and all cached keys at their positions
-inside :func:`infoscale.attention` (O(n_k·d) per layer and step). Methods without a position component leave the
+model whose rotation it cannot reproduce. Every call then rotates q and the cached keys at their positions
+(O(n_k·d) per layer and step; while decoding only the keys each position region scores). Methods without a position component leave the
 rotary modules alone: q and k arrive rotated and the core is called with ``rope=False``.
 
 Dynamic factors when decoding: PI, NTK and YaRN without a ``factor`` use s = n / L, and Leaky ReRoPE without
@@ -58,6 +58,10 @@ The computation is :func:`infoscale.attention` (reference semantics). Methods th
 row or mask keys (softmax, temperatures, window, StreamingLLM on true positions) take a fast path that folds the
 row factor t(l_i) into q and calls ``torch.nn.functional.scaled_dot_product_attention`` (as Llama 4's
 ``attn_temperature_tuning`` and Qwen's ``use_logn_attn`` do), which is exact: t(l_i)·(q_i·k_j) = (t(l_i) q_i)·k_j.
+Methods that move positions run as fused SDPA calls too (:func:`infoscale.attn.sdpa.attention_sdpa`): one per
+position region (ReRoPE's band and far side, SelfExtend's neighbour and grouped attention, DCA's chunk relations)
+and per block of key columns, merged by their log-sum-exp; the core's chunked path remains for what that cannot do
+(attention weights, softcap, ALiBi, and several regions off the CPU or with gradients).
 
 Bounded cache of the windowed methods (``window``, ``streamingllm``, ``lm_infinite``): ``apply`` wraps the model's
 ``_prepare_cache_for_generation`` (on the instance), so that ``generate`` replaces the fresh ``DynamicCache`` it
@@ -90,6 +94,7 @@ from torch import nn
 
 from .attn import attention, attention_logits, build_plan, merge_with_training, parse_method
 from .attn.rope import Rope, rotate
+from .attn.sdpa import attention_sdpa
 from .errors import ConfigError, MethodError
 from .hf_cache import KEPT_ATTR, SinkCache
 from .models import train_len_of
@@ -353,10 +358,17 @@ def infoscale_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
         return _fast(pm, L, query, key, value, mask, n_q, n_k, causal, scaling, dropout)
     else:
         q_pos, k_pos, kpm, seq_len = _core_geometry(mask, attention_mask, n_q, n_k, causal, B, query.device, kwargs)
+    plan = build_plan(pm, batch=B, heads=H, head_dim=d, train_len=L, n_q=n_q, n_k=n_k, causal=causal,
+                      key_padding_mask=kpm, attn_mask=mask, positions=q_pos, key_positions=k_pos, rope=rope,
+                      scale=scaling, softcap=softcap, seq_len=seq_len, device=query.device)
+    if not want_weights:  # fused SDPA calls, one per position region, where the plan allows (attn.sdpa)
+        out = attention_sdpa(plan, query, key, value, dropout)
+        if out is not None:
+            return out.transpose(1, 2).contiguous(), None
     out = attention(query, _kv_repeat(key, H), _kv_repeat(value, H), pm, train_len=L, causal=causal,
                     key_padding_mask=kpm, attn_mask=mask, positions=q_pos, key_positions=k_pos, rope=rope,
                     scale=scaling, softcap=softcap, seq_len=seq_len, return_weights=want_weights,
-                    dropout_p=dropout, training=training)
+                    dropout_p=dropout, training=training, plan=plan)
     out, w = out if want_weights else (out, None)
     return out.transpose(1, 2).contiguous(), w
 

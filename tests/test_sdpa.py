@@ -1,0 +1,126 @@
+"""The fused-SDPA path (one call per position region and column block, merged by log-sum-exp) against the reference
+path, for every method of the naive cases: prefill, a cached prefill chunk and decoding, GQA, left padding, bf16."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from infoscale.attn import attention_reference, build_plan
+from infoscale.attn import sdpa as sdpa_mod
+from infoscale.attn.sdpa import _longest_run, _segments, attention_sdpa, supported
+
+from .test_attention import CASES, L, _causal_only
+
+HEADS, KV_HEADS, D = 4, 2, 8
+N = 600  # several query chunks (256 rows), so the far side's unmasked column blocks are used
+
+
+def _qkv(n_q, n_k, seed, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, HEADS, n_q, D, generator=g)
+    k = torch.randn(2, KV_HEADS, n_k, D, generator=g)
+    v = torch.randn(2, KV_HEADS, n_k, 16, generator=g)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def _reference(plan, q, k, v):
+    r = HEADS // KV_HEADS
+    out, _ = attention_reference(q.float(), k.float().repeat_interleave(r, 1), v.float().repeat_interleave(r, 1),
+                                 train_len=L, plan=plan)
+    return out
+
+
+def _plan(method, n_q, n_k, causal, pad=None, positions=None, key_positions=None):
+    return build_plan(method, batch=2, heads=HEADS, head_dim=D, train_len=L, n_q=n_q, n_k=n_k, causal=causal,
+                      key_padding_mask=pad, positions=positions, key_positions=key_positions)
+
+
+@pytest.mark.parametrize("method", list(CASES))
+@pytest.mark.parametrize("causal", [False, True])
+def test_prefill_equals_reference(method, causal):
+    if not causal and _causal_only(method):
+        pytest.skip("causal only")
+    q, k, v = _qkv(N, N, seed=3)
+    pad = torch.ones(2, N, dtype=torch.bool)
+    pad[1, :37] = False  # a left-padded row
+    pos = (pad.long().cumsum(-1) - 1).clamp(min=0)
+    for p, kw in ((None, {}), (pad, {"positions": pos})):
+        plan = _plan(method, N, N, causal, pad=p, **kw)
+        got = attention_sdpa(plan, q, k, v)
+        if not supported(plan, q):
+            assert got is None
+            continue
+        want = _reference(plan, q, k, v)
+        assert (got - want).abs().max().item() < 1e-4, p is not None  # fp32 rounding (CosScale logits reach 128)
+
+
+@pytest.mark.parametrize("method", list(CASES))
+@pytest.mark.parametrize("n_q", [1, 3, 100])
+def test_cached_queries_equal_reference(method, n_q):
+    """The last n_q queries against every key (decoding: query heads stacked on their key/value head, only the keys
+    a region scores rotated; a cached prefill chunk: the prefill layout)."""
+    q, k, v = _qkv(n_q, N, seed=4)
+    plan = _plan(method, n_q, N, causal=True)
+    got = attention_sdpa(plan, q, k, v)
+    if not supported(plan, q):
+        assert got is None
+        return
+    want = _reference(plan, q, k, v)
+    assert (got - want).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("method", ["rerope(window=64)", "self_extend(group=4, window=32)", "yarn+infoscale",
+                                    "dca(chunk=96, local=16)", "lm_infinite(sinks=4, window=63, cap=64)"])
+def test_bf16_is_near_the_fp32_reference(method):
+    q, k, v = _qkv(N, N, seed=5, dtype=torch.bfloat16)
+    plan = _plan(method, N, N, causal=True)
+    got = attention_sdpa(plan, q, k, v)
+    assert got.dtype == torch.bfloat16
+    err = (got.float() - _reference(plan, q, k, v)).abs()
+    assert err.max().item() < 0.05 and err.mean().item() < 5e-3
+
+
+def test_far_side_runs_without_a_mask(monkeypatch):
+    """ReRoPE's keys before a chunk's band are one block that every row scores: the fused kernel gets no mask."""
+    calls = []
+    kernel = sdpa_mod._lse_kernel(torch.device("cpu"))
+
+    def spy(q, k, v, *args, attn_mask=None, **kw):
+        calls.append((k.shape[2], attn_mask is None))
+        return kernel(q, k, v, *args, attn_mask=attn_mask, **kw)
+
+    monkeypatch.setattr(sdpa_mod, "_lse_kernel", lambda device: spy)
+    n = 4096
+    q, k, v = _qkv(n, n, seed=6)
+    attention_sdpa(_plan("rerope(window=16)", n, n, causal=True), q, k, v)
+    unmasked = sum(c for c, free in calls if free)
+    masked = sum(c for c, free in calls if not free)
+    assert unmasked > 2 * masked > 0  # the lower triangle, less the band and each chunk's edge
+
+
+def test_gradients_or_dropout_leave_merging_to_the_caller():
+    q, k, v = _qkv(N, N, seed=7)
+    plan = _plan("rerope(window=16)", N, N, causal=True)
+    assert attention_sdpa(plan, q, k, v, dropout_p=0.1) is None
+    assert attention_sdpa(plan, q.requires_grad_(), k, v) is None
+    one = _plan("yarn", N, N, causal=True)  # one region: the public, differentiable SDPA
+    out = attention_sdpa(one, q, k, v)
+    out.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+def test_longest_run_and_segments():
+    f = torch.tensor([0, 1, 1, 0, 1, 1, 1, 0], dtype=torch.bool)
+    assert _longest_run(f) == (4, 7)
+    assert _longest_run(torch.zeros(3, dtype=torch.bool)) == (0, 0)
+    assert _longest_run(torch.ones(3, dtype=torch.bool)) == (0, 3)
+    rows = torch.arange(300)[:, None]
+    cols = torch.arange(400)[None, :]
+    m = (cols <= rows + 50)[None, None]  # a causal edge: columns 0..50 every row scores
+    blocks = [(lo, hi, mm is None) for lo, hi, mm in _segments(m, 400, split=False)]
+    assert blocks == [(0, 350, False)]
+    m = (cols <= rows + 200)[None, None]  # columns 0..200 every row scores: a block without a mask
+    blocks = [(lo, hi, mm is None) for lo, hi, mm in _segments(m, 400, split=True)]
+    assert blocks == [(0, 201, True), (201, 400, False)]
+    assert list(_segments(torch.zeros(1, 1, 3, 4, dtype=torch.bool), 4, split=True)) == []
