@@ -100,6 +100,7 @@ def test_attention_core_imports_only_torch_and_the_standard_library():
             assert root in STDLIB or root == "torch" or imp.startswith("infoscale.attn"), (path.name, imp)
 
 
+@pytest.mark.e2e
 def test_report_loads_no_torch():
     """`infoscale report` only reads records: it must not pull in torch or transformers."""
     import subprocess
@@ -126,6 +127,7 @@ def test_every_subcommand_help_works(command, capsys):
     assert "usage: infoscale " + command in capsys.readouterr().out
 
 
+@pytest.mark.e2e
 def test_python_dash_m_runs_the_command_line():
     res = subprocess.run([sys.executable, "-m", "infoscale", "methods"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
