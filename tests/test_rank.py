@@ -345,3 +345,18 @@ def test_delta_rows_pair_each_temperature_with_its_reference():
         ("rerope+infoscale(train_len=512)", "rerope+infoscale"),
     ]
     assert {m for m, ref in rows if ref == "softmax"} == set(labels) - {"softmax"}
+
+
+def test_every_registered_length_temperature_gets_its_delta_row():
+    """X + T pairs with X for every method the registry puts in the temperature slot (llama4 and softmax_plus
+    too, not only InfoScale and log-n); two temperatures or none give no such row."""
+    from infoscale.attn.methods import REGISTRY
+    from infoscale.report import delta_pairs
+
+    temps = [name for name, m in REGISTRY.items() if "temperature" in m.slots]
+    assert {"infoscale", "logn", "softmax_plus", "llama4"} <= set(temps)
+    for t in temps:
+        labels = ["softmax", "yarn", f"yarn+{t}", f"yarn+{t}(x=1)"]
+        rows = [r for r in delta_pairs(labels) if r[1] != "softmax"]
+        assert rows == [(f"yarn+{t}", "yarn"), (f"yarn+{t}(x=1)", "yarn"), (f"yarn+{t}(x=1)", f"yarn+{t}")], rows
+    assert [r for r in delta_pairs(["softmax", "yarn", "window+rerope"]) if r[1] != "softmax"] == []
