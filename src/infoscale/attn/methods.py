@@ -542,7 +542,7 @@ def _infoscale_temperature(p, l, ctx):
     l = l.double().clamp(min=1.0)
     if p.clamp:
         l = l.clamp(min=L)
-    return (1.0 - l ** (-2.0 / d)).sqrt() / math.sqrt(1.0 - L ** (-2.0 / d))
+    return scales.infoscale_ratio(l, L, d)
 
 
 def _infoscale_with_dim(p, d):
