@@ -102,6 +102,7 @@ def copy_setup(corpus):
     return tok, train, heldout
 
 
+@pytest.mark.e2e
 def test_copy_samples_are_tiled_training_spans_at_the_asked_share(copy_setup):
     """Over 250 batches of 32 rows at L = 96 with 10% passkey and 15% copy samples: every copy row is a span of
     m ∈ [8, 48] tokens of a training document tiled to L (token t = token t − m), the rows that are periodic

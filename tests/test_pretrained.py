@@ -261,6 +261,7 @@ def test_param_bytes_counts_a_llama():
     assert n <= est <= 1.05 * n
 
 
+@pytest.mark.e2e
 def test_analyze_and_calibrate_a_pretrained_model(model_dir, corpus, tmp_path):
     import shutil
 
