@@ -34,6 +34,11 @@ lint: install
 test: install lint
 	$(BIN)/python -m pytest -m "not slow" -q
 
+# The fast tier, for the edit-test loop: unit and property tests only (no reproductions, no subprocess command lines,
+# no DDP, no kill-and-resume, no training runs; those are marked e2e). Under a minute on two quiet cores.
+test-fast: install lint
+	$(BIN)/python -m pytest -m "not slow and not e2e" -q
+
 test-all: install
 	$(BIN)/python -m pytest -q
 

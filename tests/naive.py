@@ -6,7 +6,8 @@ score of a query and key at relative position Δ' is
     Σ_m cos(Δ' θ_m)(q_2m k_2m + q_2m+1 k_2m+1) + sin(Δ' θ_m)(q_2m+1 k_2m − q_2m k_2m+1),
 
 (the value of ⟨R(p_i) q, R(p_j) k⟩ when Δ' = p_j − p_i), with frequencies θ and the effective
-relative position Δ' of each method spelled out below. Computed in float64 numpy.
+relative position Δ' of each method spelled out below. Computed in float64 numpy, the same formula for
+every (i, j) pair at once: arrays indexed [i, j] (query, key), [i, j, m] with the frequency pair m.
 """
 
 from __future__ import annotations
@@ -50,26 +51,21 @@ def self_extend_group(n, L, W):
 def self_extend_delta(pi, pj, W, G):
     """SelfExtend (Jin et al. 2024, arXiv 2401.01325): the plain distance inside the neighbour window |Δ| < W;
     outside it, the key sits at ⌊p_j/G⌋ and the query at ⌊p_i/G⌋ + (W − ⌊W/G⌋) (key on the left; mirrored,
-    − (W − ⌊W/G⌋), for a key on the right)."""
-    if abs(pj - pi) < W:
-        return pj - pi
+    − (W − ⌊W/G⌋), for a key on the right). ``pi``, ``pj``: arrays of the same shape (or numbers)."""
     shift = W - math.floor(W / G)
-    query = math.floor(pi / G) + (shift if pj < pi else -shift)
-    return math.floor(pj / G) - query
+    query = np.floor(pi / G) + np.where(pj < pi, shift, -shift)
+    return np.where(np.abs(pj - pi) < W, pj - pi, np.floor(pj / G) - query)
 
 
 def dca_delta(pi, pj, s, w):
     """Dual Chunk Attention (An et al. 2024, arXiv 2402.17463, Eq. 2, 5, 7, 8), pretraining length c = s + w:
     P_k = p_j mod s; the query is P_q^Intra = p_i mod s in the key's chunk, P_q^Succ = s + (p_i mod s) for its
-    first w positions and c − 1 after them when the key's chunk is the one before, P_q^Inter = c − 1 otherwise."""
+    first w positions and c − 1 after them when the key's chunk is the one before, P_q^Inter = c − 1 otherwise.
+    ``pi``, ``pj``: arrays of the same shape (or numbers)."""
     c = s + w
-    gap = math.floor(pi / s) - math.floor(pj / s)
-    if gap <= 0:
-        query = pi % s
-    elif gap == 1:
-        query = s + pi % s if pi % s < w else c - 1
-    else:
-        query = c - 1
+    gap = np.floor(pi / s) - np.floor(pj / s)
+    succ = np.where(pi % s < w, s + pi % s, c - 1)
+    query = np.where(gap <= 0, pi % s, np.where(gap == 1, succ, c - 1))
     return pj % s - query
 
 
@@ -92,11 +88,13 @@ def naive_attention(q, k, v, method: dict, L: int, causal=False, pad=None, posit
     out = np.zeros(v.shape)
     weights = np.zeros((B, H, n, n))
     p = np.arange(n, dtype=np.float64) if positions is None else np.asarray(positions, dtype=np.float64)
+    i_idx, j_idx = np.arange(n)[:, None], np.arange(n)[None, :]  # [i, j]: query i, key j (indices)
+    Pi, Pj = np.meshgrid(p, p, indexing="ij")  # [i, j]: their positions
+    pos = method.get("pos")
     for b in range(B):
         n_real = n if pad is None else int(pad[b].sum())
         real = np.ones(n, bool) if pad is None else pad[b].astype(bool)
         s = max(1.0, n_real / L) if method.get("factor") is None else method["factor"]
-        pos = method.get("pos")
         if pos == "pi":
             th = theta(d) / s
         elif pos == "ntk":
@@ -109,81 +107,82 @@ def naive_attention(q, k, v, method: dict, L: int, causal=False, pad=None, posit
         else:
             th = theta(d)
         mscale2 = (0.1 * math.log(s) + 1) ** 2 if pos == "yarn" and s > 1 else 1.0
+
+        # which keys each query may attend: real keys, minus causality and the method's mask
+        allowed = real[None, :] & np.ones((n, n), bool)
+        if causal:
+            allowed &= j_idx <= i_idx
+        if method.get("mask") == "window":
+            allowed &= np.abs(i_idx - j_idx) <= method["w"]
+        if method.get("mask") == "sinks":
+            S = method["sinks"]
+            allowed &= ~((np.abs(i_idx - j_idx) > method["w"]) & (i_idx >= S) & (j_idx >= S))
+        l = allowed.sum(1)  # keys per query
+
+        # the query's position for each pair
+        q_at = Pi
+        if method.get("kept"):
+            # positions within the kept set (StreamingLLM's cache): the sinks, then the window up to the query,
+            # indexed 0, 1, ...: for a sink beyond the window the query sits at min(p_i, sinks + w)
+            far_sink = (Pj < method["sinks"]) & (np.abs(Pi - Pj) > method["w"])
+            q_at = np.where(far_sink, np.minimum(Pi, method["sinks"] + method["w"]), Pi)
+        delta = Pj - q_at
+        if pos == "rerope":
+            delta = np.sign(delta) * np.minimum(np.abs(delta), method["w"])
+        elif pos == "lminf":
+            delta = np.sign(delta) * np.minimum(np.abs(delta), method["cap"])
+        elif pos == "self_extend":
+            G = method.get("group") or self_extend_group(n_real, L, method["w"])
+            delta = self_extend_delta(Pi, Pj, method["w"], G)
+        elif pos == "dca":
+            delta = dca_delta(Pi, Pj, method["chunk"], method["local"])
+        elif pos == "leaky":
+            w = method["w"]
+            kk = method["k"] if method.get("k") else max(1.0, (n_real - 1 - w) / max(L - 1 - w, 1))
+            delta = np.where(np.abs(delta) > w, np.sign(delta) * (w + (np.abs(delta) - w) / kk), delta)
+
         for h in range(H):
-            for i in range(n):
-                allowed = real.copy()
-                logits = np.zeros(n)
-                for j in range(n):
-                    if causal and j > i:
-                        allowed[j] = False
-                    if method.get("mask") == "window" and abs(i - j) > method["w"]:
-                        allowed[j] = False
-                    if method.get("mask") == "sinks":
-                        S = method["sinks"]
-                        if abs(i - j) > method["w"] and i >= S and j >= S:
-                            allowed[j] = False
-                l = int(allowed.sum())
-                qi = q[b, h, i]
-                if method.get("cos_s"):
-                    qi = qi / np.linalg.norm(qi)
-                for j in range(n):
-                    kj = k[b, h, j]
-                    if method.get("cos_s"):
-                        kj = kj / np.linalg.norm(kj)
-                    pi = p[i]
-                    if method.get("kept") and p[j] < method["sinks"] and abs(p[i] - p[j]) > method["w"]:
-                        # positions within the kept set (StreamingLLM's cache): the sinks, then the window up to
-                        # the query, indexed 0, 1, ...: the query sits at min(p_i, sinks + w)
-                        pi = min(p[i], method["sinks"] + method["w"])
-                    delta = p[j] - pi
-                    if pos == "alibi":
-                        score = float(qi @ kj)
-                    else:
-                        if pos == "rerope":
-                            delta = math.copysign(min(abs(delta), method["w"]), delta)
-                        elif pos == "lminf":
-                            delta = math.copysign(min(abs(delta), method["cap"]), delta)
-                        elif pos == "self_extend":
-                            G = method.get("group") or self_extend_group(n_real, L, method["w"])
-                            delta = self_extend_delta(p[i], p[j], method["w"], G)
-                        elif pos == "dca":
-                            delta = dca_delta(p[i], p[j], method["chunk"], method["local"])
-                        elif pos == "leaky" and abs(delta) > method["w"]:
-                            kk = method["k"] if method.get("k") else max(1.0, (n_real - 1 - method["w"])
-                                                                         / max(L - 1 - method["w"], 1))
-                            delta = math.copysign(method["w"] + (abs(delta) - method["w"]) / kk, delta)
-                        score = 0.0
-                        for m in range(d // 2):
-                            a0, a1, b0, b1 = qi[2 * m], qi[2 * m + 1], kj[2 * m], kj[2 * m + 1]
-                            ang = delta * th[m]
-                            score += math.cos(ang) * (a0 * b0 + a1 * b1) + math.sin(ang) * (a1 * b0 - a0 * b1)
-                    z = score * (method["cos_s"] if method.get("cos_s") else 1 / math.sqrt(d)) * mscale2
-                    if pos == "alibi":
-                        slope = method["slopes"][h]
-                        if p[j] > p[i] and method.get("right_slopes"):  # key right of the query
-                            slope = method["right_slopes"][h]
-                        z -= slope * abs(pi - p[j])
-                    logits[j] = z
-                t = 1.0
-                temp = method.get("temp")
-                Lt = method.get("temp_len", L)  # infoscale(train_len=...), logn(train_len=...)
-                if temp == "infoscale":
-                    de = method.get("dim", d)  # infoscale(dim=...): d in the formula only
-                    t = math.sqrt(1 - max(l, Lt) ** (-2 / de)) / math.sqrt(1 - Lt ** (-2 / de))
-                elif temp == "infoscale_noclamp":
-                    t = math.sqrt(1 - l ** (-2 / d)) / math.sqrt(1 - Lt ** (-2 / d))
-                elif temp == "logn":
-                    t = max(1.0, math.log(l) / math.log(Lt))
-                elif temp == "softmax_plus":
-                    t = math.log(l) / math.log(512)
-                elif temp == "llama4":  # 1 + β ln(1 + floor(l / F)), defaults β = 0.1, F = L
-                    beta, floor = method.get("beta", 0.1), method.get("floor", L)
-                    t = 1 + beta * math.log(1 + math.floor(l / floor))
-                logits = logits * t
-                if l == 0:
-                    continue
-                e = np.where(allowed, np.exp(logits - logits[allowed].max()), 0.0)
-                w = e / e.sum()
-                weights[b, h, i] = w
-                out[b, h, i] = w @ v[b, h]
+            qh, kh = q[b, h], k[b, h]
+            if method.get("cos_s"):
+                qh = qh / np.linalg.norm(qh, axis=-1, keepdims=True)
+                kh = kh / np.linalg.norm(kh, axis=-1, keepdims=True)
+            if pos == "alibi":
+                score = qh @ kh.T
+            else:
+                a0, a1 = qh[:, None, 0::2], qh[:, None, 1::2]  # [i, 1, m]
+                b0, b1 = kh[None, :, 0::2], kh[None, :, 1::2]  # [1, j, m]
+                ang = delta[:, :, None] * th[None, None, :]  # [i, j, m]
+                score = (np.cos(ang) * (a0 * b0 + a1 * b1) + np.sin(ang) * (a1 * b0 - a0 * b1)).sum(-1)
+            z = score * (method["cos_s"] if method.get("cos_s") else 1 / math.sqrt(d)) * mscale2
+            if pos == "alibi":
+                slope = np.full((n, n), method["slopes"][h])
+                if method.get("right_slopes"):  # keys right of the query
+                    slope = np.where(Pj > Pi, method["right_slopes"][h], slope)
+                z = z - slope * np.abs(q_at - Pj)
+
+            # the length temperature of each row, from l
+            lf = np.maximum(l, 1).astype(np.float64)  # rows with l = 0 get no output below
+            t = np.ones(n)
+            temp = method.get("temp")
+            Lt = method.get("temp_len", L)  # infoscale(train_len=...), logn(train_len=...)
+            if temp == "infoscale":
+                de = method.get("dim", d)  # infoscale(dim=...): d in the formula only
+                t = np.sqrt(1 - np.maximum(lf, Lt) ** (-2 / de)) / math.sqrt(1 - Lt ** (-2 / de))
+            elif temp == "infoscale_noclamp":
+                t = np.sqrt(1 - lf ** (-2 / d)) / math.sqrt(1 - Lt ** (-2 / d))
+            elif temp == "logn":
+                t = np.maximum(1.0, np.log(lf) / math.log(Lt))
+            elif temp == "softmax_plus":
+                t = np.log(lf) / math.log(512)
+            elif temp == "llama4":  # 1 + β ln(1 + floor(l / F)), defaults β = 0.1, F = L
+                beta, floor = method.get("beta", 0.1), method.get("floor", L)
+                t = 1 + beta * np.log(1 + np.floor(lf / floor))
+            logits = z * t[:, None]
+
+            masked = np.where(allowed, logits, -np.inf)
+            top = masked.max(1, keepdims=True)
+            e = np.exp(masked - np.where(l[:, None] > 0, top, 0.0))  # exp(−∞) = 0 for keys not attended
+            w = e / np.where(l[:, None] > 0, e.sum(1, keepdims=True), 1.0)  # a row with no key: all zero
+            weights[b, h] = w
+            out[b, h] = w @ v[b, h]
     return out, weights

@@ -44,6 +44,7 @@ def _model(run):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_llama_sigkill_then_resume_equals_uninterrupted(tmp_path, corpus):
     """PoSE + passkey samples + copy samples + dropout: SIGKILL after the step-10 checkpoint, --resume, same
     weights."""
@@ -101,6 +102,7 @@ def copy_setup(corpus):
     return tok, train, heldout
 
 
+@pytest.mark.e2e
 def test_copy_samples_are_tiled_training_spans_at_the_asked_share(copy_setup):
     """Over 250 batches of 32 rows at L = 96 with 10% passkey and 15% copy samples: every copy row is a span of
     m ∈ [8, 48] tokens of a training document tiled to L (token t = token t − m), the rows that are periodic
@@ -241,6 +243,7 @@ def test_pose_training_positions_reach_the_model(tmp_path, corpus):
     assert (model(input_ids=x, attention_mask=mask.expand(2, 1, -1, -1)).logits[:, 8:] - b[:, 8:]).abs().max() > 1e-3
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("flags,msg", [
     (["--arch", "llama", "--attention", "cosscale(s=32)"], "--arch llama trains with"),
     (["--arch", "gau", "--tokenizer", "bpe"], "--tokenizer bpe is for --arch llama"),
@@ -274,6 +277,7 @@ def test_bpe_round_trip_and_saved_files(tmp_path):
     assert [again.tok.id_to_token(i) for i in (0, 1)] == ["<|endoftext|>", "<pad>"]
 
 
+@pytest.mark.e2e
 def test_run_loads_with_transformers_alone(llama_run):
     """AutoTokenizer and AutoModelForCausalLM load the run in a process that never imports infoscale, and give
     the ids and logits infoscale gives."""
@@ -402,6 +406,7 @@ def test_cluster_mean_ci_by_hand():
     assert (hi - lo) / 2 == pytest.approx(1.96 * 1.68)
 
 
+@pytest.mark.e2e
 def test_passkey_prompt_layout(llama_run):
     pk = clm.Passkey(load_tokenizer(llama_run))
     rng = np.random.default_rng(1)
@@ -420,6 +425,7 @@ def test_passkey_prompt_layout(llama_run):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method", ["softmax", "infoscale", "rerope+infoscale", "streamingllm", "pi(factor=4.0)"])
 def test_cached_greedy_equals_full_forward(llama_run, method):
     model = _model(llama_run)
@@ -447,6 +453,7 @@ def test_cached_greedy_equals_full_forward(llama_run, method):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_eval_records_of_a_causal_run(llama_run, tmp_path):
     out = tmp_path / "r.jsonl"
     res = run_cli("eval", "--models", str(llama_run), "--methods", "softmax", "rerope", "pose", "--lengths", "96",
@@ -490,6 +497,7 @@ def test_eval_records_of_a_causal_run(llama_run, tmp_path):
     assert again.returncode == 0 and "0 new cells" in again.stdout
 
 
+@pytest.mark.e2e
 def test_analyze_a_causal_run(llama_run, tmp_path):
     """`infoscale analyze --model RUN` on a Llama run: finite entropy and dilution records for every layer, method
     and length, in the report with its plots."""
@@ -526,6 +534,7 @@ def test_clm_presets_are_valid_training_configs():
     assert CLM_PRESETS["clm-quick"].copy_share > 0 and CLM_PRESETS["clm-smoke"].copy_share > 0
 
 
+@pytest.mark.e2e
 def test_clm_smoke_reproduction(tmp_path):
     res = run_cli("reproduce", "--preset", "clm-smoke", "--runs", str(tmp_path / "runs"), "--results",
                   str(tmp_path / "results"), "--report", str(tmp_path / "report"), "--no-progress")

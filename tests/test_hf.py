@@ -97,10 +97,16 @@ def model_for(family: str, attn: str | None = None):
 
 CAUSAL = ["llama", "qwen2", "mistral", "gemma2", "gemma3", "phi3", "smollm3"]
 FAMILIES = CAUSAL + ["modernbert"]
-METHODS = ["softmax", "infoscale", "logn", "softmax_plus", "pi", "ntk", "yarn", "rerope", "leaky_rerope", "window",
-           "streamingllm", "lm_infinite", "rerope+infoscale", "leaky_rerope(window=3)+logn", "yarn+infoscale",
-           "ntk+streamingllm(sinks=2, window=5)+infoscale", "window(width=3)+logn", "pi(factor=2)", "self_extend",
-           "self_extend(group=3, window=2)+infoscale", "dca", "dca(chunk=4, local=2)+logn", "llama4(floor=4)"]
+# Every training-free method of the registry (transformers' own rope types, the entries with rope_parameters, have
+# HF_ROPE_METHODS below; train-time ones are refused), at its defaults or at parameters that make it act within N,
+# then combinations.
+AT = {"llama4": "llama4(floor=4)"}  # F = L/2: the factor steps within N
+TRAINING_FREE = [name for name, m in infoscale.REGISTRY.items() if not m.train_time and m.rope_parameters is None]
+METHODS = [AT.get(name, name) for name in TRAINING_FREE] + [
+    "rerope+infoscale", "leaky_rerope(window=3)+logn", "yarn+infoscale",
+    "ntk+streamingllm(sinks=2, window=5)+infoscale", "window(width=3)+logn", "pi(factor=2)",
+    "self_extend(group=3, window=2)+infoscale", "dca(chunk=4, local=2)+logn"]
+TRAIN_TIME = [name for name, m in infoscale.REGISTRY.items() if m.train_time]
 
 
 def _causal_only(method: str) -> bool:
@@ -262,6 +268,10 @@ def test_every_training_free_method_is_checked_layer_by_layer():
     used = {c.name for m in METHODS + HF_ROPE_METHODS for c in infoscale.parse_method(m, L).components}
     missing = {name for name, m in infoscale.REGISTRY.items() if not m.train_time and name != "softmax"} - used
     assert not missing, f"add these methods to METHODS in tests/test_hf.py: {sorted(missing)}"
+    assert set(TRAINING_FREE) | set(TRAIN_TIME) | {c.name for m in HF_ROPE_METHODS
+                                                   for c in infoscale.parse_method(m, L).components} == set(
+        infoscale.REGISTRY)
+    assert {"cosscale", "alibi", "pose"} <= set(TRAIN_TIME)  # refused by test_train_time_methods_refused
 
 
 @pytest.mark.parametrize(("ours", "theirs"), [("yarn(factor=2.0)", "hf_yarn(factor=2.0)"),
@@ -389,9 +399,14 @@ DECODE_METHODS = ["softmax", "infoscale", "pi", "ntk", "yarn+logn", "rerope", "l
                   "streamingllm(sinks=2, window=5)+infoscale", "lm_infinite", "self_extend", "dca+infoscale"]
 
 
+# generate() on every family is the slowest matrix here and in test_hf_cache: make test-fast keeps Llama and Qwen2 (a
+# sliding-window layer), make test runs every family
+DECODE_FAMILIES = [f if f in ("llama", "qwen2") else pytest.param(f, marks=pytest.mark.e2e) for f in CAUSAL]
+
+
 @pytest.mark.parametrize("cache", ["dynamic", "static", "static-unpadded"])
 @pytest.mark.parametrize("method", DECODE_METHODS)
-@pytest.mark.parametrize("family", CAUSAL)
+@pytest.mark.parametrize("family", DECODE_FAMILIES)
 def test_cached_decoding_equals_full_forward(family, method, cache):
     """Greedy generate's logits at every step equal a full forward over the same tokens (with the dynamic
     factors the prompt fixed). Left padding; unpadded, transformers skips the prefill mask."""
@@ -490,7 +505,7 @@ def test_output_attentions_are_the_core_weights():
     assert torch.all(att[0].triu(1) == 0)
 
 
-@pytest.mark.parametrize("method", ["cosscale", "alibi", "pose", "cosscale+infoscale"])
+@pytest.mark.parametrize("method", TRAIN_TIME + ["cosscale+infoscale"])
 def test_train_time_methods_refused(method):
     m = model_for("llama")
     with pytest.raises(MethodError, match="train-time"):

@@ -16,7 +16,7 @@ from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 from infoscale import hf
 from infoscale.errors import ConfigError
 
-from .test_hf import CAUSAL, SMALL, V, ids_for, logits, model_for
+from .test_hf import DECODE_FAMILIES, SMALL, V, ids_for, logits, model_for
 
 METHODS = ["streamingllm(sinks=2, window=5)", "streamingllm(sinks=2, window=5, true_positions=True)",
            "window(width=4)", "lm_infinite(sinks=2, window=5, cap=4)",
@@ -36,7 +36,7 @@ def _caches_seen(m):
 
 
 @pytest.mark.parametrize("method", METHODS + ["streamingllm(sinks=2, window=14)"])
-@pytest.mark.parametrize("family", CAUSAL)
+@pytest.mark.parametrize("family", DECODE_FAMILIES)
 def test_generate_uses_the_bounded_cache_and_equals_a_full_forward(family, method):
     """generate() after apply builds a SinkCache by itself; every step's logits are the full forward's (no cache)
     at that token, on every causal family. Qwen2's layer 1, Mistral's layers and Gemma's sliding layers have their
@@ -211,6 +211,7 @@ def _flat_decode(new_tokens: int, sinks: int = 4, window: int = 32):
     return cache, sizes
 
 
+@pytest.mark.e2e
 def test_long_generation_holds_the_cache_flat():
     """2,000 new tokens: from the step the cache fills, its bytes stay the same (sinks + window keys)."""
     cache, sizes = _flat_decode(2000)

@@ -100,6 +100,68 @@ def test_attention_core_imports_only_torch_and_the_standard_library():
             assert root in STDLIB or root == "torch" or imp.startswith("infoscale.attn"), (path.name, imp)
 
 
+# Comparisons with a method's name outside the attention core that are not about methods: (file, source)
+NOT_METHOD_NAMES = {
+    ("hf.py", 'getattr(model.config, "model_type", "") in ("llama4", "llama4_text")'),  # a model type (Llama 4)
+}
+
+
+def _string_constants(node) -> list[str]:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [node.value]
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return [v for e in node.elts for v in _string_constants(e)]
+    return []
+
+
+def _name_comparisons(src: str, names: set[str]):
+    """(comparison node, the names it compares with) for each ==, !=, in, not in, match case in ``src`` that has a
+    string constant among ``names``."""
+    for node in ast.walk(ast.parse(src)):
+        if isinstance(node, ast.Compare):
+            values = [v for n in [node.left, *node.comparators] for v in _string_constants(n)]
+        elif isinstance(node, ast.MatchValue):
+            values = _string_constants(node.value)
+        else:
+            continue
+        if names.intersection(values):
+            yield node, sorted(names.intersection(values))
+
+
+def test_only_the_attention_core_branches_on_method_names():
+    """Every fact about a method lives in its registry entry (infoscale.attn.methods.REGISTRY): outside
+    infoscale.attn no code compares a value with a method's name, so a new method is one entry and no other module
+    needs to learn its name."""
+    from infoscale.attn.methods import REGISTRY
+
+    found = []
+    for path in sorted(PKG.rglob("*.py")):
+        if (PKG / "attn") in path.parents:
+            continue
+        src = path.read_text(encoding="utf-8")
+        for node, hit in _name_comparisons(src, set(REGISTRY)):
+            seg = ast.get_source_segment(src, node)
+            if (path.name, seg) not in NOT_METHOD_NAMES:
+                found.append(f"{path.relative_to(PKG)}:{node.lineno}: {seg} ({', '.join(hit)})")
+    assert not found, "ask the method's registry entry instead of its name:\n" + "\n".join(found)
+
+
+def test_the_method_name_check_sees_every_form():
+    """The check above finds ==, !=, in (a tuple) and match; a name in a message is no comparison."""
+    src = """
+if c.name == "window": pass
+if "rerope" != x: pass
+if name in ("lm_infinite", "streamingllm"): pass
+match kind:
+    case "logn": pass
+print("infoscale")
+"""
+    names = {"window", "rerope", "lm_infinite", "streamingllm", "logn", "infoscale"}
+    hits = sorted(n for _, hit in _name_comparisons(src, names) for n in hit)
+    assert hits == ["lm_infinite", "logn", "rerope", "streamingllm", "window"]
+
+
+@pytest.mark.e2e
 def test_report_loads_no_torch():
     """`infoscale report` only reads records: it must not pull in torch or transformers."""
     import subprocess
@@ -126,6 +188,7 @@ def test_every_subcommand_help_works(command, capsys):
     assert "usage: infoscale " + command in capsys.readouterr().out
 
 
+@pytest.mark.e2e
 def test_python_dash_m_runs_the_command_line():
     res = subprocess.run([sys.executable, "-m", "infoscale", "methods"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr

@@ -24,6 +24,7 @@ from .conftest import TINY, run_cli
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_tiny_model_overfits_one_batch():
     torch.manual_seed(0)
     model = GAUForMaskedLM(build_config("tiny", vocab_size=40, hidden_dropout_prob=0.0,
@@ -237,6 +238,7 @@ def test_corrupt_checkpoint(tmp_path, capsys, corpus):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_sigkill_then_resume_equals_uninterrupted(tmp_path, corpus):
     """SIGKILL right after the step-15 checkpoint (a real kill, at a fixed point), then --resume."""
     args = ["--corpus", str(corpus), "--steps", "40", "--save-every", "5", "--eval-every", "20", *TINY]
@@ -259,6 +261,7 @@ def test_sigkill_then_resume_equals_uninterrupted(tmp_path, corpus):
     assert steps == ref_steps
 
 
+@pytest.mark.e2e
 def test_ddp_two_processes_equal_one(tmp_path, corpus):
     args = ["--corpus", str(corpus), "--steps", "3", "--dropout", "0", "--save-every", "3", "--warmup-steps", "1",
             *TINY]
@@ -280,6 +283,7 @@ def test_ddp_two_processes_equal_one(tmp_path, corpus):
     assert moved > 1e-3
 
 
+@pytest.mark.e2e
 def test_init_from_starts_from_another_runs_weights(tmp_path, tiny_run, corpus, capsys):
     """Pretrain long, fine-tune short: the new run starts from the other run's weights and tokenizer,
     with its own training length, attention and optimizer; the shape comes from that run."""

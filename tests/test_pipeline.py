@@ -102,6 +102,7 @@ def test_bad_model_directories(tmp_path, capsys, tiny_run):
         assert msg in err and "Traceback" not in err, err
 
 
+@pytest.mark.e2e
 def test_interrupted_sweep_resumes_without_duplicates(tiny_run, tmp_path):
     args = [sys.executable, "-m", "infoscale.cli", "eval", "--models", str(tiny_run), "--methods", "softmax",
             "infoscale", "rerope", "--lengths", "32", "64", "128", "256", "--predictions", "64", "--no-progress"]
@@ -131,6 +132,7 @@ def test_interrupted_sweep_resumes_without_duplicates(tiny_run, tmp_path):
     assert "0 new cells" in third.stdout and len(read_records(out)) == len(want)
 
 
+@pytest.mark.e2e
 def test_report_from_records(tiny_run, tmp_path):
     res = tmp_path / "r.jsonl"
     evaluate(EvalConfig(models=[str(tiny_run)], methods=["softmax", "window"], lengths=[32, 64], out=str(res),
@@ -183,6 +185,7 @@ def test_report_from_records(tiny_run, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_synthetic_entropy_infoscale_holds_softmax_drifts():
     cfg = analysis.AnalyzeConfig(methods=["softmax", "infoscale"], lengths=[64, 4096], windows=1)
     recs = {(r["method"], r["length"]): r for r in analysis.entropy_dilution_records(cfg) if r["kind"] == "entropy"}
@@ -216,6 +219,7 @@ def test_window_distance_zero_for_a_window():
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("preset", ["smoke", pytest.param("quick", marks=pytest.mark.slow)])
 def test_reproduce(tmp_path, preset):
     from infoscale.attn.methods import MethodError, merge_with_training
@@ -286,6 +290,7 @@ def test_reproductions_on_two_corpora_keep_apart(tmp_path):
     assert where(str(tmp_path / "my text.txt"))["report"].name == "quick-my_text"
 
 
+@pytest.mark.e2e
 def test_paper_recipe_pretrains_long_then_fine_tunes_short(tmp_path):
     """paper-smoke: pretrain at 256 with softmax_plus, fine-tune at 64 from those weights, evaluate both models."""
     from infoscale.reproduce import PRESETS, RECIPE_MODELS, ReproduceConfig, reproduce

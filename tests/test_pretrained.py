@@ -160,6 +160,7 @@ def _eval(models, corpus, out, *extra):
                  "--passkey-trials", "2", "--depths", "0.5", "--out", str(out), "--no-progress", *extra])
 
 
+@pytest.mark.e2e
 def test_eval_report_on_a_model_directory_and_a_gguf_file(model_dir, gguf_file, corpus, tmp_path, capfd):
     out = tmp_path / "r.jsonl"
     assert _eval([model_dir, gguf_file[0]], corpus, out) == 0
@@ -260,6 +261,7 @@ def test_param_bytes_counts_a_llama():
     assert n <= est <= 1.05 * n
 
 
+@pytest.mark.e2e
 def test_analyze_and_calibrate_a_pretrained_model(model_dir, corpus, tmp_path):
     import shutil
 
@@ -318,6 +320,7 @@ def test_packaged_model_is_read_from_its_wheel_and_checked(tmp_path):
     assert not out.exists() and not list((tmp_path / "models").glob("*.part"))
 
 
+@pytest.mark.e2e
 def test_pretrained_preset_end_to_end_and_resumes(model_dir, corpus, tmp_path, monkeypatch):
     """The smollm2 presets' pipeline on the tiny model (--model): calibration, NLL by position at L..4L, passkey,
     entropy, report with Δs against transformers' YaRN; a rerun adds nothing."""

@@ -345,3 +345,30 @@ def test_delta_rows_pair_each_temperature_with_its_reference():
         ("rerope+infoscale(train_len=512)", "rerope+infoscale"),
     ]
     assert {m for m, ref in rows if ref == "softmax"} == set(labels) - {"softmax"}
+
+
+def test_every_registered_length_temperature_gets_its_delta_row():
+    """X + T pairs with X for every method the registry puts in the temperature slot (llama4 and softmax_plus
+    too, not only InfoScale and log-n); two temperatures or none give no such row."""
+    from infoscale.attn.methods import REGISTRY
+    from infoscale.report import delta_pairs
+
+    temps = [name for name, m in REGISTRY.items() if "temperature" in m.slots]
+    assert {"infoscale", "logn", "softmax_plus", "llama4"} <= set(temps)
+    for t in temps:
+        labels = ["softmax", "yarn", f"yarn+{t}", f"yarn+{t}(x=1)"]
+        rows = [r for r in delta_pairs(labels) if r[1] != "softmax"]
+        assert rows == [(f"yarn+{t}", "yarn"), (f"yarn+{t}(x=1)", "yarn"), (f"yarn+{t}(x=1)", f"yarn+{t}")], rows
+    assert [r for r in delta_pairs(["softmax", "yarn", "window+rerope"]) if r[1] != "softmax"] == []
+
+
+def test_cell_keys_stay_what_earlier_records_hold():
+    """A record's key identifies its cell across runs (resuming skips cells whose key is there): the same fields
+    must give the same key as before, for both tracks."""
+    from infoscale import evaluate, evaluate_clm, io
+
+    rec = {"model": "runs/quick/softmax", "method_resolved": "rerope(window=32)+infoscale(clamp=True)", "length": 1024,
+           "setting": "contiguous", "protocol": "strided", "protocol_params": {"stride": 64}, "seed": 0,
+           "windows": 32, "predictions": 1024}
+    assert io.cell_key(rec) == "1977397f0b08eeb4"
+    assert evaluate.cell_key is io.cell_key and evaluate_clm.cell_key is io.cell_key

@@ -62,6 +62,7 @@ def eval_rec(model="/x/run", method="softmax", length=64, metric="accuracy", val
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_two_evals_on_one_file_lose_no_record(tiny_run, tmp_path):
     out = tmp_path / "shared.jsonl"
     common = ["eval", "--models", str(tiny_run), "--lengths", "32", "48", "64", "96", "128", "--predictions", "48",
@@ -548,6 +549,7 @@ def test_a_relative_corpus_works_from_any_folder(tmp_path, monkeypatch, capsys):
     refused(capsys, [*args, "--out", "c.jsonl"], "the corpus 'gone'", "absolute path")
 
 
+@pytest.mark.e2e
 def test_no_progress_silences_transformers(tiny_run, tmp_path, corpus):
     r = subprocess.run([*PY, "eval", "--models", str(tiny_run), "--lengths", "32", "--predictions", "16",
                         "--no-progress", "--out", str(tmp_path / "r.jsonl")], capture_output=True, text=True, env=ENV)

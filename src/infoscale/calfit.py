@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .attn.scales import infoscale_ratio
+
 D_MAX = 1e6  # "d = ∞": t_d(l) is within 1e-5 of sqrt(ln l / ln L)
 D_MIN = 1.0
 _GRID = np.geomspace(D_MIN, D_MAX, 61)
@@ -26,7 +28,7 @@ def infoscale_t(l: torch.Tensor, train_len: int, d: float) -> torch.Tensor:
     l = l.double().clamp(min=float(train_len))
     if d >= D_MAX:
         return (l.log() / math.log(train_len)).sqrt()
-    return (1.0 - l ** (-2.0 / d)).sqrt() / math.sqrt(1.0 - train_len ** (-2.0 / d))
+    return infoscale_ratio(l, train_len, d)
 
 
 def h_norm(z: torch.Tensor, l: torch.Tensor, t: torch.Tensor | float = 1.0) -> float:

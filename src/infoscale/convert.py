@@ -93,7 +93,7 @@ PORT_DEFAULTS = {
 }
 INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "type_vocab_size",
               "attention_key_size", "max_position_embeddings", "pad_token_id")
-NORMALIZATIONS = {"softmax": "softmax", "softmax_plus": "softmax_plus"}
+NORMALIZATIONS = {"softmax": (), "softmax_plus": ("softmax_plus",)}  # normalization -> the terms of our method
 DECODER = "cls.predictions.decoder.weight"
 ROPE_BUFFERS = ("gau_alpha.encoder.sin_pos", "gau_alpha.encoder.cos_pos")
 _LAYER_KEY = re.compile(r"^gau_alpha\.encoder\.layer\.(\d+)\.gau\.(i_dense\.weight|o_dense\.weight|"
@@ -206,7 +206,7 @@ def training_attention(cfg: dict, where: str = "config.json") -> tuple[str, str]
         raise DataError(f"{where}: normalization {norm!r} is not supported (GAU-α checkpoints use "
                         f"{' or '.join(NORMALIZATIONS)}; 'squared_relu' and evaluation-only ones such as 'InfoScale' "
                         "have no infoscale training method)")
-    method, how = NORMALIZATIONS[norm], f"normalization={norm!r}"
+    terms, how = NORMALIZATIONS[norm], f"normalization={norm!r}"
     flag = cfg.get("norm_method")
     tnm = info.get("train_norm_method")
     names = {n for n in (flag, _name_of(tnm)) if n is not None}
@@ -220,11 +220,11 @@ def training_attention(cfg: dict, where: str = "config.json") -> tuple[str, str]
                             f"CosScale_value is {s!r}; the scale s must be a positive number")
         s = float(s)
         cos = f"cosscale(s={int(s) if s.is_integer() else s})"
-        method = cos if method == "softmax" else f"{cos}+{method}"
+        terms = (cos, *terms)
         how += f", CosScale with s={s:g} (my_info_dict.train_norm_method)"
     elif name != "noCosScale":
         raise DataError(f"{where}: norm_method {name!r} is unknown (expected 'CosScale' or 'noCosScale')")
-    return method, how
+    return "+".join(terms) or "softmax", how
 
 
 def map_config(cfg: dict, train_len: int | None = None, layers: int | None = None,

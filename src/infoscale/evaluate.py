@@ -41,7 +41,7 @@ from . import __version__
 from .attn import parse_method
 from .data import make_windows
 from .errors import ConfigError, DataError, MethodError
-from .io import check_output, git_commit, merge_records, read_records, record_key
+from .io import cell_key, check_output, git_commit, merge_records, read_records
 from .options import SEED_RANGE, add_flags, from_args, option
 from .rundir import load_run
 from .runtime import available_memory, device_flops, duration, precision_info, quiet_libraries, use_bf16
@@ -155,12 +155,6 @@ def check_length_fits(config, cfg: EvalConfig, n: int, device) -> None:
     raise DataError(f"length {n} needs about {need / 2**30:.1f} GiB per forward batch but {avail / 2**30:.1f} GiB "
                     f"is free on {device.type} (the limit); the longest length that fits now is about {fits}: use "
                     f"shorter --lengths or {fix}")
-
-
-def cell_key(rec: dict) -> str:
-    """What identifies one measured cell (the same for its accuracy and loss records)."""
-    return record_key(rec["model"], rec["method_resolved"], rec["length"], rec["setting"], rec["protocol"],
-                      rec["protocol_params"], rec["seed"], rec["windows"], rec["predictions"])
 
 
 def _split_causal(cfg: EvalConfig):

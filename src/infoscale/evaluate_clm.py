@@ -33,7 +33,7 @@ import torch
 
 from . import __version__
 from .errors import DataError, MethodError
-from .io import git_commit, merge_records, read_records, record_key
+from .io import cell_key, git_commit, merge_records, read_records
 from .rundir import load_model
 from .runtime import precision_info, use_bf16
 from .stats import cluster_ci, window_fields
@@ -62,11 +62,6 @@ def is_causal_run(path) -> bool:
         return False  # load_run gives the clear error later
     fam = FAMILIES.get(mt)
     return fam is not None and fam.task == "clm"
-
-
-def _cell_key(rec: dict) -> str:
-    return record_key(rec["model"], rec["method_resolved"], rec["length"], rec["setting"], rec["protocol"],
-                      rec["protocol_params"], rec["seed"], rec["windows"], rec["predictions"])
 
 
 def _count(cfg, n: int) -> int:
@@ -228,7 +223,7 @@ def evaluate_clm(cfg, models: list[str], log=print) -> list[dict]:
                        "protocol": protocol, "protocol_params": params, "windows": cfg.windows,
                        "predictions": cfg.predictions if setting != "passkey" else cfg.passkey_trials,
                        "seed": cfg.seed, "task": "clm"}
-                rec["key"] = _cell_key(rec)
+                rec["key"] = cell_key(rec)
                 if rec["key"] in done:
                     continue
                 done |= {r.get("key") for r in read_records(cfg.out)}

@@ -93,6 +93,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attn import attention, attention_logits, build_plan, merge_with_training, parse_method
+from .attn.methods import Component
 from .attn.rope import Rope, rotate
 from .attn.sdpa import attention_sdpa
 from .errors import ConfigError, MethodError
@@ -154,18 +155,18 @@ def _mask_params(pm):
     c = pm.slot("mask")
     if c is None:
         return None
-    p = c.params
-    window = p.width if c.name == "window" else p.window
-    return int(window), int(getattr(p, "sinks", 0))
+    window, sinks = c.method.mask(c.params)
+    return int(window), int(sinks)
 
 
 def _without_positions(pm):
-    """The method on a layer without RoPE (a NoPE layer): its position component does not apply; LM-Infinite
-    keeps its Λ-mask, which is StreamingLLM's mask with its sinks and window."""
+    """The method on a layer without RoPE (a NoPE layer), as each registry entry says (``Method.without_rope``): a
+    position component does not apply; LM-Infinite keeps its Λ-mask, which is StreamingLLM's mask with its sinks and
+    window."""
     parts = []
     for c in pm.components:
-        if c.name in ("lm_infinite", "streamingllm"):  # no RoPE: no positions to move
-            parts.append(f"streamingllm(sinks={c.params.sinks}, window={c.params.window}, true_positions=True)")
+        if c.method.without_rope is not None:
+            parts.append(c.method.without_rope(c.params))
         elif "positions" not in c.method.slots:
             parts.append(str(c))
     return "+".join(parts) or "softmax"
@@ -414,15 +415,15 @@ def _kept_geometry(kept, B: int, n_q: int, sliding_window, device):
 
 def _layer_method(pm, settings: dict, module, L: int):
     """``infoscale(calibrated=True)`` becomes ``infoscale(dim=d_ℓ)`` with this layer's fitted d (:func:`calibrate`)."""
-    isc = pm.get("infoscale")
-    if isc is None or not isc.calibrated:
+    if not any(c.method.calibrated is not None and c.method.calibrated(c.params) for c in pm.components):
         return pm
     dims = settings.get("dims")
     idx = getattr(module, "layer_idx", None)
     if dims is None or idx is None or idx >= len(dims):
         raise MethodError("infoscale(calibrated=True) needs this model's calibration: run "
                           "infoscale.hf.calibrate(model, input_ids) first (it stores config.infoscale['dims'])")
-    spec = "+".join(f"infoscale(clamp={isc.clamp}, dim={float(dims[idx])!r})" if c.name == "infoscale" else str(c)
+    spec = "+".join(str(Component(c.name, c.method.with_dim(c.params, dims[idx])))
+                    if c.method.calibrated is not None and c.method.calibrated(c.params) else str(c)
                     for c in pm.components)
     return _parsed(spec, L)
 
@@ -1096,7 +1097,7 @@ def calibrate(model, input_ids, *, lengths: list[int] | None = None, train_len: 
     saved = getattr(model.config, "infoscale", None)
     if isinstance(saved, dict) and saved.get("method"):
         merged = parse_method(saved["method"], L)
-        if any(c.name != "infoscale" and "temperature" in c.method.slots for c in merged.components):
+        if any(c.method.calibrated is None and "temperature" in c.method.slots for c in merged.components):
             raise MethodError(f"the model runs {saved['method']}, another length temperature; calibrate fits InfoScale")
     apply(model, "infoscale(calibrated=True)", train_len=L)
     layers = max(m.layer_idx for _, m in _attention_modules(model)) + 1

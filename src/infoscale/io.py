@@ -28,7 +28,7 @@ from typing import BinaryIO
 from .errors import DataError
 
 __all__ = ["sha256_file", "atomic_write", "atomic_write_bytes", "atomic_write_json", "read_records", "iter_records",
-           "write_records", "merge_records", "record_identity", "locked", "record_key", "git_commit",
+           "write_records", "merge_records", "record_identity", "locked", "record_key", "cell_key", "git_commit",
            "os_error_in", "write_error", "check_output", "check_parent_folders"]
 
 
@@ -276,6 +276,12 @@ def record_key(*parts) -> str:
     """A short stable hash of the fields that identify a record."""
     text = "|".join(p if isinstance(p, str) else json.dumps(p, sort_keys=True) for p in parts)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def cell_key(rec: dict) -> str:
+    """What identifies one measured cell of an evaluation (the same for all its metrics), masked-LM or causal."""
+    return record_key(rec["model"], rec["method_resolved"], rec["length"], rec["setting"], rec["protocol"],
+                      rec["protocol_params"], rec["seed"], rec["windows"], rec["predictions"])
 
 
 def git_commit() -> str | None:

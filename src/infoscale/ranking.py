@@ -14,12 +14,27 @@ from collections import defaultdict
 
 from .stats import paired_delta
 
-__all__ = ["RESAMPLES", "label", "window_sums", "cell_groups", "paired", "best_by_ci", "bold_rule"]
+__all__ = ["RESAMPLES", "label", "window_sums", "cell_groups", "paired", "best_by_ci", "bold_rule", "is_temperature",
+           "has_temperature"]
 
 
 def label(rec: dict) -> str:
     """The method as it ran (inherited train-time parts included), short form."""
     return rec.get("method_label") or rec["method"]
+
+
+def is_temperature(term: str) -> bool:
+    """Whether one term of a method label (``infoscale``, ``logn(clamp=False)``) is a length temperature: a
+    registered method that fills the temperature slot."""
+    from .attn.methods import REGISTRY
+
+    method = REGISTRY.get(term.split("(")[0].strip())
+    return method is not None and "temperature" in method.slots
+
+
+def has_temperature(label: str) -> bool:
+    """Whether a method label has a length temperature among its ``+`` terms."""
+    return any(is_temperature(t) for t in label.split("+"))
 
 
 RESAMPLES = 2000  # cluster-bootstrap resamples of the paired Δ

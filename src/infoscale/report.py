@@ -17,7 +17,18 @@ from pathlib import Path
 
 from .errors import DataError
 from .io import atomic_write_bytes, check_output, iter_records, record_identity
-from .ranking import RESAMPLES, best_by_ci, bold_rule, cell_groups, origin, paired, provenance, window_sums
+from .ranking import (
+    RESAMPLES,
+    best_by_ci,
+    bold_rule,
+    cell_groups,
+    has_temperature,
+    is_temperature,
+    origin,
+    paired,
+    provenance,
+    window_sums,
+)
 from .ranking import label as _label
 
 HELP = "markdown tables and PNG plots from result records"
@@ -258,7 +269,7 @@ def eval_tables(records: list[dict]) -> list[str]:
 def _strip_temperature(label: str):
     """(the label without its length temperature term, that term), or None."""
     terms = label.split("+")
-    temps = [t for t in terms if t.split("(")[0] in ("infoscale", "logn")]
+    temps = [t for t in terms if is_temperature(t)]
     if len(temps) != 1 or len(terms) < 2:
         return None
     rest = [t for t in terms if t is not temps[0]]
@@ -281,7 +292,7 @@ def _is_ecosystem_reference(label: str) -> bool:
 
 def delta_pairs(labels: list[str], base: str = "softmax") -> list[tuple[str, str]]:
     """(method, reference) rows of a Δ table: every method against the model's plain method, each position
-    method X + a temperature against X alone, and a parametrised InfoScale or log-n against the plain one."""
+    method X + a length temperature against X alone, and a parametrised temperature against the plain one."""
     have = set(labels)
     rows = [(m, base) for m in labels if m != base and base in have]
     # the ecosystem's own position method alone (transformers' rope types, e.g. hf_yarn) is a second reference:
@@ -292,11 +303,10 @@ def delta_pairs(labels: list[str], base: str = "softmax") -> list[tuple[str, str
         s = _strip_temperature(m)
         if s and s[0] in have and s[0] != base:
             rows.append((m, s[0]))
-        for t in ("infoscale", "logn"):  # a parametrised temperature against the default one
-            if s and s[1].startswith(t + "(") and m.replace(s[1], t) in have:
-                rows.append((m, m.replace(s[1], t)))
-            if m.startswith(t + "(") and "+" not in m and t in have:
-                rows.append((m, t))
+        # a parametrised temperature against the default one
+        temp = s[1] if s else (m if "+" not in m and is_temperature(m) else None)
+        if temp is not None and "(" in temp and m.replace(temp, temp.split("(")[0]) in have:
+            rows.append((m, m.replace(temp, temp.split("(")[0])))
     return list(dict.fromkeys(rows))
 
 
@@ -423,7 +433,7 @@ def plot_eval(records: list[dict], out: Path) -> list[Path]:
                     i = all_methods.index(m)
                     pts = sorted((n, c) for (mm, n), c in cell.items() if mm == m)
                     xs = [n for n, _ in pts]
-                    style = "-" if "infoscale" in m else "--"
+                    style = "-" if has_temperature(m) else "--"
                     axes[a, j].plot(xs, [scale * c[0] for _, c in pts], marker="o", ms=3, lw=1.4, ls=style,
                                     color=palette[i % len(palette)], label=m)
                     if all(c[1] is not None for _, c in pts):

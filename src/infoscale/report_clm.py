@@ -13,7 +13,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-from .ranking import best_by_ci, bold_rule, origin, provenance
+from .ranking import best_by_ci, bold_rule, has_temperature, origin, provenance
 from .ranking import label as _label
 
 __all__ = ["is_bucket", "bucket_tables", "plot_buckets"]
@@ -101,7 +101,7 @@ def plot_buckets(records: list[dict], out: Path) -> list[Path]:
             ys = [r["value"] for _, r in pts]
             lo_y, hi_y = min(lo_y, min(ys)), max(hi_y, max(ys))
             i = methods.index(m)
-            ax.plot(xs, ys, marker="o", ms=3, lw=1.4, ls="-" if ("infoscale" in m or "logn" in m) else "--",
+            ax.plot(xs, ys, marker="o", ms=3, lw=1.4, ls="-" if has_temperature(m) else "--",
                     color=cmap(i % cmap.N), label=m)
         train = recs[0].get("train", {})
         L = train.get("train_len")

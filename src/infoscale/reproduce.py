@@ -36,10 +36,7 @@ TRAIN_LEN = 64  # L of every preset's evaluated models (the paper's fine-tuning 
 
 HELP = "train the four models, evaluate every method to 64x, write records, report and plots"
 
-# The training methods of the paper's testbed. ALiBi: the official symmetric bias with one head (slope
-# 2^-8 by default, 1/16 with max_bias = 4) leaves a bidirectional single-head encoder blind to order
-# (29.6% at L against softmax's 58.0% in the quick schedule); separate slopes for the two sides, 1/4 to the
-# left and 1 to the right, train to 51% (the README's ALiBi table), so that is the baseline trained here.
+# The training methods of the paper's testbed; ALiBi with separate slopes for the two sides (why: docs/presets.md).
 MODELS = {
     "softmax": "softmax",
     "cosscale": "cosscale(s=128.0)",
@@ -61,7 +58,7 @@ RECIPE_MODELS = {"softmax": "softmax", "cosscale": "cosscale(s=128.0)"}
 CALIBRATED = "calibrated=True"  # methods that need the run's calibration.json (`infoscale calibrate`)
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class Schedule:
     """What every preset fixes: model size, training schedule, and the evaluation sweep."""
 
@@ -76,7 +73,7 @@ class Schedule:
     windows: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Pretrain:
     """The paper's recipe: one model pretrained at a long length (GAU-α: 512 with ``softmax_plus``), from which
     every model of the preset is fine-tuned at L (``infoscale train --init-from``)."""
@@ -89,7 +86,7 @@ class Pretrain:
     lr: float
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class Preset(Schedule):
     compare_lengths: tuple  # lengths where the exact protocol is run next to the strided one
     compare_predictions: int
@@ -99,40 +96,47 @@ class Preset(Schedule):
     pretrain: Pretrain | None = None  # None: every model from scratch
 
 
+# The lengths and windows of each preset are explained, with the measurements behind them, in docs/presets.md.
+_GAU_LENGTHS = (64, 128, 256, 512, 1024, 2048, 4096)
 PRESETS = {
     # CI: tiny models, a few methods, lengths to 16x; about two minutes
-    "smoke": Preset("tiny", 300, 32, 30, 3e-3, (64, 256, 1024), ("softmax", "infoscale", "rerope+infoscale",
-                                                                  "window", "yarn", "infoscale(calibrated=True)"),
-                    256, 2, (64,), 128, (64, 256), 1),
-    # a laptop: small models, every method, lengths to 64x; about 85 minutes on two cores. At least 32
-    # windows per cell, for paired Δs: measured on the quick softmax model with 16 windows (512 predictions
-    # each at 4096), a 95% CI of ±1 point at 4096 needs 1–9 windows for X + InfoScale (or log-n) vs X and
-    # 21–33 for a position method vs softmax on contiguous text; on repeated text (tiled spans vary a lot
-    # between windows) 61–178 for ReRoPE ± a temperature and up to 250 vs softmax, out of this preset's
-    # reach (±2–3 points with 32). The half-width falls as 1/√windows:
-    # the former 4 windows gave CIs 2.8× wider than 32. Cost: 8× the
-    # evaluation time at 2048 and 4096, ≈ +45 min on two cores.
-    "quick": Preset("small", 1000, 64, 100, 2e-3, (64, 128, 256, 512, 1024, 2048, 4096), tuple(METHODS),
-                    1024, 32, (64, 1024), 1024, (64, 256, 1024, 4096), 2),
+    "smoke": Preset(model_preset="tiny", steps=300, batch_size=32, warmup_steps=30, lr=3e-3, lengths=(64, 256, 1024),
+                    methods=("softmax", "infoscale", "rerope+infoscale", "window", "yarn",
+                             "infoscale(calibrated=True)"),
+                    predictions=256, windows=2, compare_lengths=(64,), compare_predictions=128,
+                    analysis_lengths=(64, 256), analysis_windows=1),
+    # a laptop: small models, every method, lengths to 64x, 32 windows per cell (for paired Δs); about 85 minutes
+    # on two cores
+    "quick": Preset(model_preset="small", steps=1000, batch_size=64, warmup_steps=100, lr=2e-3, lengths=_GAU_LENGTHS,
+                    methods=tuple(METHODS), predictions=1024, windows=32, compare_lengths=(64, 1024),
+                    compare_predictions=1024, analysis_lengths=(64, 256, 1024, 4096), analysis_windows=2),
     # the recipe in CI: a tiny model pretrained at 256 with softmax_plus, fine-tuned at 64; about a minute
-    "paper-smoke": Preset("tiny", 150, 32, 15, 1e-3, (64, 256, 1024), ("softmax", "infoscale", "rerope+infoscale"),
-                          256, 2, (64,), 128, (64, 256), 1, models=RECIPE_MODELS,
-                          pretrain=Pretrain(256, "softmax_plus", 200, 8, 20, 3e-3)),
-    # The paper's recipe on two CPU cores (about 1.5 h, estimated from training 512 × 16 tokens per step at 0.9×
-    # the per-token cost of 64 × 64): a small GAU-α pretrained at 512 with softmax_plus (33M tokens, 8 passes
-    # over the training plays), then fine-tuned at 64 with softmax and with CosScale (s = 128), as the released
-    # GAU-alpha_noCosScale and GAU-alpha_CosScale were; the same sweep as quick. Fine-tuning starts from trained
-    # weights, so a lower peak rate than from scratch (the paper fine-tuned at 1e-5 for 400 epochs of a small set).
-    "paper-cpu": Preset("small", 800, 64, 80, 5e-4, (64, 128, 256, 512, 1024, 2048, 4096), tuple(METHODS),
-                        1024, 32, (64, 1024), 1024, (64, 256, 1024, 4096), 2, models=RECIPE_MODELS,
-                        pretrain=Pretrain(512, "softmax_plus", 4000, 16, 400, 2e-3)),
+    "paper-smoke": Preset(model_preset="tiny", steps=150, batch_size=32, warmup_steps=15, lr=1e-3,
+                          lengths=(64, 256, 1024), methods=("softmax", "infoscale", "rerope+infoscale"),
+                          predictions=256, windows=2, compare_lengths=(64,), compare_predictions=128,
+                          analysis_lengths=(64, 256), analysis_windows=1, models=RECIPE_MODELS,
+                          pretrain=Pretrain(train_len=256, attention="softmax_plus", steps=200, batch_size=8,
+                                            warmup_steps=20, lr=3e-3)),
+    # the paper's recipe on two CPU cores (about 1.5 h): pretrained at 512 with softmax_plus, fine-tuned at 64 with
+    # softmax and with CosScale; the same sweep as quick
+    "paper-cpu": Preset(model_preset="small", steps=800, batch_size=64, warmup_steps=80, lr=5e-4, lengths=_GAU_LENGTHS,
+                        methods=tuple(METHODS), predictions=1024, windows=32, compare_lengths=(64, 1024),
+                        compare_predictions=1024, analysis_lengths=(64, 256, 1024, 4096), analysis_windows=2,
+                        models=RECIPE_MODELS,
+                        pretrain=Pretrain(train_len=512, attention="softmax_plus", steps=4000, batch_size=16,
+                                          warmup_steps=400, lr=2e-3)),
     # a GPU: the same recipe at the official fine-tuning shape (6 layers, hidden 768, key 128)
-    "paper": Preset("paper", 4000, 128, 400, 1e-4, (64, 128, 256, 512, 1024, 2048, 4096), tuple(METHODS),
-                    8192, 10, (64, 1024, 4096), 4096, (64, 256, 1024, 4096), 8, models=RECIPE_MODELS,
-                    pretrain=Pretrain(512, "softmax_plus", 20000, 64, 2000, 1e-3)),
+    "paper": Preset(model_preset="paper", steps=4000, batch_size=128, warmup_steps=400, lr=1e-4, lengths=_GAU_LENGTHS,
+                    methods=tuple(METHODS), predictions=8192, windows=10, compare_lengths=(64, 1024, 4096),
+                    compare_predictions=4096, analysis_lengths=(64, 256, 1024, 4096), analysis_windows=8,
+                    models=RECIPE_MODELS,
+                    pretrain=Pretrain(train_len=512, attention="softmax_plus", steps=20000, batch_size=64,
+                                      warmup_steps=2000, lr=1e-3)),
     # a GPU, from scratch at the official shape (the quick preset's four models, larger)
-    "paper-scratch": Preset("paper", 20000, 128, 2000, 1e-3, (64, 128, 256, 512, 1024, 2048, 4096),
-                            tuple(METHODS), 8192, 10, (64, 1024, 4096), 4096, (64, 256, 1024, 4096), 8),
+    "paper-scratch": Preset(model_preset="paper", steps=20000, batch_size=128, warmup_steps=2000, lr=1e-3,
+                            lengths=_GAU_LENGTHS, methods=tuple(METHODS), predictions=8192, windows=10,
+                            compare_lengths=(64, 1024, 4096), compare_predictions=4096,
+                            analysis_lengths=(64, 256, 1024, 4096), analysis_windows=8),
 }
 
 
@@ -149,7 +153,7 @@ CLM_METHODS = [
 CLM_ANALYSIS_METHODS = ("softmax", "infoscale", "logn", "rerope", "rerope+infoscale")
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class ClmPreset(Schedule):  # predictions: least scored tokens per contiguous / copy cell
     passkey_trials: int
     passkey_share: float
@@ -160,18 +164,16 @@ class ClmPreset(Schedule):  # predictions: least scored tokens per contiguous / 
 
 CLM_PRESETS = {
     # the test suite: tiny models, four methods, lengths to 8x; about two minutes
-    "clm-smoke": ClmPreset("tiny", 60, 16, 10, 3e-3, (64, 128, 512), ("softmax", "infoscale", "rerope", "window"),
-                           128, 2, 3, 0.05, (64, 128, 512), 2, copy_share=0.1),
+    "clm-smoke": ClmPreset(model_preset="tiny", steps=60, batch_size=16, warmup_steps=10, lr=3e-3,
+                           lengths=(64, 128, 512), methods=("softmax", "infoscale", "rerope", "window"),
+                           predictions=128, windows=2, passkey_trials=3, passkey_share=0.05,
+                           analysis_lengths=(64, 128, 512), analysis_windows=2, copy_share=0.1),
     # a shared two-core CPU: the mini Llama (2 layers, hidden 128, head dim 64), every method of CLM_METHODS,
-    # lengths to 64x. Copying: 1500 steps at batch 32 with 10% passkey left the model unable to copy even within L
-    # (top-1 on a second copy 20-23% vs 23-26% on the first); adding 15% copy samples changed nothing at 1500
-    # steps; 30% copy samples and 3000 steps give partial copying within L (36% vs 23% for spans of 8-32 tokens,
-    # the trained distances; none at 49-60) and ReRoPE then beats a window by 3.7 points (CI 2.6-4.8) on copying
-    # beyond L at n = 256 (1.8 at 1024), where they tie without copy samples. No induction head forms at this
-    # size. 16 windows per contiguous / copy cell: paired Δs need several windows, and the CI half-width falls as
-    # 1/√windows (2.8× narrower than 2).
-    "clm-quick": ClmPreset("mini", 3000, 32, 100, 3e-3, (64, 256, 1024, 4096), tuple(CLM_METHODS), 256, 16, 6, 0.1,
-                           (64, 256, 1024, 4096), 4, copy_share=0.3),
+    # lengths to 64x; 30% copy samples, 3000 steps and 16 windows per cell (why: docs/presets.md)
+    "clm-quick": ClmPreset(model_preset="mini", steps=3000, batch_size=32, warmup_steps=100, lr=3e-3,
+                           lengths=(64, 256, 1024, 4096), methods=tuple(CLM_METHODS), predictions=256, windows=16,
+                           passkey_trials=6, passkey_share=0.1, analysis_lengths=(64, 256, 1024, 4096),
+                           analysis_windows=4, copy_share=0.3),
 }
 
 

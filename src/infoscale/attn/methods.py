@@ -542,7 +542,17 @@ def _infoscale_temperature(p, l, ctx):
     l = l.double().clamp(min=1.0)
     if p.clamp:
         l = l.clamp(min=L)
-    return (1.0 - l ** (-2.0 / d)).sqrt() / math.sqrt(1.0 - L ** (-2.0 / d))
+    return scales.infoscale_ratio(l, L, d)
+
+
+def _infoscale_with_dim(p, d):
+    return dataclasses.replace(p, calibrated=False, dim=float(d))
+
+
+def _window_with_true_positions(p) -> str:
+    """LM-Infinite's Λ-mask, or StreamingLLM's, on a layer without RoPE: StreamingLLM's mask with the same sinks and
+    window (positions within the cache mean nothing without RoPE)."""
+    return f"streamingllm(sinks={p.sinks}, window={p.window}, true_positions=True)"
 
 
 def _v_llama4(p, train_len):
@@ -584,6 +594,14 @@ class Method:
     rope_parameters: Callable | None = None
     causal_only: bool = False  # defined for causal attention only: bidirectional attention is refused
     dynamic: Callable | None = None  # params -> whether the method depends on n (a cache keeps the prompt's n)
+    # params -> the method string this one becomes on a layer without RoPE (a NoPE layer); None = itself if it sets
+    # no positions, nothing if it does (there are no positions to move)
+    without_rope: Callable | None = None
+    # params -> whether the method runs on a per-layer fitted effective dimension (`infoscale calibrate`), given as
+    # the Context's dims; None = it takes no calibration
+    calibrated: Callable | None = None
+    # (params, d) -> the same method with d, one layer's fitted dimension, written into its parameters
+    with_dim: Callable | None = None
 
 
 REGISTRY: dict[str, Method] = {
@@ -596,7 +614,8 @@ REGISTRY: dict[str, Method] = {
                "logits × sqrt(1 − l^(−2/d)) / sqrt(1 − L^(−2/d)); training-free",
                "Li et al. 2025, arXiv 2501.08570; dim/calibrated: d as an effective dimension fitted so each "
                "layer's attention entropy stays at its training-length value", trainable=True,
-               validate=_v_infoscale, temperature=_infoscale_temperature),
+               validate=_v_infoscale, temperature=_infoscale_temperature, calibrated=lambda p: p.calibrated,
+               with_dim=_infoscale_with_dim),
         Method("logn", ("temperature",), LognParams,
                "logits × max(1, log l / log L)", "Su 2021, kexue.fm/archives/8823, 9444", trainable=True,
                validate=_v_logn,
@@ -687,12 +706,13 @@ REGISTRY: dict[str, Method] = {
                "github.com/mit-han-lab/streaming-llm: pos_shift (keys cached un-rotated, rotated at their cache "
                "index at every step; the query at its own) and StartRecentKVCache (start_size + recent_size keys)",
                validate=_v_sinks, defaults=_fill(window=_half), mask=lambda p: (p.window, p.sinks),
-               cache_positions=lambda p: not p.true_positions),
+               cache_positions=lambda p: not p.true_positions, without_rope=_window_with_true_positions),
         Method("lm_infinite", ("mask", "positions"), LMInfiniteParams,
                "Λ-mask (|i − j| <= window or sink row/column) and relative position "
                "sign(Δ)·min(|Δ|, cap)", "Han et al. 2023, arXiv 2308.16137", validate=_v_sinks,
                defaults=_fill(window=lambda L: max(1, L - 1), cap=lambda L: L),
-               mask=lambda p: (p.window, p.sinks), positions=_lm_infinite_positions),
+               mask=lambda p: (p.window, p.sinks), positions=_lm_infinite_positions,
+               without_rope=_window_with_true_positions),
     ]
 }
 

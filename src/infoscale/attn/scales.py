@@ -10,8 +10,18 @@ import math
 
 from .errors import MethodError
 
-__all__ = ["infoscale_factor", "logn_factor", "softmax_plus_factor", "yarn_attention_factor", "alibi_slopes",
-           "llama4_factor"]
+__all__ = ["infoscale_factor", "infoscale_ratio", "logn_factor", "softmax_plus_factor", "yarn_attention_factor",
+           "alibi_slopes", "llama4_factor"]
+
+
+def infoscale_ratio(l, train_len: float, dim: float):
+    """sqrt(1 − l^(−2/d)) / sqrt(1 − L^(−2/d)) (Li et al. 2025, arXiv 2501.08570, InfoScale): the one definition of
+    the formula, for l a number or a float64 tensor (no clamp, no checks; d may be a fitted real number). Every
+    InfoScale factor of the package is this."""
+    denom = math.sqrt(1.0 - train_len ** (-2.0 / dim))
+    if _is_tensor(l):
+        return (1.0 - l ** (-2.0 / dim)).sqrt() / denom
+    return math.sqrt(1.0 - l ** (-2.0 / dim)) / denom
 
 
 def infoscale_factor(n, train_len: int, head_dim: int, clamp: bool = True):
@@ -24,16 +34,14 @@ def infoscale_factor(n, train_len: int, head_dim: int, clamp: bool = True):
     _check_positive(train_len=train_len, head_dim=head_dim)
     if train_len < 2:
         raise MethodError(f"infoscale_factor needs train_len >= 2 (1 - L^(-2/d) is 0 at L = 1), got {train_len}")
-    denom = math.sqrt(1.0 - train_len ** (-2.0 / head_dim))
     if _is_tensor(n):
         l = n.double().clamp(min=1.0)
         if clamp:
             l = l.clamp(min=float(train_len))
-        return (1.0 - l ** (-2.0 / head_dim)).sqrt() / denom
+        return infoscale_ratio(l, train_len, head_dim)
     if not (n >= 1 and math.isfinite(n)):  # also refuses NaN, which every comparison fails
         raise MethodError(f"infoscale_factor needs a finite n >= 1 keys, got {n}")
-    l = max(n, train_len) if clamp else n
-    return math.sqrt(1.0 - l ** (-2.0 / head_dim)) / denom
+    return infoscale_ratio(max(n, train_len) if clamp else n, train_len, head_dim)
 
 
 def logn_factor(n, train_len: int, clamp: bool = True):
