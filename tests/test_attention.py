@@ -419,3 +419,24 @@ def test_streamingllm_positions_are_those_of_the_kept_set(causal):
     short_true = infoscale.attention(q[:, :, :m], k[:, :, :m], v[:, :, :m], true_method, train_len=L, causal=causal)
     assert (short - short_true).abs().max() < 1e-6
     assert (got - true).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_piecewise_flag_says_whether_positions_come_in_regions(name):
+    """The registry's ``piecewise`` is what the method's positions do (regions of pairs), so the parse-time refusal
+    of StreamingLLM's cache positions with such a method covers exactly the combinations the plan cannot build."""
+    m = REGISTRY[name]
+    if m.positions is None or m.train_time:
+        assert not m.piecewise
+        return
+    plan = infoscale.build_plan(name, n=4 * L, batch=1, heads=H, head_dim=D, train_len=L, causal=True)
+    assert m.piecewise == (len(plan.regions) > 1)
+
+
+@pytest.mark.parametrize("method", ["rerope+streamingllm", "dca+streamingllm(sinks=2)", "self_extend+streamingllm"])
+def test_cache_positions_with_piecewise_positions_refused_at_parse(method):
+    with pytest.raises(infoscale.MethodError, match="true_positions=True"):
+        infoscale.parse_method(method, L)
+    fixed = method.replace("streamingllm(sinks=2)", "streamingllm").replace("streamingllm",
+                                                                             "streamingllm(true_positions=True)")
+    infoscale.parse_method(fixed, L)

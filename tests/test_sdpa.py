@@ -14,6 +14,10 @@ from .test_attention import CASES, L, _causal_only
 
 HEADS, KV_HEADS, D = 4, 2, 8
 N = 600  # several query chunks (256 rows), so the far side's unmasked column blocks are used
+# the fast tier (make test-fast) runs one method of each kind; make test runs every naive case
+FAST = {"softmax", "infoscale", "yarn", "rerope", "leaky_rerope", "self_extend", "dca", "streamingllm",
+        "lm_infinite", "cosscale", "alibi", "window"}
+ALL = [m if m in FAST else pytest.param(m, marks=pytest.mark.e2e) for m in CASES]
 
 
 def _qkv(n_q, n_k, seed, dtype=torch.float32):
@@ -36,7 +40,7 @@ def _plan(method, n_q, n_k, causal, pad=None, positions=None, key_positions=None
                       key_padding_mask=pad, positions=positions, key_positions=key_positions)
 
 
-@pytest.mark.parametrize("method", list(CASES))
+@pytest.mark.parametrize("method", ALL)
 @pytest.mark.parametrize("causal", [False, True])
 def test_prefill_equals_reference(method, causal):
     if not causal and _causal_only(method):
@@ -55,7 +59,7 @@ def test_prefill_equals_reference(method, causal):
         assert (got - want).abs().max().item() < 1e-4, p is not None  # fp32 rounding (CosScale logits reach 128)
 
 
-@pytest.mark.parametrize("method", list(CASES))
+@pytest.mark.parametrize("method", ALL)
 @pytest.mark.parametrize("n_q", [1, 3, 100])
 def test_cached_queries_equal_reference(method, n_q):
     """The last n_q queries against every key (decoding: query heads stacked on their key/value head, only the keys

@@ -43,8 +43,8 @@ kept and describes the model's RoPE to the core as a :class:`infoscale.attn.rope
 rotaries (Gemma 3, ModernBERT) give one Rope per layer type, and NoPE layers (SmolLM3 ``no_rope_layers``) none.
 ``apply`` checks each Rope against the model's own ``apply_rotary_pos_emb`` on probe positions and refuses a
 model whose rotation it cannot reproduce. Every call then rotates q and the cached keys at their positions
-(O(n_k·d) per layer and step; while decoding only the keys each position region scores). Methods without a position component leave the
-rotary modules alone: q and k arrive rotated and the core is called with ``rope=False``.
+(O(n_k·d) per layer and step; while decoding only the keys each position region scores). Methods without a
+position component leave the rotary modules alone: q and k arrive rotated and the core is called with ``rope=False``.
 
 Dynamic factors when decoding: PI, NTK and YaRN without a ``factor`` use s = n / L, and Leaky ReRoPE without
 ``k`` and SelfExtend without ``group`` use n, where n is the number of real tokens. In a forward pass without a

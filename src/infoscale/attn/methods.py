@@ -593,6 +593,9 @@ class Method:
     # ecosystem's implementation, set through the config as a user would); the core computes the same positions
     rope_parameters: Callable | None = None
     causal_only: bool = False  # defined for causal attention only: bidirectional attention is refused
+    # its positions are regions of pairs, each with its own positions (PositionEffect.regions); positions within a
+    # bounded cache (cache_positions) do not compose with them
+    piecewise: bool = False
     dynamic: Callable | None = None  # params -> whether the method depends on n (a cache keeps the prompt's n)
     # params -> the method string this one becomes on a layer without RoPE (a NoPE layer); None = itself if it sets
     # no positions, nothing if it does (there are no positions to move)
@@ -663,11 +666,11 @@ REGISTRY: dict[str, Method] = {
                validate=_v_positive(factor=1), positions=_hf_yarn, rope_parameters=_hf_rope("yarn")),
         Method("rerope", ("positions",), ReRoPEParams,
                "relative position sign(Δ)·min(|Δ|, w)", "Su 2023, kexue.fm/archives/9708",
-               validate=_v_positive(window=1), defaults=_fill(window=_half), positions=_rerope),
+               validate=_v_positive(window=1), defaults=_fill(window=_half), positions=_rerope, piecewise=True),
         Method("leaky_rerope", ("positions",), LeakyReRoPEParams,
                "relative position Δ for |Δ| <= w, else sign(Δ)·(w + (|Δ| − w)/k)",
                "Su 2023, kexue.fm/archives/9708", validate=_v_leaky, defaults=_fill(window=_half),
-               positions=_leaky, dynamic=lambda p: p.k is None),
+               positions=_leaky, dynamic=lambda p: p.k is None, piecewise=True),
         Method("self_extend", ("positions",), SelfExtendParams,
                "neighbour positions for |i − j| < W; beyond, keys at floor(p_j/G) and queries at "
                "floor(p_i/G) ± (W − floor(W/G)) (+ for keys to the left): Δ' = floor(p_j/G) − floor(p_i/G) "
@@ -677,14 +680,14 @@ REGISTRY: dict[str, Method] = {
                "i − j >= W; query shift W − W/G there, W − W//G in Llama_4_40.py since May 2024: equal when "
                "G divides W)",
                validate=_v_self_extend, defaults=_fill(window=lambda L: max(1, L // 4)), positions=_self_extend,
-               dynamic=lambda p: p.group is None),
+               dynamic=lambda p: p.group is None, piecewise=True),
         Method("dca", ("positions",), DCAParams,
                "keys at p_j mod s; queries at p_i mod s (same chunk), min(s + p_i mod s, s + w − 1) (previous "
                "chunk), s + w − 1 (older chunks); chunk = floor(p / s); causal only",
                "An et al. 2024 (Training-Free Long-Context Scaling of Large Language Models), arXiv 2402.17463, "
                "Eq. 2-8 with c = s + w; github.com/HKUNLP/ChunkLlama chunkllama_attn_replace.py: its "
                "(chunk_size, local_window) is dca(chunk=chunk_size − local_window, local=local_window + 1)",
-               validate=_v_positive(chunk=1, local=1), positions=_dca, causal_only=True,
+               validate=_v_positive(chunk=1, local=1), positions=_dca, causal_only=True, piecewise=True,
                defaults=_fill(chunk=lambda L: max(1, 3 * L // 4 - L // 8), local=lambda L: L // 8 + 1)),
         Method("alibi", ("positions",), AlibiParams,
                "no RoPE; bias −m·|i − j| with geometric slopes m; with right_bias, keys right of the query "
@@ -711,7 +714,7 @@ REGISTRY: dict[str, Method] = {
                "Λ-mask (|i − j| <= window or sink row/column) and relative position "
                "sign(Δ)·min(|Δ|, cap)", "Han et al. 2023, arXiv 2308.16137", validate=_v_sinks,
                defaults=_fill(window=lambda L: max(1, L - 1), cap=lambda L: L),
-               mask=lambda p: (p.window, p.sinks), positions=_lm_infinite_positions,
+               mask=lambda p: (p.window, p.sinks), positions=_lm_infinite_positions, piecewise=True,
                without_rope=_window_with_true_positions),
     ]
 }
@@ -910,6 +913,12 @@ def parse_method(spec: str | ParsedMethod, train_len: int | None = None) -> Pars
                         f"logits twice; choose one")
                 seen[slot] = c.name
         pm = ParsedMethod(tuple(comps))
+    moved = [c.name for c in pm.components
+             if c.method.cache_positions is not None and c.method.cache_positions(c.params)]
+    piecewise = [c.name for c in pm.components if c.method.piecewise]
+    if moved and piecewise:
+        raise MethodError(f"{moved[0]}'s positions within the cache do not compose with {piecewise[0]}'s piecewise "
+                          f"positions; give {moved[0]}(true_positions=True) to combine them")
     for c in pm.components:
         if c.method.validate:
             try:
