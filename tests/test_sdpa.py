@@ -128,3 +128,16 @@ def test_longest_run_and_segments():
     blocks = [(lo, hi, mm is None) for lo, hi, mm in _segments(m, 400, split=True)]
     assert blocks == [(0, 201, True), (201, 400, False)]
     assert list(_segments(torch.zeros(1, 1, 3, 4, dtype=torch.bool), 4, split=True)) == []
+
+
+@pytest.mark.parametrize("method", ["rerope(window=64)", "yarn"])
+def test_autocast_with_mixed_input_dtypes(method):
+    """Under bf16 autocast a transformers layer hands fp32 q, k (rotated by fp32 cos, sin) beside a bf16 v: the
+    products run in bf16, as torch's SDPA runs them under autocast."""
+    q, k, v = _qkv(N, N, seed=8)
+    plan = _plan(method, N, N, causal=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = attention_sdpa(plan, q, k, v.to(torch.bfloat16))
+    assert got.dtype == torch.bfloat16
+    err = (got.float() - _reference(plan, q, k, v)).abs()
+    assert err.max().item() < 0.05 and err.mean().item() < 5e-3

@@ -172,8 +172,12 @@ def attention_sdpa(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     B, H, n_q, _ = q.shape
     h_kv = k.shape[1]
     g = H // h_kv
-    dtype = q.dtype
-    q, k = _normalized(plan, q), _normalized(plan, k)
+    # under autocast the products run in its dtype, as torch's SDPA runs them (a model's q and k may arrive in fp32
+    # beside a bf16 v: transformers' rotary multiplies them by fp32 cos and sin)
+    dev = q.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else q.dtype
+    q, k = _normalized(plan, q), _normalized(plan, k).to(dtype)
+    v = v.to(dtype)
     scale = plan.logit_scale.view(-1, 1, 1, 1)  # (B|1, 1, 1, 1): c · m²
 
     if len(plan.regions) == 1 and _causal_only(plan):
