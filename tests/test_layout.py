@@ -328,3 +328,40 @@ def test_runs_of_the_first_format_still_load(tmp_path):
     loaded = GAUForMaskedLM.from_pretrained(tmp_path).eval()
     x = torch.randint(5, 30, (1, 20))
     assert torch.equal(loaded(x).logits, model(x).logits)
+
+
+# The layers of the package (docs/architecture.md): the foundation imports only itself; each content layer imports
+# the foundation, itself and what its line names; the stages (train, evaluate, analysis, calibrate, report,
+# reproduce, convert, doctor) may import any layer; only the entry points import the command line.
+FOUNDATION = {"attn", "errors", "io", "runtime", "options", "stats", "calfit"}
+LAYERS = {
+    "data": set(),
+    "tasks": {"data"},
+    "models": {"data", "convert"},  # GAU-α's from_pretrained reads the official checkpoint format through convert
+    "hf": {"models", "hf_cache"},
+    "hf_cache": set(),
+}
+
+
+def _top(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "infoscale"
+
+
+def test_layers_import_only_what_is_below_them():
+    bad = []
+    for m, deps in _internal_graph().items():
+        top = _top(m)
+        if top in FOUNDATION:
+            allowed = FOUNDATION
+        elif top in LAYERS:
+            allowed = FOUNDATION | {top} | LAYERS[top]
+        else:
+            allowed = None  # a stage or an entry point
+        for d in deps:
+            t = _top(d)
+            if t == "cli" and top not in ("cli", "__main__"):
+                bad.append(f"{m} imports the command line ({d})")
+            elif allowed is not None and t not in allowed:
+                bad.append(f"{m} ({top}) imports {d} ({t})")
+    assert not bad, "\n".join(sorted(bad))
