@@ -141,3 +141,47 @@ def test_autocast_with_mixed_input_dtypes(method):
     assert got.dtype == torch.bfloat16
     err = (got.float() - _reference(plan, q, k, v)).abs()
     assert err.max().item() < 0.05 and err.mean().item() < 5e-3
+
+
+def test_memo_shares_the_layout_between_calls(monkeypatch):
+    q, k, v = _qkv(N, N, seed=9)
+    plan = _plan("self_extend(group=4, window=32)", N, N, causal=True)
+    calls = []
+    real = sdpa_mod._chunk_layout
+    monkeypatch.setattr(sdpa_mod, "_chunk_layout", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    memo = {}
+    first = attention_sdpa(plan, q, k, v, memo=memo)
+    chunks = len(calls)
+    second = attention_sdpa(plan, q * 0.5, k, v, memo=memo)  # another layer: other q, the same geometry
+    assert len(calls) == chunks > 1
+    assert torch.equal(first, attention_sdpa(plan, q, k, v))
+    assert (second - _reference(plan, q * 0.5, k, v)).abs().max().item() < 1e-4
+
+
+def test_layers_of_one_forward_share_the_layout(monkeypatch):
+    """In a transformers model the masks of a query chunk are computed once per forward, not once per layer, and the
+    logits are those computed without sharing."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import infoscale.hf as hf
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = hf.apply(LlamaForCausalLM(cfg).eval(), "rerope+infoscale")
+    ids = torch.randint(0, 100, (2, 700))
+    mask = torch.ones(2, 700, dtype=torch.long)
+    mask[1, :50] = 0  # left padding: the mask transformers builds holds the memo
+    calls = []
+    real = sdpa_mod._chunk_layout
+    monkeypatch.setattr(sdpa_mod, "_chunk_layout", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    with torch.no_grad():
+        for am in (None, mask):
+            calls.clear()
+            shared = model(ids, attention_mask=am).logits
+            assert len(calls) == 3  # 700 rows in chunks of 256, once for the three layers
+            monkeypatch.setattr(hf, "_layout_memo", lambda *a, **kw: None)
+            alone = model(ids, attention_mask=am).logits
+            monkeypatch.undo()
+            monkeypatch.setattr(sdpa_mod, "_chunk_layout", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+            assert torch.equal(shared, alone)

@@ -363,7 +363,9 @@ def infoscale_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
                       key_padding_mask=kpm, attn_mask=mask, positions=q_pos, key_positions=k_pos, rope=rope,
                       scale=scaling, softcap=softcap, seq_len=seq_len, device=query.device)
     if not want_weights:  # fused SDPA calls, one per position region, where the plan allows (attn.sdpa)
-        out = attention_sdpa(plan, query, key, value, dropout)
+        memo = None if kept is not None else _layout_memo(attention_mask, kwargs.get("position_ids"), pm, L, n_q,
+                                                          n_k, causal, seq_len, kwargs.get("sliding_window"))
+        out = attention_sdpa(plan, query, key, value, dropout, memo=memo)
         if out is not None:
             return out.transpose(1, 2).contiguous(), None
     out = attention(query, _kv_repeat(key, H), _kv_repeat(value, H), pm, train_len=L, causal=causal,
@@ -372,6 +374,27 @@ def infoscale_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
                     dropout_p=dropout, training=training, plan=plan)
     out, w = out if want_weights else (out, None)
     return out.transpose(1, 2).contiguous(), w
+
+
+_MEMO_ATTR = "_infoscale_memo"  # on the mask (or position ids) of one forward: the layers' shared chunk layouts
+
+
+def _layout_memo(raw_mask, position_ids, pm, L: int, n_q: int, n_k: int, causal: bool, seq_len, sliding_window):
+    """The dict in which the layers of one forward share their query chunks' masks (:func:`attention_sdpa`'s
+    ``memo``), or None. It lives on the tensor that fixes the geometry, the mask transformers built for this layer
+    type (or, when it skipped the mask, the position ids), so it is freed with it; the key holds everything else
+    the masks depend on (the layer's method, which differs for calibrated or NoPE layers, the lengths, n of the
+    dynamic methods, the tensor's version, so an id or a tensor changed in place never meets a stale entry)."""
+    host = raw_mask if torch.is_tensor(raw_mask) else position_ids if torch.is_tensor(position_ids) else None
+    if host is None:
+        return None
+    key = (str(pm), L, n_q, n_k, causal, tuple(seq_len.tolist()), sliding_window, host._version,
+           id(position_ids) if host is raw_mask else None)
+    memos = getattr(host, _MEMO_ATTR, None)
+    if memos is None:
+        memos = {}
+        setattr(host, _MEMO_ATTR, memos)
+    return memos.setdefault(key, {})
 
 
 def _core_geometry(mask, raw_mask, n_q: int, n_k: int, causal: bool, B: int, device, kwargs):

@@ -157,16 +157,77 @@ def _longest_run(flags: torch.Tensor) -> tuple[int, int]:
     return int(starts[i]), int(ends[i])
 
 
+class _Layout:
+    """What one query chunk's calls need from the masks alone (no q, k, v): the key counts ``l`` (B|1, 1, r, 1)
+    for the length temperature, ``blocks`` [(region, key columns, mask or None)] with each mask ready for the call
+    (bool for one region, else additive in the compute dtype, rows stacked for GQA), and ``empty`` (rows with no
+    key, stacked) or None."""
+
+    __slots__ = ("l", "blocks", "empty")
+
+    def __init__(self, l, blocks, empty):
+        self.l, self.blocks, self.empty = l, blocks, empty
+
+
+def _chunk_layout(plan: Plan, r0: int, r1: int, *, split: bool, dtype, stack: int, B: int):
+    """The :class:`_Layout` of query rows r0..r1-1, or False where the mask differs per head."""
+    dev = plan.q_pos.device
+    ranges = plan.candidate_ranges(r0, r1)
+    cols = torch.cat([torch.arange(a, b, device=dev) for a, b in ranges])
+    rows = torch.arange(r0, r1, device=dev)
+    allowed = plan.allowed(rows, cols)  # (B|1, H|1, r, c) or None
+    if allowed is not None and allowed.shape[1] != 1:
+        return False
+    l = (allowed.sum(-1, keepdim=True, dtype=torch.float64) if allowed is not None else
+         torch.full((1, 1, r1 - r0, 1), float(cols.numel()), dtype=torch.float64, device=dev))
+    qp, kp = plan.q_pos[:, rows], plan.k_pos[:, cols]
+    regions = plan.regions
+    sels = [None] + [r.select(qp[:, :, None], kp[:, None, :])[:, None] for r in regions[1:]]  # (B|1, 1, r, c)
+    blocks = []
+    later = None  # pairs a later region takes over (regions are applied last-wins)
+    for idx in range(len(regions) - 1, -1, -1):
+        sel = sels[idx]
+        m = sel if later is None or sel is None else sel & ~later
+        if m is None and later is not None:
+            m = ~later
+        if sel is not None:
+            later = sel if later is None else later | sel
+        if allowed is not None:
+            m = allowed if m is None else m & allowed
+        for lo, hi, mm in _segments(m, cols.numel(), split=split):
+            c_idx = cols[lo:hi]
+            contiguous = c_idx.numel() == int(c_idx[-1] - c_idx[0]) + 1
+            pick = slice(int(c_idx[0]), int(c_idx[-1]) + 1) if contiguous else c_idx
+            if mm is not None:
+                if split:  # the log-sum-exp kernel takes an additive mask in the compute dtype
+                    mm = torch.where(mm, _zero(dtype, dev), _most_negative(dtype, dev))
+                mm = _row_mask(mm, B, stack)
+                if split and mm.shape[0] != B:
+                    mm = mm.expand(B, *mm.shape[1:])
+            blocks.append((idx, pick, mm))
+    empty = None
+    if allowed is not None:
+        e = ~allowed.any(-1, keepdim=True)  # (B|1, 1, r, 1)
+        if bool(e.any()):
+            empty = _row_mask(e, B, stack)
+    return _Layout(l, blocks, empty)
+
+
 def _causal_only(plan: Plan) -> bool:
     """The plan's mask is exactly causal on indices: SDPA's own ``is_causal`` (which skips the masked blocks)."""
     return (plan.causal and plan.banded and plan.n_q == plan.n_k and plan.window is None
             and plan.key_padding_mask is None and plan.attn_mask is None)
 
 
-def attention_sdpa(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   dropout_p: float = 0.0) -> torch.Tensor | None:
+def attention_sdpa(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                   memo: dict | None = None) -> torch.Tensor | None:
     """The plan's attention through fused SDPA calls; q (B, H, n_q, d) and k, v (B, H_kv, n_k, ·) before RoPE
-    (H a multiple of H_kv). Returns (B, H, n_q, d_v) in q's dtype, or None where :func:`supported` says no."""
+    (H a multiple of H_kv). Returns (B, H, n_q, d_v) in q's dtype (autocast's under autocast), or None where
+    :func:`supported` says no.
+
+    ``memo``: a dict the caller keeps for calls of the same geometry (the same method, lengths, positions, masks:
+    the layers of one forward pass); each query chunk's masks, blocks and key counts are computed once into it
+    and read back by the other calls, which then only rotate and attend."""
     if not supported(plan, q, dropout_p=dropout_p):
         return None
     B, H, n_q, _ = q.shape
@@ -211,70 +272,46 @@ def attention_sdpa(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     out = None
     for r0 in range(0, n_q, chunk):
         r1 = min(n_q, r0 + chunk)
-        ranges = plan.candidate_ranges(r0, r1)
-        cols = torch.cat([torch.arange(a, b, device=q.device) for a, b in ranges])
-        rows = torch.arange(r0, r1, device=q.device)
-        allowed = plan.allowed(rows, cols)  # (B|1, H|1, r, c) or None
-        if allowed is not None and allowed.shape[1] != 1:  # a per-head mask: rows cannot stack across heads
-            return None
-        qp, kp = plan.q_pos[:, rows], plan.k_pos[:, cols]
-        sels = [None] + [r.select(qp[:, :, None], kp[:, None, :])[:, None] for r in regions[1:]]  # (B|1, 1, r, c)
-        factor = scale
-        if plan.temperature is not None:
-            l = (allowed.sum(-1, keepdim=True, dtype=torch.float64) if allowed is not None else
-                 torch.full((1, 1, r1 - r0, 1), float(cols.numel()), dtype=torch.float64, device=q.device))
-            factor = factor * plan.temperature(l)
+        key = (r0, r1, lse_kernel is not None, dtype, stack, B)
+        lay = memo.get(key) if memo is not None else None
+        if lay is None:
+            lay = _chunk_layout(plan, r0, r1, split=lse_kernel is not None, dtype=dtype, stack=stack, B=B)
+            if lay is False:  # a per-head mask: rows cannot stack across heads
+                return None
+            if memo is not None:
+                memo[key] = lay
+        qp = plan.q_pos[:, r0:r1]
+        factor = scale if plan.temperature is None else scale * plan.temperature(lay.l)
         q_chunk = q[:, :, r0:r1]
         parts, q_rot = [], {}
-        later = None  # pairs a later region takes over (regions are applied last-wins)
-        for idx in range(len(regions) - 1, -1, -1):
-            region, sel = regions[idx], sels[idx]
-            m = sel if later is None or sel is None else sel & ~later
-            if m is None and later is not None:
-                m = ~later
-            if sel is not None:
-                later = sel if later is None else later | sel
-            if allowed is not None:
-                m = allowed if m is None else m & allowed
-            for lo, hi, mm in _segments(m, cols.numel(), split=lse_kernel is not None):
-                c_idx = cols[lo:hi]
-                contiguous = c_idx.numel() == int(c_idx[-1] - c_idx[0]) + 1
-                pick = slice(int(c_idx[0]), int(c_idx[-1]) + 1) if contiguous else c_idx
-                if prefill:
-                    kr = k_rot[idx][:, :, pick]
-                else:
-                    kpos = region.k_at(plan.k_pos[:, pick])
-                    kr = (k[:, :, pick] if plan.inv_freq is None or not bool(kpos.any())
-                          else _rotate(plan, k[:, :, pick], kpos))
-                vr = v_all[:, :, pick]
-                if idx not in q_rot:
-                    qr = (_rotate(plan, q_chunk, region.q_at(qp)).float() * factor.float()).to(dtype)
-                    q_rot[idx] = _stack_groups(qr, h_kv) if stack > 1 else qr
-                qs = q_rot[idx]
-                if lse_kernel is None:  # one region, one call: SDPA's own softmax
-                    parts.append((F.scaled_dot_product_attention(
-                        qs, kr, vr, attn_mask=None if mm is None else _row_mask(mm, B, stack), scale=1.0,
-                        dropout_p=dropout_p), None))
-                    continue
-                bias = None
-                if mm is not None:
-                    bias = _row_mask(torch.where(mm, _zero(dtype, q.device), _most_negative(dtype, q.device)), B,
-                                     stack)
-                    if bias.shape[0] != B:
-                        bias = bias.expand(B, *bias.shape[1:])
-                parts.append(_with_lse(lse_kernel, qs, kr, vr, bias))
+        for idx, pick, mask in lay.blocks:
+            region = regions[idx]
+            if prefill:
+                kr = k_rot[idx][:, :, pick]
+            else:
+                kpos = region.k_at(plan.k_pos[:, pick])
+                kr = (k[:, :, pick] if plan.inv_freq is None or not bool(kpos.any())
+                      else _rotate(plan, k[:, :, pick], kpos))
+            vr = v_all[:, :, pick]
+            if idx not in q_rot:
+                qr = (_rotate(plan, q_chunk, region.q_at(qp)).float() * factor.float()).to(dtype)
+                q_rot[idx] = _stack_groups(qr, h_kv) if stack > 1 else qr
+            qs = q_rot[idx]
+            if lse_kernel is None:  # one region, one call: SDPA's own softmax
+                parts.append((F.scaled_dot_product_attention(qs, kr, vr, attn_mask=mask, scale=1.0,
+                                                             dropout_p=dropout_p), None))
+            else:
+                parts.append(_with_lse(lse_kernel, qs, kr, vr, mask))
         if not parts:  # no key for any row of this chunk
-            o = q.new_zeros(B, H // stack, stack * (r1 - r0), v.shape[-1])
+            o = q.new_zeros(B, H // stack, stack * (r1 - r0), v.shape[-1]).to(dtype)
         elif parts[0][1] is None:
             o = parts[0][0]
         else:
             lse = torch.stack([p[1].float() for p in parts])  # (R, B, heads, rows)
             w = torch.exp(lse - torch.logsumexp(lse, 0))
             o = sum(w[i][..., None] * p[0].float() for i, p in enumerate(parts)).to(dtype)
-        if allowed is not None:  # a row with no key left attends to nothing (as the reference path)
-            empty = ~allowed.any(-1, keepdim=True)  # (B|1, 1, r, 1)
-            if bool(empty.any()):
-                o = o.masked_fill(_row_mask(empty, B, stack), 0.0)
+        if lay.empty is not None:  # a row with no key left attends to nothing (as the reference path)
+            o = o.masked_fill(lay.empty, 0.0)
         if stack > 1:
             o = _unstack_groups(o, H)
         if out is None:
