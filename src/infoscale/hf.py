@@ -94,6 +94,7 @@ from torch import nn
 
 from .attn import attention, attention_logits, build_plan, merge_with_training, parse_method
 from .attn.methods import Component
+from .attn.plan import in_window
 from .attn.rope import Rope, rotate
 from .attn.sdpa import attention_sdpa
 from .errors import ConfigError, MethodError
@@ -199,17 +200,14 @@ def _positions_table(pad2d: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def _method_overlay(window: int, sinks: int, pos: torch.Tensor | None):
-    """Mask predicate of a window with sinks on positions: |p_i − p_j| <= window, or p_j < sinks, or p_i < sinks."""
+    """Mask predicate of a window with sinks on positions (:func:`infoscale.attn.plan.in_window`)."""
 
     def inner(batch_idx, head_idx, q_idx, kv_idx):
         if pos is None:
             pq, pk = q_idx, kv_idx
         else:
             pq, pk = pos[batch_idx, q_idx], pos[batch_idx, kv_idx]
-        ok = (pq - pk).abs() <= window
-        if sinks:
-            ok = ok | (pk < sinks) | (pq < sinks)
-        return ok
+        return in_window(pq, pk, window, sinks)
 
     return inner
 
@@ -516,7 +514,7 @@ def _banded(pm, L, query, key, value, n_q, n_k, causal, scaling, dropout, window
         if sinks and lo > 0:
             idx = torch.cat([torch.arange(min(sinks, lo), device=dev), idx])
         qp, kp = torch.arange(p0, p1 + 1, device=dev)[:, None], idx[None, :]
-        ok = ((qp - kp).abs() <= window) | (kp < sinks) | (qp < sinks)
+        ok = in_window(qp, kp, window, sinks)  # positions are indices here (>= 0), so sinks = 0 adds nothing
         if causal:
             ok = ok & (kp <= qp)
         qc = query[:, :, r0:r1]
