@@ -102,7 +102,7 @@ def test_attention_core_imports_only_torch_and_the_standard_library():
 
 # Comparisons with a method's name outside the attention core that are not about methods: (file, source)
 NOT_METHOD_NAMES = {
-    ("hf.py", 'getattr(model.config, "model_type", "") in ("llama4", "llama4_text")'),  # a model type (Llama 4)
+    ("patch.py", 'getattr(model.config, "model_type", "") in ("llama4", "llama4_text")'),  # a model type (Llama 4)
 }
 
 
