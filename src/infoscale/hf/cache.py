@@ -109,7 +109,7 @@ def _post_hook(module, args, kwargs, output):
 
 def keep_prompt_length(model) -> list:
     """Hooks on ``model.base_model`` that pass n to the attention function (under ``SEQ_LEN_KWARG``) and keep the
-    prompt's n on the cache; their handles. None when the forward takes no ``**kwargs`` to pass n on."""
+    prompt's n on the cache; their handles (none when the forward takes no ``**kwargs`` to pass n on)."""
     base = model.base_model
     if not any(p.kind == p.VAR_KEYWORD for p in inspect.signature(base.forward).parameters.values()):
         return []
