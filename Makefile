@@ -44,7 +44,7 @@ test-all: install
 
 # Refresh the lock: a throw-away venv gets the newest versions pyproject.toml allows (torch stays pinned), and
 # their exact versions are written to constraints.txt. Then run `make test` (and update TESTED_TRANSFORMERS in
-# src/infoscale/hf.py to the lock's transformers; a test checks the two agree).
+# src/infoscale/hf/versions.py to the lock's transformers; a test checks the two agree).
 lock:
 	rm -rf .venv-lock
 	$(PYTHON) -m venv .venv-lock

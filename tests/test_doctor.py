@@ -28,7 +28,7 @@ def test_doctor_passes_on_this_install(capsys):
 def test_doctor_fails_with_one_line_when_a_check_is_broken(monkeypatch, capsys):
     """Break on purpose what transformers 5.24 broke: the forward hook that keeps the prompt's n on the cache.
     Dynamic PI then recomputes its factor at every step, and only that check fails."""
-    monkeypatch.setattr(hf, "_pre_hook", lambda module, args, kwargs: (args, kwargs))
+    monkeypatch.setattr(hf.cache, "_pre_hook", lambda module, args, kwargs: (args, kwargs))
     assert main(["doctor", "--families", "llama"]) == 1
     captured = capsys.readouterr()
     failed = [line for line in captured.out.splitlines() if line.startswith("FAIL")]
@@ -58,13 +58,13 @@ def test_tested_transformers_is_the_locks():
     lock = (ROOT / "constraints.txt").read_text(encoding="utf-8")
     pinned = re.search(r"^transformers==(\S+)$", lock, re.M)
     assert pinned, "constraints.txt pins no transformers"
-    assert pinned.group(1) == hf.TESTED_TRANSFORMERS, "update TESTED_TRANSFORMERS in hf.py after `make lock`"
+    assert pinned.group(1) == hf.TESTED_TRANSFORMERS, "update TESTED_TRANSFORMERS in hf/versions.py after `make lock`"
 
 
 @pytest.mark.parametrize(("version", "newer"), [("5.25.0", False), ("5.1.0", False), ("5.25.1", True),
                                                  ("5.26.0.dev0", True), ("6.0.0rc1", True), ("5.25.0+local", False)])
 def test_newer_than_tested(monkeypatch, version, newer):
-    monkeypatch.setattr(hf, "TESTED_TRANSFORMERS", "5.25.0")
+    monkeypatch.setattr(hf.versions, "TESTED_TRANSFORMERS", "5.25.0")
     assert hf.newer_than_tested(version) is newer
 
 

@@ -100,9 +100,76 @@ def test_attention_core_imports_only_torch_and_the_standard_library():
             assert root in STDLIB or root == "torch" or imp.startswith("infoscale.attn"), (path.name, imp)
 
 
+# infoscale.hf: one concern per module. Each module's imports from the rest of the package, at module level or inside
+# a function: a module that needs more than its row says has taken on another module's concern.
+HF_IMPORTS = {
+    "methods": {"attn", "attn.methods", "errors"},
+    "mask": {"attn.plan", "hf.methods"},
+    "geometry": {"errors", "hf.mask"},
+    "capture": {"attn", "hf.geometry"},
+    "rotary": {"attn.rope", "errors", "hf.methods"},
+    "sink_cache": {"errors"},
+    "cache": {"errors", "hf.geometry", "hf.mask", "hf.methods", "hf.sink_cache"},
+    "attention": {"attn", "attn.plan", "attn.sdpa", "errors", "hf.capture", "hf.geometry", "hf.methods", "hf.rotary",
+                  "hf.sink_cache"},
+    "versions": set(),
+    "patch": {"attn", "errors", "models", "hf.attention", "hf.cache", "hf.mask", "hf.methods", "hf.rotary",
+              "hf.versions"},
+    "calibration": {"attn", "calfit", "errors", "models", "hf.capture", "hf.patch"},
+}
+HF_MAX_LINES = 350
+
+
+def test_hf_modules_import_only_their_concern():
+    graph = _internal_graph()
+    modules = {p.stem for p in (PKG / "hf").glob("*.py")} - {"__init__"}
+    assert modules == set(HF_IMPORTS), "a module was added to or removed from infoscale.hf: update HF_IMPORTS"
+    for name, allowed in HF_IMPORTS.items():
+        got = {d.removeprefix("infoscale.") for d in graph[f"infoscale.hf.{name}"]}
+        assert got == allowed, (name, sorted(got ^ allowed))
+
+
+def test_hf_modules_are_short():
+    for path in (PKG / "hf").glob("*.py"):
+        n = len(path.read_text(encoding="utf-8").splitlines())
+        assert n <= HF_MAX_LINES, f"infoscale/hf/{path.name} has {n} lines (at most {HF_MAX_LINES}): split its concern"
+
+
+def test_hf_keeps_its_names_importable():
+    """The public API, and the names infoscale doctor and the tests take from infoscale.hf."""
+    import infoscale.hf as hf
+
+    assert hf.__all__ == ["NAME", "apply", "remove", "calibrate", "capture_attention", "cache_kwarg",
+                          "infoscale_attention", "infoscale_mask", "train_len_of", "SinkCache", "bounded_cache"]
+    for name in [*hf.__all__, "TESTED_TRANSFORMERS", "newer_than_tested", "CACHE_KWARGS", "_cache_in", "_mask_params",
+                 "_parsed", "_pre_hook", "_set_attn_implementation", "_warn_if_untested"]:
+        assert hasattr(hf, name), name
+
+
+def test_one_definition_of_the_query_offset_and_the_window():
+    """Where the queries sit when transformers skipped the mask is :func:`infoscale.hf.geometry.query_offset`, and
+    the window-with-sinks predicate is :func:`infoscale.attn.plan.in_window`; no other module writes either."""
+    for path in sorted(PKG.rglob("*.py")):
+        src = path.read_text(encoding="utf-8")
+        rel = path.relative_to(PKG).as_posix()
+        if rel != "hf/geometry.py":
+            assert "1 < n_q < n_k" not in src, rel
+        if rel != "attn/plan.py":
+            assert "<sinks)|(" not in src.replace(" ", ""), rel
+
+
+def test_a_capture_leaves_nothing_behind_when_it_raises():
+    from infoscale.hf import capture
+
+    with pytest.raises(RuntimeError), capture.capturing(rows=lambda n: None) as layers:
+        assert capture.current() is not None and layers == {}
+        raise RuntimeError("inside")
+    assert capture.current() is None
+
+
 # Comparisons with a method's name outside the attention core that are not about methods: (file, source)
 NOT_METHOD_NAMES = {
-    ("hf.py", 'getattr(model.config, "model_type", "") in ("llama4", "llama4_text")'),  # a model type (Llama 4)
+    ("patch.py", 'getattr(model.config, "model_type", "") in ("llama4", "llama4_text")'),  # a model type (Llama 4)
 }
 
 

@@ -164,6 +164,7 @@ def test_layers_of_one_forward_share_the_layout(monkeypatch):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import infoscale.hf as hf
+    import infoscale.hf.attention as hf_attention
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
@@ -180,7 +181,7 @@ def test_layers_of_one_forward_share_the_layout(monkeypatch):
             calls.clear()
             shared = model(ids, attention_mask=am).logits
             assert len(calls) == 3  # 700 rows in chunks of 256, once for the three layers
-            monkeypatch.setattr(hf, "_layout_memo", lambda *a, **kw: None)
+            monkeypatch.setattr(hf_attention, "_layout_memo", lambda *a, **kw: None)
             alone = model(ids, attention_mask=am).logits
             monkeypatch.undo()
             monkeypatch.setattr(sdpa_mod, "_chunk_layout", lambda *a, **kw: calls.append(1) or real(*a, **kw))

@@ -17,7 +17,19 @@ from .errors import MethodError
 from .methods import Context, ParsedMethod, Region, parse_method
 from .rope import Rope
 
-__all__ = ["Plan", "build_plan", "with_dims"]
+__all__ = ["Plan", "build_plan", "in_window", "with_dims"]
+
+
+def in_window(qp, kp, window: int, sinks: int):
+    """Whether a query at position ``qp`` may attend a key at ``kp`` under a window with sinks (StreamingLLM's
+    mask, LM-Infinite's Λ): |p_i − p_j| <= window, or p_j < sinks, or p_i < sinks. The sinks are the positions
+    0 .. sinks − 1, the start of the sequence (with pad-aware positions, the first real tokens; a pad's negative
+    position is no sink). ``qp`` and ``kp`` broadcast against each other (tensors, or transformers' index
+    tensors inside a mask function)."""
+    ok = (qp - kp).abs() <= window
+    if sinks:
+        ok = ok | (kp < sinks) | (qp < sinks)
+    return ok
 
 
 @dataclass
@@ -56,9 +68,7 @@ class Plan:
         ok = None
         pi, pj = self.q_pos[:, rows][:, None, :, None], self.k_pos[:, cols][:, None, None, :]
         if self.window is not None:
-            ok = (pi - pj).abs() <= self.window
-            if self.sinks:  # the tokens at positions 0 .. sinks − 1: the start of the sequence
-                ok = ok | (pj < self.sinks) | (pi < self.sinks)
+            ok = in_window(pi, pj, self.window, self.sinks)
         if self.causal:
             c = pj <= pi
             ok = c if ok is None else ok & c

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 __all__ = ["SinkCache", "SinkLayer", "KEPT_ATTR", "Kept"]
 
