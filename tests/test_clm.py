@@ -559,3 +559,30 @@ def test_clm_smoke_reproduction(tmp_path):
                     str(tmp_path / "results"), "--report", str(tmp_path / "report"), "--no-progress")
     assert again.returncode == 0, again.stderr[-2000:]
     assert "== training" not in again.stdout and "== analysing" not in again.stdout
+
+
+def test_a_batch_holds_fewer_windows_where_the_logits_would_not_fit(monkeypatch):
+    """--tokens-per-batch is the most a forward batch holds: a model with a large vocabulary (Gemma 3: 262k) gets
+    fewer copies of a window per batch, halved until it fits, and a length where one window cannot fit is refused."""
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import infoscale.runtime as runtime
+    from infoscale.errors import DataError
+    from infoscale.evaluate_clm import _check_causal_budget, causal_cost
+
+    cfg_model = LlamaConfig(vocab_size=262144, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                            num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    run = SimpleNamespace(model=LlamaForCausalLM(cfg_model), name="big-vocab")
+    cfg = SimpleNamespace(lengths=[512, 256], tokens_per_batch=16384, methods=["softmax"], windows=1,
+                          predictions=1)
+    free = causal_cost(run.model, 512, 4 * 512)[0] + 1  # four windows of 512 fit, eight do not
+    monkeypatch.setattr(runtime, "available_memory", lambda device: free)
+    logs = []
+    batch = _check_causal_budget(run, cfg, logs.append)
+    assert batch[512] == 4 * 512 and batch[256] == 8 * 256  # 64 and 32 windows halved to what fits
+    assert any("holds 4 window(s)" in line for line in logs)
+    monkeypatch.setattr(runtime, "available_memory", lambda device: causal_cost(run.model, 512, 512)[0] - 1)
+    with pytest.raises(DataError, match="length 512 needs about .* per forward batch \\(one window\\)"):
+        _check_causal_budget(run, cfg, logs.append)

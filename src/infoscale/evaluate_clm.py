@@ -149,24 +149,34 @@ def causal_cost(model, n: int, tokens_per_batch: int) -> tuple[int, float]:
     return int(1.2 * (act + attn)), flops
 
 
-def _check_causal_budget(run, cfg, log) -> None:
-    """Refuse lengths whose forward batch cannot fit in the free memory; say how long the sweep may take."""
+def _check_causal_budget(run, cfg, log) -> dict[int, int]:
+    """Per length, the tokens per forward batch that fit in the free memory (``--tokens-per-batch`` is the most; a
+    batch holds fewer copies of a window when the model's logits would not fit, e.g. Gemma's 262k-token
+    vocabulary); refuse a length where one window does not fit; say how long the sweep may take."""
     from .runtime import available_memory, device_flops, duration
 
     device = next(run.model.parameters()).device
     avail = available_memory(device)
+    batch = {}
     for n in cfg.lengths:
-        need, _ = causal_cost(run.model, n, cfg.tokens_per_batch)
+        tokens = max(cfg.tokens_per_batch, n)
+        while avail is not None and tokens > n and causal_cost(run.model, n, tokens)[0] > avail:
+            tokens = max(n, (tokens // n) // 2 * n)  # half the copies of the window
+        need, _ = causal_cost(run.model, n, tokens)
         if avail is not None and need > avail:
-            raise DataError(f"{run.name}: length {n} needs about {need / 2**30:.1f} GiB per forward batch but "
-                            f"{avail / 2**30:.1f} GiB is free on {device.type}; use shorter --lengths or lower "
-                            "--tokens-per-batch")
-    per_window = {n: causal_cost(run.model, n, cfg.tokens_per_batch)[1] for n in cfg.lengths}
+            raise DataError(f"{run.name}: length {n} needs about {need / 2**30:.1f} GiB per forward batch (one window) "
+                            f"but {avail / 2**30:.1f} GiB is free on {device.type}; use shorter --lengths")
+        if tokens < cfg.tokens_per_batch and tokens // n < cfg.tokens_per_batch // n:
+            log(f"{run.name}: at n={n} a forward batch holds {tokens // n} window(s) ({tokens} tokens, not "
+                f"{cfg.tokens_per_batch}) to fit in the {avail / 2**30:.1f} GiB free")
+        batch[n] = tokens
+    per_window = {n: causal_cost(run.model, n, batch[n])[1] for n in cfg.lengths}
     windows = sum(_count(cfg, n) * per_window[n] for n in cfg.lengths)
     seconds = len(cfg.methods) * windows / device_flops(device)
     if seconds > 60:
         log(f"{run.name}: about {duration(seconds)} per setting for {len(cfg.methods)} methods on {device.type} "
             "(fp32 matmul rate measured now; less for cells already done)")
+    return batch
 
 
 def evaluate_clm(cfg, models: list[str], log=print) -> list[dict]:
@@ -184,7 +194,7 @@ def evaluate_clm(cfg, models: list[str], log=print) -> list[dict]:
     for path in models:
         run = load_model(path, device, cfg.train_len or None, cfg.progress)
         model, L = run.model, run.train_len
-        _check_causal_budget(run, cfg, log)
+        batch = _check_causal_budget(run, cfg, log)
         docs = run.heldout_docs(cfg.corpus or None)
         longest = max((len(a) for a in docs.arrays), default=0)
         if "contiguous" in settings and any(n > longest for n in cfg.lengths):
@@ -234,7 +244,7 @@ def evaluate_clm(cfg, models: list[str], log=print) -> list[dict]:
                     applied = m
                 bar.set_postfix_str(f"{m} {setting} n={n}")
                 t0 = time.perf_counter()
-                args = (device, bf16, cfg.tokens_per_batch)
+                args = (device, bf16, batch[n])
                 try:
                     if setting == "contiguous":
                         rows, used = contiguous_records(model, docs, n, L, count, cfg.seed, *args)
