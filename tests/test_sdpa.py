@@ -176,13 +176,36 @@ def test_layers_of_one_forward_share_the_layout(monkeypatch):
     calls = []
     real = sdpa_mod._chunk_layout
     monkeypatch.setattr(sdpa_mod, "_chunk_layout", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    for mode in (torch.no_grad, torch.inference_mode):  # inference tensors keep no version counter
+        with mode():
+            for am in (None, mask):
+                calls.clear()
+                shared = model(ids, attention_mask=am).logits
+                assert len(calls) == 3  # 700 rows in chunks of 256, once for the three layers
+                calls.clear()
+                again = model(ids, attention_mask=am).logits
+                assert len(calls) == 3  # a new forward computes its own
+                monkeypatch.setattr(hf_attention, "_layout_memo", lambda *a, **kw: None)
+                alone = model(ids, attention_mask=am).logits
+                monkeypatch.undo()
+                monkeypatch.setattr(sdpa_mod, "_chunk_layout", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+                assert torch.equal(shared, alone) and torch.equal(again, alone)
+    assert hf_attention._FORWARDS.get() == ()  # every forward's memo dropped when it ended
+
+
+def test_a_forward_that_raises_drops_its_memo():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import infoscale.hf as hf
+    import infoscale.hf.attention as hf_attention
+
+    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = hf.apply(LlamaForCausalLM(cfg).eval(), "rerope")
+    with torch.no_grad(), pytest.raises(IndexError):
+        model(torch.tensor([[5, 200]]))  # a token id past the vocabulary
+    assert hf_attention._FORWARDS.get() == ()
+    hf.remove(model)
     with torch.no_grad():
-        for am in (None, mask):
-            calls.clear()
-            shared = model(ids, attention_mask=am).logits
-            assert len(calls) == 3  # 700 rows in chunks of 256, once for the three layers
-            monkeypatch.setattr(hf_attention, "_layout_memo", lambda *a, **kw: None)
-            alone = model(ids, attention_mask=am).logits
-            monkeypatch.undo()
-            monkeypatch.setattr(sdpa_mod, "_chunk_layout", lambda *a, **kw: calls.append(1) or real(*a, **kw))
-            assert torch.equal(shared, alone)
+        model(torch.tensor([[5, 6]]))
+    assert hf_attention._FORWARDS.get() == ()  # remove took the hooks off

@@ -19,6 +19,7 @@ Length temperatures (InfoScale, log-n, softmax_plus, Llama 4's) need l_i, the nu
 
 from __future__ import annotations
 
+import contextvars
 import functools
 
 import torch
@@ -150,22 +151,43 @@ def _banded(pm, L, query, key, value, n_q, n_k, causal, scaling, dropout, window
     return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
 
 
-_MEMO_ATTR = "_infoscale_memo"  # on the mask (or position ids) of one forward: the layers' shared chunk layouts
+# The layout memos of the model forwards running in this thread (or task), innermost last: :func:`forward_scope`'s
+# hooks push a fresh dict when a hooked model's forward starts and pop it when it ends. A ContextVar holding an
+# immutable tuple, so concurrent forwards in other threads never see or pop this one's.
+_FORWARDS: contextvars.ContextVar[tuple] = contextvars.ContextVar("infoscale_forward_memos", default=())
+
+
+def _enter_forward(module, args, kwargs):
+    _FORWARDS.set(_FORWARDS.get() + ({},))
+
+
+def _exit_forward(module, args, kwargs, output):
+    _FORWARDS.set(_FORWARDS.get()[:-1])
+
+
+def forward_scope(model: nn.Module) -> list:
+    """Hooks that give each forward of ``model``'s backbone a fresh layout memo and drop it when the forward ends
+    (``always_call``, so also when it raises); their handles."""
+    base = getattr(model, "base_model", model)
+    return [base.register_forward_pre_hook(_enter_forward, with_kwargs=True),
+            base.register_forward_hook(_exit_forward, with_kwargs=True, always_call=True)]
 
 
 def _layout_memo(raw_mask, position_ids, pm, L: int, n_q: int, n_k: int, causal: bool, seq_len, sliding_window):
     """The dict in which the layers of one forward share their query chunks' masks (:func:`attention_sdpa`'s
-    ``memo``), or None. It lives on the tensor that fixes the geometry, the mask transformers built for this layer
-    type (or, when it skipped the mask, the position ids), so it is freed with it; the key holds everything else
-    the masks depend on (the layer's method, which differs for calibrated or NoPE layers, the lengths, n of the
-    dynamic methods, the tensor's version, so an id or a tensor changed in place never meets a stale entry)."""
+    ``memo``), or None outside a hooked forward. Within the forward's scope it is keyed by the tensor that fixes the
+    geometry, the mask transformers built for this layer type (or, when it skipped the mask, the position ids),
+    and everything else the masks depend on (the layer's method, which differs for calibrated or NoPE layers, the
+    lengths, n of the dynamic methods). The scope holds the tensors it keys by, so no id is reused within it; it
+    lives for one forward, so a tensor changed in place between forwards never meets a stale entry (inference
+    tensors keep no version counter to tell)."""
+    scopes = _FORWARDS.get()
+    scope = scopes[-1] if scopes else None
     host = raw_mask if torch.is_tensor(raw_mask) else position_ids if torch.is_tensor(position_ids) else None
-    if host is None:
+    if scope is None or host is None:
         return None
-    key = (str(pm), L, n_q, n_k, causal, tuple(seq_len.tolist()), sliding_window, host._version,
-           id(position_ids) if host is raw_mask else None)
-    memos = getattr(host, _MEMO_ATTR, None)
-    if memos is None:
-        memos = {}
-        setattr(host, _MEMO_ATTR, memos)
-    return memos.setdefault(key, {})
+    key = (id(host), id(position_ids), str(pm), L, n_q, n_k, causal, tuple(seq_len.tolist()), sliding_window)
+    entry = scope.get(key)
+    if entry is None:
+        entry = scope[key] = (host, position_ids, {})
+    return entry[2]

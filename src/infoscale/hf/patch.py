@@ -16,7 +16,7 @@ from torch import nn
 from ..attn import attention, merge_with_training, parse_method
 from ..errors import ConfigError, MethodError
 from ..models import train_len_of
-from .attention import infoscale_attention
+from .attention import forward_scope, infoscale_attention
 from .cache import bound_generation_cache, keep_prompt_length, quiet_generate
 from .mask import infoscale_mask
 from .methods import NAME, _dynamic, _mask_params, _needs_positions, _parsed, _rotary_component
@@ -156,8 +156,9 @@ def apply(model, method: str | None = None, *, train_len: int | None = None):
         for parent, attr, rotary, build in modules:
             setattr(parent, attr, build())
             state["rotaries"].append((parent, attr, rotary))
+    state["hooks"] = forward_scope(model)  # the layers of one forward share their attention layouts
     if _dynamic(pm):
-        state["hooks"] = keep_prompt_length(model)
+        state["hooks"] += keep_prompt_length(model)
     if _mask_params(pm) is not None and hasattr(model, "_prepare_cache_for_generation"):
         state["hooks"].append(bound_generation_cache(model))  # the windowed methods decode with a bounded cache
         state["generation_cache"] = True
