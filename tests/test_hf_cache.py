@@ -1,4 +1,5 @@
-"""infoscale.hf's bounded cache (SinkCache) for window, streamingllm and lm_infinite in tiny transformers models.
+"""infoscale.hf's caches in tiny transformers models: the bounded cache (SinkCache) of window, streamingllm and
+lm_infinite, and the cache that keeps rotated keys (RotatedKeysCache) for the methods that move positions.
 
 Decoding with the bounded cache must give, at every step, what the method defines for a full forward: the logits
 of a forward without cache over the whole text (every layer), and, on a one-layer model, those of a plain forward
@@ -14,9 +15,11 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from infoscale import hf
+from infoscale.attn import sdpa as sdpa_mod
 from infoscale.errors import ConfigError
+from infoscale.hf.rotated_cache import RotatedLayer
 
-from .test_hf import DECODE_FAMILIES, SMALL, V, ids_for, logits, model_for
+from .test_hf import DECODE_FAMILIES, SMALL, V, _fixed, ids_for, logits, model_for
 
 METHODS = ["streamingllm(sinks=2, window=5)", "streamingllm(sinks=2, window=5, true_positions=True)",
            "window(width=4)", "lm_infinite(sinks=2, window=5, cap=4)",
@@ -225,3 +228,54 @@ def test_long_generation_holds_the_cache_flat():
 def test_very_long_generation_holds_the_cache_flat():
     cache, sizes = _flat_decode(20_000)
     assert cache.get_seq_length() == 16 + 20_000 and max(sizes) == sizes[-1] == sizes[100]
+
+
+ROTATED = ["yarn(factor=4.0)", "rerope(window=4)+infoscale", "self_extend(group=2, window=4)",
+           "dca(chunk=6, local=2)", "leaky_rerope(window=4)", "pi+logn"]
+
+
+@pytest.mark.parametrize("method", ROTATED)
+@pytest.mark.parametrize("family", DECODE_FAMILIES)
+def test_generate_keeps_rotated_keys_and_equals_a_full_forward(family, method, monkeypatch):
+    """generate() after apply decodes with a RotatedKeysCache whose layers hold the rotated keys, and every step's
+    logits are the full forward's at that token (a dynamic method at the prompt's n, as the cache fixes it)."""
+    monkeypatch.setattr(sdpa_mod, "STORE_FROM", 0)  # a tiny model: every region takes its keys from the store
+    m = hf.apply(model_for(family), method)
+    ids = ids_for(n=9)
+    seen, hook = _caches_seen(m)
+    try:
+        seq, step = _generate(m, ids, 12)
+    finally:
+        hook.remove()
+    assert all(isinstance(c, hf.RotatedKeysCache) for c in seen) and len({id(c) for c in seen}) == 1
+    # the full-attention layers keep stores, a layer of the model's own sliding window (all of Mistral's) none; the
+    # stores fill where the fused path runs (not under Gemma 2's softcap, nor in SmolLM3's layers without RoPE)
+    assert all(isinstance(layer, RotatedLayer) != layer.is_sliding for layer in seen[0].layers)
+    if family in ("llama", "qwen2"):
+        assert all(layer.rotated for layer in seen[0].layers if isinstance(layer, RotatedLayer))
+    full = logits(hf.apply(model_for(family), _fixed(method, ids.shape[1])), seq)[:, ids.shape[1] - 1:-1]
+    torch.testing.assert_close(step, full, atol=2e-5, rtol=1e-4)
+
+
+def test_a_cut_or_reordered_cache_drops_its_stores(monkeypatch):
+    """crop (assisted decoding), beam search's reorder and a reset drop the stores: after a crop, new tokens give the
+    logits of a fresh forward; beam search gives what it gives with transformers' own DynamicCache."""
+    monkeypatch.setattr(sdpa_mod, "STORE_FROM", 0)
+    m = hf.apply(model_for("llama"), "yarn(factor=4.0)")
+    a, b = ids_for(n=12), ids_for(n=3, seed=7)
+    cache = hf.RotatedKeysCache(config=m.config)
+    kw = {hf.cache_kwarg(m): cache, "use_cache": True}
+    logits(m, a, **kw)
+    assert all(layer.rotated for layer in cache.layers)
+    cache.crop(-3)
+    assert not any(layer.rotated for layer in cache.layers)
+    got = logits(m, b, **kw)
+    want = logits(m, torch.cat([a[:, :9], b], 1))[:, -3:]
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+    ids = ids_for(n=9)
+    beams = m.generate(ids, max_new_tokens=10, num_beams=2, do_sample=False, pad_token_id=0)
+    plain = m.generate(ids, max_new_tokens=10, num_beams=2, do_sample=False, pad_token_id=0,
+                       **{hf.cache_kwarg(m): DynamicCache()})
+    assert torch.equal(beams, plain)
+    cache.reset()
+    assert not any(layer.rotated for layer in cache.layers)

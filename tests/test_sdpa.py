@@ -209,3 +209,51 @@ def test_a_forward_that_raises_drops_its_memo():
     with torch.no_grad():
         model(torch.tensor([[5, 6]]))
     assert hf_attention._FORWARDS.get() == ()  # remove took the hooks off
+
+
+@pytest.mark.parametrize("method,far_rotated", [
+    ("yarn(factor=4)", True), ("leaky_rerope(window=32, k=8)", True), ("self_extend(window=4)", True),
+    ("dca(chunk=96, local=16)", True), ("ntk+infoscale", True),
+    ("rerope(window=64)", False),  # the far side's keys sit at position 0: nothing to rotate, with or without store
+])
+def test_a_key_store_rotates_only_new_keys(method, far_rotated, monkeypatch):
+    """Decoding with a layer's key store (as RotatedKeysCache keeps it): every step equals the reference, and a step
+    rotates its own key and the few a short region scores, not every cached key. A store handed other positions
+    (the dynamic factor moved) or another batch starts over and stays exact."""
+    n0, steps = 1400, 3  # a far side longer than STORE_FROM
+    q, k, v = _qkv(n0 + steps, n0 + steps, seed=11)
+    rows = []
+    real = sdpa_mod._rotate
+    monkeypatch.setattr(sdpa_mod, "_rotate", lambda plan, x, pos: rows.append(x.shape[2]) or real(plan, x, pos))
+    seq = torch.full((2,), float(n0), dtype=torch.float64)  # dynamic factors fixed at the prompt's n, as hf does
+
+    def plan_at(n_q, n_k, seq_len):
+        return build_plan(method, batch=2, heads=HEADS, head_dim=D, train_len=L, n_q=n_q, n_k=n_k, causal=True,
+                          positions=torch.arange(n_k - n_q, n_k, dtype=torch.float64)[None], seq_len=seq_len)
+
+    store = {}
+    attention_sdpa(plan_at(n0, n0, seq), q[:, :, :n0], k[:, :, :n0], v[:, :, :n0], rotated=store)
+    for t in range(1, steps + 1):
+        n = n0 + t
+        plan = plan_at(1, n, seq)
+        rows.clear()
+        got = attention_sdpa(plan, q[:, :, n - 1:n], k[:, :, :n], v[:, :, :n], rotated=store)
+        stored = sum(rows)
+        want = _reference(plan, q[:, :, n - 1:n], k[:, :, :n], v[:, :, :n])
+        assert (got - want).abs().max().item() < 1e-4
+        rows.clear()
+        attention_sdpa(plan, q[:, :, n - 1:n], k[:, :, :n], v[:, :, :n])
+        assert stored < 300 and (sum(rows) > n) == far_rotated  # the far side: 1 new key rotated instead of n
+    # the factor moved (no prompt length kept): positions differ, the store starts over, the output stays exact
+    n = n0 + steps
+    moved = plan_at(1, n, torch.full((2,), float(4 * n0), dtype=torch.float64))
+    got = attention_sdpa(moved, q[:, :, n - 1:n], k[:, :, :n], v[:, :, :n], rotated=store)
+    assert (got - _reference(moved, q[:, :, n - 1:n], k[:, :, :n], v[:, :, :n])).abs().max().item() < 1e-4
+    # another batch in the same store (one row): starts over
+    one = build_plan(method, batch=1, heads=HEADS, head_dim=D, train_len=L, n_q=1, n_k=n, causal=True,
+                     positions=torch.tensor([[n - 1.0]], dtype=torch.float64), seq_len=seq[:1])
+    got = attention_sdpa(one, q[:1, :, n - 1:n], k[:1, :, :n], v[:1, :, :n], rotated=store)
+    r = HEADS // KV_HEADS
+    want, _ = attention_reference(q[:1, :, n - 1:n], k[:1].repeat_interleave(r, 1)[:, :, :n],
+                                  v[:1].repeat_interleave(r, 1)[:, :, :n], train_len=L, plan=one)
+    assert (got - want).abs().max().item() < 1e-4

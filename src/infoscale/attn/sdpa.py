@@ -39,6 +39,9 @@ __all__ = ["attention_sdpa", "supported"]
 CHUNK_ENTRIES = 1 << 24
 # Below this many query rows (decoding) keys are rotated per region and chunk, only those the region scores.
 ROTATE_ALL_FROM = 64
+# Decoding with a key store (``rotated``): a region that scores at least this many keys takes them from the store
+# (rotating only the keys it has not seen); fewer (ReRoPE's band) are rotated afresh each step.
+STORE_FROM = 1024
 
 
 def _lse_kernel(device: torch.device):
@@ -77,6 +80,49 @@ def _rotate(plan: Plan, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         return x
     ang = torch.remainder(pos[..., None] * plan.inv_freq[:, None, :], 2 * math.pi)[:, None]  # (B|1, 1, n, r/2)
     return _rope.rotate(x.float(), ang.float(), plan.rope.layout, plan.rope.attention_scaling).to(x.dtype)
+
+
+class _Rotated:
+    """A region's keys rotated at its key positions, for the first ``m`` keys of a layer's cache, with the positions
+    and frequencies they were rotated at: a buffer that grows by a quarter when full, so appending a step's key
+    costs its own rotation and, amortised, a few copies."""
+
+    __slots__ = ("buf", "pos", "freq", "m")
+
+    def __init__(self):
+        self.buf = self.pos = self.freq = None
+        self.m = 0
+
+
+def _keys_at(plan: Plan, k: torch.Tensor, idx: int, rotated: dict | None) -> torch.Tensor:
+    """k (B, H_kv, n_k, d) rotated at region ``idx``'s key positions. With ``rotated`` (a layer's key store that its
+    cache keeps across decoding steps) the keys it holds are reused and only the new ones rotated. A stored key is
+    reused only where its position and the frequencies are those it was rotated at (a dynamic method whose factor
+    was not fixed at prefill moves them: then everything is rotated again); the cache clears the store when it cuts
+    or reorders its keys, the one change positions cannot show."""
+    region = plan.regions[idx]
+    kp = region.k_at(plan.k_pos)  # (B|1, n_k)
+    if rotated is None or plan.inv_freq is None:
+        return _rotate(plan, k, kp)
+    n_k = k.shape[2]
+    e = rotated.setdefault(idx, _Rotated())
+    m = e.m
+    if m and not (m <= n_k and e.buf.dtype == k.dtype and e.buf.shape[:2] == k.shape[:2]
+                  and e.buf.shape[-1] == k.shape[-1] and e.pos.shape[0] == kp.shape[0]
+                  and torch.equal(e.freq, plan.inv_freq) and torch.equal(e.pos[:, :m], kp[:, :m])):
+        m = 0  # another sequence, layout or rotation: start over
+    if m < n_k:
+        if e.buf is None or m == 0 or e.buf.shape[2] < n_k or e.buf.dtype != k.dtype:
+            cap = max(n_k, m + m // 4 + 256)
+            buf = k.new_empty(*k.shape[:2], cap, k.shape[-1])
+            pos = kp.new_empty(kp.shape[0], cap)
+            if m:
+                buf[:, :, :m], pos[:, :m] = e.buf[:, :, :m], e.pos[:, :m]
+            e.buf, e.pos = buf, pos
+        e.buf[:, :, m:n_k] = _rotate(plan, k[:, :, m:], kp[:, m:])
+        e.pos[:, m:n_k] = kp[:, m:]
+        e.freq, e.m = plan.inv_freq, n_k
+    return e.buf[:, :, :n_k]
 
 
 def _normalized(plan: Plan, x: torch.Tensor) -> torch.Tensor:
@@ -213,6 +259,10 @@ def _chunk_layout(plan: Plan, r0: int, r1: int, *, split: bool, dtype, stack: in
     return _Layout(l, blocks, empty)
 
 
+def _count(pick) -> int:
+    return pick.stop - pick.start if isinstance(pick, slice) else pick.numel()
+
+
 def _causal_only(plan: Plan) -> bool:
     """The plan's mask is exactly causal on indices: SDPA's own ``is_causal`` (which skips the masked blocks)."""
     return (plan.causal and plan.banded and plan.n_q == plan.n_k and plan.window is None
@@ -220,14 +270,19 @@ def _causal_only(plan: Plan) -> bool:
 
 
 def attention_sdpa(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
-                   memo: dict | None = None) -> torch.Tensor | None:
+                   memo: dict | None = None, rotated: dict | None = None) -> torch.Tensor | None:
     """The plan's attention through fused SDPA calls; q (B, H, n_q, d) and k, v (B, H_kv, n_k, ·) before RoPE
     (H a multiple of H_kv). Returns (B, H, n_q, d_v) in q's dtype (autocast's under autocast), or None where
     :func:`supported` says no.
 
     ``memo``: a dict the caller keeps for calls of the same geometry (the same method, lengths, positions, masks:
     the layers of one forward pass); each query chunk's masks, blocks and key counts are computed once into it
-    and read back by the other calls, which then only rotate and attend."""
+    and read back by the other calls, which then only rotate and attend.
+
+    ``rotated``: a dict a KV cache keeps for one layer across steps (:class:`infoscale.hf.RotatedKeysCache`), in
+    which each region's rotated keys are kept, so a decoding step rotates only its new keys (without it, every step
+    rotates every cached key a region scores). Its keys must be those of the same sequence, only grown since the
+    last call; the cache clears it when it cuts or reorders them."""
     if not supported(plan, q, dropout_p=dropout_p):
         return None
     B, H, n_q, _ = q.shape
@@ -244,7 +299,7 @@ def attention_sdpa(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if len(plan.regions) == 1 and _causal_only(plan):
         region = plan.regions[0]
         qr = _rotate(plan, q, region.q_at(plan.q_pos))
-        kr = _rotate(plan, k, region.k_at(plan.k_pos))
+        kr = _keys_at(plan, k, 0, rotated)
         factor = scale
         if plan.temperature is not None:  # l_i = i + 1 keys under a causal mask
             l = torch.arange(1, n_q + 1, dtype=torch.float64, device=q.device).view(1, 1, n_q, 1)
@@ -262,7 +317,7 @@ def attention_sdpa(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     # region scores rotated.
     prefill = n_q >= ROTATE_ALL_FROM
     if prefill:
-        k_rot = [_repeat_heads(_rotate(plan, k, r.k_at(plan.k_pos)), g) for r in regions]
+        k_rot = [_repeat_heads(_keys_at(plan, k, i, rotated), g) for i in range(len(regions))]
         v_all, stack = _repeat_heads(v, g), 1
     else:
         k_rot, v_all, stack = None, v, g
@@ -288,6 +343,9 @@ def attention_sdpa(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
             region = regions[idx]
             if prefill:
                 kr = k_rot[idx][:, :, pick]
+            elif rotated is not None and plan.inv_freq is not None and _count(pick) >= STORE_FROM:
+                kpos = region.k_at(plan.k_pos[:, pick])
+                kr = k[:, :, pick] if not bool(kpos.any()) else _keys_at(plan, k, idx, rotated)[:, :, pick]
             else:
                 kpos = region.k_at(plan.k_pos[:, pick])
                 kr = (k[:, :, pick] if plan.inv_freq is None or not bool(kpos.any())

@@ -72,6 +72,10 @@ padding. ``streamingllm`` (without ``true_positions=True``) moves positions: its
 every step rotates them at their index within the kept set, the query after the last (StreamingLLM's pos_shift); the
 same positions in a forward without cache are the core's definition, so cached decoding equals a full forward.
 
+Rotated keys of the methods that move positions (YaRN, PI, NTK, the ReRoPE family, SelfExtend, DCA): the same hook
+makes ``generate`` decode with a :class:`RotatedKeysCache` (:mod:`infoscale.hf.rotated_cache`), a ``DynamicCache``
+that also keeps, per layer, each position region's rotated keys, so a decoding step rotates only its own key.
+
 Refused with a clear error: train-time methods (CosScale, ALiBi, PoSE) unless ``config.infoscale["train_method"]``
 says the model was trained with them; position methods on models whose rotary module cannot be found or
 reproduced (complex RoPE as Llama 4, frequencies that change with the length: ``dynamic``, ``longrope``);
@@ -80,7 +84,8 @@ remote-code models; models that do not use transformers' attention interface.
 The modules, one concern each: ``patch`` (apply, remove), ``methods`` (the method on the config and what its
 registry entries say), ``mask`` (the mask function and its record), ``geometry`` (where queries and keys sit),
 ``attention`` (the attention function and its SDPA paths), ``rotary`` (the rotary stand-in and the model's Rope),
-``cache`` (the forward and generate hooks around the KV cache), ``sink_cache`` (the bounded cache), ``capture``
+``cache`` (the forward and generate hooks around the KV cache), ``sink_cache`` (the bounded cache),
+``rotated_cache`` (the cache that keeps rotated keys), ``capture``
 and ``calibration`` (calibrate, capture_attention), ``versions`` (the tested transformers).
 """
 
@@ -91,10 +96,11 @@ from .calibration import calibrate, capture_attention
 from .mask import infoscale_mask
 from .methods import NAME
 from .patch import apply, remove
+from .rotated_cache import RotatedKeysCache
 from .sink_cache import SinkCache
 
 __all__ = ["NAME", "apply", "remove", "calibrate", "capture_attention", "cache_kwarg", "infoscale_attention",
-           "infoscale_mask", "train_len_of", "SinkCache", "bounded_cache"]
+           "infoscale_mask", "train_len_of", "SinkCache", "bounded_cache", "RotatedKeysCache"]
 
 # Also importable from here, as before the package had modules (``infoscale doctor`` and the tests use them). To
 # replace one in a test, patch the module it lives in (e.g. infoscale.hf.cache._pre_hook): the name here is a copy.

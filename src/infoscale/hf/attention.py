@@ -34,6 +34,7 @@ from . import capture
 from .geometry import _bool_mask, _core_geometry, _kept_geometry, _kv_repeat, _row_lengths, _seq_len, query_offset
 from .methods import _fast_ok, _layer_method, _mask_params, _needs_positions, _parsed, _settings, _without_positions
 from .rotary import _ROPE_ATTR
+from .rotated_cache import ROTATED_ATTR
 from .sink_cache import KEPT_ATTR
 
 
@@ -89,7 +90,7 @@ def infoscale_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
     if not want_weights:  # fused SDPA calls, one per position region, where the plan allows (attn.sdpa)
         memo = None if kept is not None else _layout_memo(attention_mask, kwargs.get("position_ids"), pm, L, n_q,
                                                           n_k, causal, seq_len, kwargs.get("sliding_window"))
-        out = attention_sdpa(plan, query, key, value, dropout, memo=memo)
+        out = attention_sdpa(plan, query, key, value, dropout, memo=memo, rotated=getattr(key, ROTATED_ATTR, None))
         if out is not None:
             return out.transpose(1, 2).contiguous(), None
     out = attention(query, _kv_repeat(key, H), _kv_repeat(value, H), pm, train_len=L, causal=causal,

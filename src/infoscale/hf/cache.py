@@ -26,6 +26,7 @@ from ..errors import ConfigError
 from .geometry import SEQ_LEN_KWARG
 from .mask import _padding_of
 from .methods import _mask_params, _parsed, _settings
+from .rotated_cache import RotatedKeysCache
 from .sink_cache import SinkCache
 
 _CACHE_ATTR = "_infoscale_seq_len"  # where the prompt's n is kept on a cache object
@@ -144,11 +145,12 @@ def _bounded_padding_hook(module, args, kwargs):
     return args, kwargs
 
 
-def _generation_cache_wrapper(model, original):
+def _generation_cache_wrapper(model, original, make):
     """``model._prepare_cache_for_generation``, then a fresh ``DynamicCache`` that ``generate`` made for itself
-    (none given by the caller) replaced by :func:`bounded_cache`. The same hook on transformers 5.1 … 5.25: the
-    method takes ``model_kwargs`` second (after ``generation_config``) and puts the cache under ``past_key_values``
-    (before 5.24) or ``cache``. Assisted decoding and contrastive search roll the cache back: they keep a full one."""
+    (none given by the caller) replaced by ``make(model)`` (:func:`bounded_cache`, :class:`RotatedKeysCache`). The
+    same hook on transformers 5.1 … 5.25: the method takes ``model_kwargs`` second (after ``generation_config``)
+    and puts the cache under ``past_key_values`` (before 5.24) or ``cache``. Assisted decoding and contrastive
+    search roll the cache back: they keep a full one."""
     from transformers import DynamicCache
 
     @functools.wraps(original)
@@ -162,7 +164,7 @@ def _generation_cache_wrapper(model, original):
         for name in given:
             made = model_kwargs.get(name)
             if given[name] is None and type(made) is DynamicCache and made.get_seq_length() == 0:
-                model_kwargs[name] = bounded_cache(model)
+                model_kwargs[name] = make(model)
         return out
 
     return prepare
@@ -172,8 +174,16 @@ def bound_generation_cache(model):
     """Make ``model.generate`` decode with :func:`bounded_cache` (an instance attribute wraps the model's
     ``_prepare_cache_for_generation``; deleting it undoes this); returns the handle of the padding hook."""
     handle = model.base_model.register_forward_pre_hook(_bounded_padding_hook, with_kwargs=True)
-    model._prepare_cache_for_generation = _generation_cache_wrapper(model, model._prepare_cache_for_generation)
+    model._prepare_cache_for_generation = _generation_cache_wrapper(model, model._prepare_cache_for_generation,
+                                                                    bounded_cache)
     return handle
+
+
+def rotated_generation_cache(model) -> None:
+    """Make ``model.generate`` decode with a :class:`RotatedKeysCache` (an instance attribute wraps the model's
+    ``_prepare_cache_for_generation``; deleting it undoes this)."""
+    model._prepare_cache_for_generation = _generation_cache_wrapper(
+        model, model._prepare_cache_for_generation, lambda m: RotatedKeysCache(config=m.config))
 
 
 # --- generate without the length reminder -----------------------------------------------------
