@@ -23,10 +23,9 @@ import statistics
 import time
 
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from infoscale import hf
-from infoscale.errors import ConfigError
 
 METHODS = ["softmax", "infoscale", "logn", "window", "streamingllm", "pi", "yarn", "hf_yarn(factor=4.0)", "rerope",
            "leaky_rerope", "lm_infinite", "rerope+infoscale", "self_extend", "dca"]
@@ -43,18 +42,16 @@ def build(train_len: int, hidden: int = 256) -> LlamaForCausalLM:
 
 
 def new_cache(model):
-    """The cache ``generate`` uses: the bounded one for a windowed method, else a DynamicCache."""
-    if getattr(model.config, "infoscale", None):
-        try:
-            return hf.bounded_cache(model)
-        except ConfigError:  # not a windowed method
-            pass
-    return DynamicCache(config=model.config)
+    """The cache ``generate`` uses: the bounded one for a windowed method, one that keeps rotated keys for a method
+    that moves positions, else a DynamicCache."""
+    return hf.cache_for(model)
 
 
 def cache_bytes(cache) -> int:
+    """The cache's tensors: keys and values, and the rotated keys a RotatedKeysCache keeps beside them."""
+    stored = [e.buf for layer in cache.layers for e in getattr(layer, "rotated", {}).values()]
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
-               if isinstance(t, torch.Tensor))
+               if isinstance(t, torch.Tensor)) + sum(t.numel() * t.element_size() for t in stored if t is not None)
 
 
 def cache_keys(cache) -> int:

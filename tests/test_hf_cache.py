@@ -279,3 +279,7 @@ def test_a_cut_or_reordered_cache_drops_its_stores(monkeypatch):
     assert torch.equal(beams, plain)
     cache.reset()
     assert not any(layer.rotated for layer in cache.layers)
+    assert isinstance(hf.cache_for(m), hf.RotatedKeysCache)  # what generate builds, for a loop written by hand
+    assert isinstance(hf.cache_for(hf.apply(model_for("llama"), "window(width=4)")), hf.SinkCache)
+    assert type(hf.cache_for(hf.apply(model_for("llama"), "infoscale"))) is DynamicCache
+    assert type(hf.cache_for(model_for("llama"))) is DynamicCache

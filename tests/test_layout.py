@@ -141,7 +141,8 @@ def test_hf_keeps_its_names_importable():
     import infoscale.hf as hf
 
     assert hf.__all__ == ["NAME", "apply", "remove", "calibrate", "capture_attention", "cache_kwarg",
-                          "infoscale_attention", "infoscale_mask", "train_len_of", "SinkCache", "bounded_cache"]
+                          "infoscale_attention", "infoscale_mask", "train_len_of", "SinkCache", "bounded_cache",
+                          "RotatedKeysCache", "cache_for"]
     for name in [*hf.__all__, "TESTED_TRANSFORMERS", "newer_than_tested", "CACHE_KWARGS", "_cache_in", "_mask_params",
                  "_parsed", "_pre_hook", "_set_attn_implementation", "_warn_if_untested"]:
         assert hasattr(hf, name), name

@@ -91,7 +91,7 @@ and ``calibration`` (calibrate, capture_attention), ``versions`` (the tested tra
 
 from ..models import train_len_of
 from .attention import infoscale_attention
-from .cache import bounded_cache, cache_kwarg
+from .cache import bounded_cache, cache_for, cache_kwarg
 from .calibration import calibrate, capture_attention
 from .mask import infoscale_mask
 from .methods import NAME
@@ -100,7 +100,8 @@ from .rotated_cache import RotatedKeysCache
 from .sink_cache import SinkCache
 
 __all__ = ["NAME", "apply", "remove", "calibrate", "capture_attention", "cache_kwarg", "infoscale_attention",
-           "infoscale_mask", "train_len_of", "SinkCache", "bounded_cache", "RotatedKeysCache"]
+           "infoscale_mask", "train_len_of", "SinkCache", "bounded_cache", "RotatedKeysCache",
+           "cache_for"]
 
 # Also importable from here, as before the package had modules (``infoscale doctor`` and the tests use them). To
 # replace one in a test, patch the module it lives in (e.g. infoscale.hf.cache._pre_hook): the name here is a copy.

@@ -25,7 +25,7 @@ import torch
 from ..errors import ConfigError
 from .geometry import SEQ_LEN_KWARG
 from .mask import _padding_of
-from .methods import _mask_params, _parsed, _settings
+from .methods import _mask_params, _needs_positions, _parsed, _settings
 from .rotated_cache import RotatedKeysCache
 from .sink_cache import SinkCache
 
@@ -170,20 +170,29 @@ def _generation_cache_wrapper(model, original, make):
     return prepare
 
 
-def bound_generation_cache(model):
-    """Make ``model.generate`` decode with :func:`bounded_cache` (an instance attribute wraps the model's
-    ``_prepare_cache_for_generation``; deleting it undoes this); returns the handle of the padding hook."""
-    handle = model.base_model.register_forward_pre_hook(_bounded_padding_hook, with_kwargs=True)
+def cache_for(model):
+    """The KV cache ``generate`` builds for ``model`` when the caller gives none, for a decoding loop written by
+    hand: after :func:`infoscale.hf.apply`, the bounded :func:`bounded_cache` of a windowed method or a
+    :class:`RotatedKeysCache` for a method that moves positions; else transformers' ``DynamicCache``."""
+    from transformers import DynamicCache
+
+    s = getattr(model.config, "infoscale", None)
+    if isinstance(s, dict) and "method" in s:
+        pm = _parsed(s["method"], int(s["train_len"]))
+        if _mask_params(pm) is not None:
+            return bounded_cache(model)
+        if _needs_positions(pm):
+            return RotatedKeysCache(config=model.config)
+    return DynamicCache(config=model.config)
+
+
+def generation_cache(model) -> list:
+    """Make ``model.generate`` decode with :func:`cache_for` (an instance attribute wraps the model's
+    ``_prepare_cache_for_generation``; deleting it undoes this); returns the handles of its hooks (the bounded
+    cache's padding hook)."""
     model._prepare_cache_for_generation = _generation_cache_wrapper(model, model._prepare_cache_for_generation,
-                                                                    bounded_cache)
-    return handle
-
-
-def rotated_generation_cache(model) -> None:
-    """Make ``model.generate`` decode with a :class:`RotatedKeysCache` (an instance attribute wraps the model's
-    ``_prepare_cache_for_generation``; deleting it undoes this)."""
-    model._prepare_cache_for_generation = _generation_cache_wrapper(
-        model, model._prepare_cache_for_generation, lambda m: RotatedKeysCache(config=m.config))
+                                                                    cache_for)
+    return [model.base_model.register_forward_pre_hook(_bounded_padding_hook, with_kwargs=True)]
 
 
 # --- generate without the length reminder -----------------------------------------------------

@@ -17,7 +17,7 @@ from ..attn import attention, merge_with_training, parse_method
 from ..errors import ConfigError, MethodError
 from ..models import train_len_of
 from .attention import forward_scope, infoscale_attention
-from .cache import bound_generation_cache, keep_prompt_length, quiet_generate, rotated_generation_cache
+from .cache import generation_cache, keep_prompt_length, quiet_generate
 from .mask import infoscale_mask
 from .methods import NAME, _dynamic, _mask_params, _needs_positions, _parsed, _rotary_component
 from .rotary import _ROPE_ATTR, UnrotatedRotary, _rebuilt_rotaries, _ropes_of
@@ -159,11 +159,9 @@ def apply(model, method: str | None = None, *, train_len: int | None = None):
     state["hooks"] = forward_scope(model)  # the layers of one forward share their attention layouts
     if _dynamic(pm):
         state["hooks"] += keep_prompt_length(model)
-    if _mask_params(pm) is not None and hasattr(model, "_prepare_cache_for_generation"):
-        state["hooks"].append(bound_generation_cache(model))  # the windowed methods decode with a bounded cache
-        state["generation_cache"] = True
-    elif _needs_positions(pm) and hasattr(model, "_prepare_cache_for_generation"):
-        rotated_generation_cache(model)  # a step rotates only its own key
+    if (_mask_params(pm) is not None or _needs_positions(pm)) and hasattr(model, "_prepare_cache_for_generation"):
+        # the windowed methods decode with a bounded cache, the methods that move positions keep rotated keys
+        state["hooks"] += generation_cache(model)
         state["generation_cache"] = True
     if quiet_generate(model):
         state["quiet_generate"] = True
