@@ -201,7 +201,7 @@ def test_training_copies_come_from_the_training_split(tmp_path, corpus, monkeypa
 
 def test_copy_accuracy_of_a_step_by_hand():
     """The logged copy accuracy: a model right exactly on the later copies (t ≥ m) of the copy rows."""
-    from infoscale.train import _copy_accuracy
+    from infoscale.tasks.clm import copy_accuracy as _copy_accuracy
 
     L, V = 12, 20
     labels = torch.randint(1, V, (3, L))

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from infoscale.attn.methods import REGISTRY
 from infoscale.cli import COMMANDS, build_parser
 from infoscale.cli import main as cli
 from infoscale.errors import ConfigError, MethodError
@@ -201,7 +202,8 @@ def test_only_the_attention_core_branches_on_method_names():
     """Every fact about a method lives in its registry entry (infoscale.attn.methods.REGISTRY): outside
     infoscale.attn no code compares a value with a method's name, so a new method is one entry and no other module
     needs to learn its name."""
-    
+    from infoscale.attn.methods import REGISTRY
+
     found = []
     for path in sorted(PKG.rglob("*.py")):
         if (PKG / "attn") in path.parents:
@@ -229,6 +231,50 @@ print("infoscale")
     assert hits == ["lm_infinite", "logn", "rerope", "streamingllm", "window"]
 
 
+
+# Comparisons with a family's name outside models/ and tasks/ that are the point of their module: (file, source)
+FAMILY_NAME_EXEMPT = {
+    # the converter of GAU-α's official checkpoints checks that the file it is handed is one
+    ("convert.py", 'cfg.get("model_type", "gau_alpha") != "gau_alpha"'),
+}
+
+
+def test_only_models_and_tasks_branch_on_family_and_task_names():
+    """A family's facts live in its ``Family`` entry and module, a task's in its ``Task`` class: outside
+    infoscale.models and infoscale.tasks no code compares a value with a family's ``model_type``, its ``--arch``
+    name or a task's name, so a new family or task is its module and one registry line."""
+    from infoscale.models import FAMILIES
+    from infoscale.tasks import TASKS
+
+    names = set(FAMILIES) | {f.arch for f in FAMILIES.values() if f.arch} | set(TASKS)
+    found = []
+    for path in sorted(PKG.rglob("*.py")):
+        if (PKG / "models") in path.parents or (PKG / "tasks") in path.parents:
+            continue
+        src = path.read_text(encoding="utf-8")
+        for node, hit in _name_comparisons(src, names):
+            seg = ast.get_source_segment(src, node)
+            if (path.name, seg) not in FAMILY_NAME_EXEMPT:
+                found.append(f"{path.relative_to(PKG)}:{node.lineno}: {seg} ({', '.join(hit)})")
+    assert not found, "ask the family's entry or the task's class instead of its name:\n" + "\n".join(found)
+
+
+def test_every_family_names_a_registered_task_and_trainable_families_build():
+    """Each family's task is in the task registry, implements the interface, and each family ``infoscale train``
+    builds has the module facts it promises (``PRESETS``, ``TRAIN_METHODS``, ``build_for_training``)."""
+    from infoscale.models import ARCHS, FAMILIES
+    from infoscale.tasks import Task, task
+
+    for fam in FAMILIES.values():
+        cls = task(fam.task)
+        assert issubclass(cls, Task) and isinstance(cls.causal, bool) and cls.streams >= 1
+        for name in ("batch", "forward", "targets", "step_metrics", "heldout"):
+            assert getattr(cls, name) is not getattr(Task, name), f"{cls.__name__} does not implement {name}"
+    for arch, fam in ARCHS.items():
+        module = fam.import_module()
+        assert module.PRESETS and callable(module.build_for_training), arch
+        assert module.TRAIN_METHODS is None or set(module.TRAIN_METHODS) <= set(REGISTRY) | {"softmax"}, arch
+        assert fam.tokenizers and set(fam.tokenizers) <= {"char", "bpe"}, arch
 
 @pytest.mark.e2e
 def test_report_loads_no_torch():

@@ -307,11 +307,15 @@ def analyze(cfg: AnalyzeConfig) -> list[dict]:
         recs += cos_window_records(cfg)
     if cfg.model:
         from .rundir import load_model
+        from .tasks import task
 
         run = load_model(cfg.model, "cpu", cfg.train_len or None, cfg.progress)
         docs = run.heldout_docs(cfg.corpus or None)
-        if run.task == "clm":
+        if task(run.task).causal:
             recs += causal_entropy_records(cfg, run, docs)
+        elif not run.family.per_call_methods:
+            raise ConfigError(f"{cfg.model}: analyze measures GAU-α masked LMs and causal models; a "
+                              f"{run.model.config.model_type} masked LM is not supported yet")
         else:
             recs += entropy_dilution_records(cfg, run.model, docs, run.name)
             recs += cos_window_records(cfg, run.model, docs, run.name)

@@ -136,9 +136,9 @@ def calibrate(cfg: CalibrateConfig, log=print) -> dict:
         raise ConfigError(f"--train-len is for pretrained models; {cfg.model} is a run directory (its L is known)")
     run = load_run(cfg.model)
     model, L = run.model, run.train_len
-    if not hasattr(getattr(model, "base_model", model), "encoder"):
-        raise ConfigError(f"{cfg.model}: calibrate supports GAU runs; for transformers models use "
-                          "infoscale.hf.calibrate(model, input_ids)")
+    if not run.family.calibration_file:
+        raise ConfigError(f"{cfg.model}: calibrate writes calibration.json for GAU-α runs; for a "
+                          f"{model.config.model_type} run use infoscale.hf.calibrate(model, input_ids)")
     docs = run.heldout_docs(cfg.corpus or None)
     longest = max(len(a) for a in docs.arrays)
     lengths = list(cfg.lengths) or [n for n in (4 * L, 16 * L, 64 * L) if n <= longest]

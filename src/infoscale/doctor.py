@@ -59,14 +59,13 @@ def _tiny(family: str):
     small = dict(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=L, pad_token_id=0, bos_token_id=1,
                  eos_token_id=2, initializer_range=0.3)
-    torch.manual_seed(0)
-    if family == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**small))
-    elif family == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**small, use_sliding_window=True, sliding_window=16,
-                                             max_window_layers=1))
-    else:
+    builders = {"llama": lambda: LlamaForCausalLM(LlamaConfig(**small)),
+                "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**small, use_sliding_window=True, sliding_window=16,
+                                                              max_window_layers=1))}
+    if family not in builders:
         raise ConfigError(f"doctor checks the families {', '.join(FAMILIES)}, not {family!r}")
+    torch.manual_seed(0)
+    model = builders[family]()
     model.config._attn_implementation = "sdpa"
     return model.eval()
 

@@ -120,7 +120,9 @@ def cell_cost(config, cfg: EvalConfig, n: int) -> tuple[int, float]:
     Peak memory: per token the layer activations (input projection u, v, z; q, k; the output) and the
     logits over the vocabulary; per query chunk the scores, weights and relative positions against
     all n keys. An upper bound: windowed methods touch fewer keys."""
-    h, e, s, v = config.hidden_size, config.intermediate_size, config.attention_key_size, config.vocab_size
+    # GAU-α's q and k have attention_key_size dims; a multi-head encoder's (ModernBERT) have hidden_size in all
+    s = getattr(config, "attention_key_size", None) or config.hidden_size
+    h, e, v = config.hidden_size, config.intermediate_size, config.vocab_size
     layers = config.num_hidden_layers
     copies = max(1, cfg.tokens_per_batch // n)
     tokens = copies * n
@@ -247,7 +249,7 @@ def _evaluate_mlm(cfg: EvalConfig, log=print) -> list[dict]:
         todo = []
         for m in cfg.methods:
             try:  # a method that does not apply to this model (RoPE methods on ALiBi, ...) is skipped
-                resolved = str(model.resolve_method(m).resolved(L))
+                resolved = str(run.resolve_method(m).resolved(L))
             except MethodError as e:
                 log(f"skip {m} on {run.path}: {e}")
                 continue
@@ -278,9 +280,8 @@ def _evaluate_mlm(cfg: EvalConfig, log=print) -> list[dict]:
                                 cfg.seed)
             rng = np.random.default_rng([cfg.seed, n, 7])
             groups = [mlm.mask_groups(n, cfg.protocol, rng, samples=cfg.samples, stride=cfg.stride) for _ in wins]
-            hits, losses = mlm.score_windows(model, wins, groups, cfg.tokens_per_batch, device, bf16,
-                                             method=resolved, attn_options={"chunk_size": cfg.chunk_size or None,
-                                                                            "bf16": bf16})
+            forward = run.logits_with(resolved, {"chunk_size": cfg.chunk_size or None, "bf16": bf16})
+            hits, losses = mlm.score_windows(forward, wins, groups, cfg.tokens_per_batch, device, bf16)
             allc, alll = np.concatenate(hits), np.concatenate(losses)
             if not np.isfinite(alll).all():
                 raise MethodError(f"{m} gives non-finite logits (NaN or infinity) on {run.name} at n={n} ({setting}): "

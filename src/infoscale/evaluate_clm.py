@@ -45,13 +45,14 @@ CLM_SETTINGS = ("contiguous", "repeated", "passkey")
 
 
 def is_causal_run(path) -> bool:
-    """Whether ``--models`` names a causal model: a run directory whose family's task is ``clm``, or a
+    """Whether ``--models`` names a causal model: a run directory whose family's task is causal, or a
     pretrained model (a transformers model directory or a ``.gguf`` file, :mod:`infoscale.models.pretrained`)."""
     import json
     from pathlib import Path
 
     from .models import FAMILIES
     from .models.pretrained import is_pretrained
+    from .tasks import task
 
     if is_pretrained(path):
         return True
@@ -61,7 +62,7 @@ def is_causal_run(path) -> bool:
     except (OSError, ValueError, AttributeError):
         return False  # load_run gives the clear error later
     fam = FAMILIES.get(mt)
-    return fam is not None and fam.task == "clm"
+    return fam is not None and task(fam.task).causal
 
 
 def _count(cfg, n: int) -> int:

@@ -40,8 +40,41 @@ class Run:
         return {k: self.train_config.get(k) for k in keys}
 
     @property
+    def family(self):
+        return family(self.model.config.model_type)
+
+    @property
     def task(self) -> str:
-        return family(self.model.config.model_type).task
+        return self.family.task
+
+    def resolve_method(self, method: str):
+        """The method a forward with ``method`` runs: merged with the training method (GAU-α: the model's own
+        rule). A causal-only method on a bidirectional model is refused (MethodError), so evaluation skips it."""
+        if self.family.per_call_methods:
+            return self.model.resolve_method(method)
+        from .attn import merge_with_training
+        from .attn.errors import MethodError
+        from .tasks import task
+
+        train = (getattr(self.model.config, "infoscale", None) or {}).get("train_method", "softmax")
+        pm = merge_with_training(train, method, self.train_len)
+        only = [c.name for c in pm.components if c.method.causal_only]
+        if only and not task(self.task).causal:
+            raise MethodError(f"{only[0]} is defined for causal attention only; {self.model.config.model_type}'s "
+                              "attention is bidirectional")
+        return pm
+
+    def logits_with(self, method: str, attn_options: dict | None = None):
+        """A function ids -> logits of the model running ``method`` (a resolved method string): passed per call to a
+        model whose forward takes it (GAU-α, with the core's ``attn_options``), else applied once with
+        :func:`infoscale.hf.apply` (which replaces the method applied before)."""
+        model = self.model
+        if self.family.per_call_methods:
+            return lambda ids: model(ids, method=method, attn_options=attn_options).logits
+        from . import hf
+
+        hf.apply(model, method, train_len=self.train_len)
+        return lambda ids: model(ids).logits
 
     @property
     def train_len(self) -> int:
@@ -111,7 +144,8 @@ def check_sizes(p: Path, device="cpu") -> None:
     damaged or crafted config.json would otherwise allocate whatever it says)."""
     import re
 
-    cls = family(_read_json(p / "config.json").get("model_type")).load_class()
+    fam = family(_read_json(p / "config.json").get("model_type"))
+    cls = fam.load_class()
 
     try:
         config = cls.config_class.from_pretrained(p)
@@ -119,11 +153,10 @@ def check_sizes(p: Path, device="cpu") -> None:
         raise DataError(f"{p / 'config.json'} cannot be used: {str(e).splitlines()[0][:200]}") from None
     check_model_size(config, device, str(p / "config.json"))
     shapes = weight_shapes(p / "model.safetensors")
-    if config.model_type == "gau_alpha":  # runs saved by infoscale 0.1 have flat names
-        from .models.gau import FIRST_FORMAT_KEYS
-
-        for old, new in FIRST_FORMAT_KEYS.items():
-            shapes = {re.sub(old, new, k): v for k, v in shapes.items()}
+    # runs saved by an earlier version of the family's module may name their weights otherwise (GAU-α's infoscale
+    # 0.1 runs have flat names); the module maps them
+    for old, new in getattr(fam.import_module(), "FIRST_FORMAT_KEYS", {}).items():
+        shapes = {re.sub(old, new, k): v for k, v in shapes.items()}
     check_weights(cls, config, shapes, str(p / "model.safetensors"), str(p / "config.json"))
 
 
@@ -159,7 +192,7 @@ def load_run(path: str | Path, device="cpu") -> Run:
     # `infoscale calibrate` (GAU runs): per-layer d for infoscale(calibrated=True), read (and checked) only when a
     # calibrated method runs, so a damaged file does not stop other methods; a transformers model keeps its
     # fitted dims in config.infoscale (infoscale.hf.calibrate), so a stray file beside one is not read
-    if fam.module == "gau" and (p / "calibration.json").exists():
+    if fam.calibration_file and (p / "calibration.json").exists():
         model.base_model.calibration_file = p / "calibration.json"
     return Run(p, model, tok, tcfg)
 

@@ -1,6 +1,8 @@
-"""``infoscale train``: training at a short length: GAU-α masked LM (``--arch gau``, the default) or transformers'
-own ``LlamaForCausalLM`` with next-token loss (``--arch llama``, :mod:`infoscale.models.llama`,
-:mod:`infoscale.tasks.clm`).
+"""``infoscale train``: training at a short length: GAU-α masked LM (``--arch gau``, the default), transformers'
+own ``LlamaForCausalLM`` with next-token loss (``--arch llama``) or ``ModernBertForMaskedLM`` with the masked-LM
+objective (``--arch modernbert``). The loop knows a family only through its ``infoscale.models.Family`` entry and
+module (which builds the model) and the objective only through its ``infoscale.tasks.Task`` (batches, forward,
+metrics): setup, step, log, evaluate, save.
 
 Deterministic by construction: the batch, the masking and the dropout seed of step t are functions
 of (seed, t) alone, so a resumed run (``--resume``) continues with exactly the data order and RNG
@@ -32,6 +34,7 @@ from .attn import REGISTRY, parse_method
 from .data import CORPORA, BPETokenizer, CharTokenizer, TokenDocs, load_corpus, load_tokenizer, split_documents
 from .errors import ConfigError, DataError, MethodError
 from .io import atomic_write, atomic_write_bytes, atomic_write_json, check_parent_folders, os_error_in, write_error
+from .models import ARCHS
 from .options import SEED_RANGE, add_flags, from_args, option
 from .runtime import (
     choose_precision,
@@ -42,18 +45,19 @@ from .runtime import (
     step_generator,
     use_bf16,
 )
-from .tasks import clm, mlm
+from .tasks import task
 
 MODEL_PRESETS = ("tiny", "mini", "small", "paper")  # mini: llama only
-ARCHS = ("gau", "llama")
 
-HELP = "train a GAU-α masked LM or a Llama causal LM at a short length (resumable; torchrun for several processes)"
+HELP = ("train a masked LM (GAU-α, ModernBERT) or a Llama causal LM at a short length (resumable; torchrun for "
+        "several processes)")
 
 
 @dataclass
 class TrainConfig:
     out: str = option("", "run directory to create (or continue with --resume)", required=True)
-    arch: str = option("gau", "gau (GAU-α masked LM) | llama (transformers' LlamaForCausalLM, next-token loss)")
+    arch: str = option("gau", "gau (GAU-α masked LM) | llama (transformers' LlamaForCausalLM, next-token loss) | "
+                              "modernbert (transformers' ModernBertForMaskedLM, masked LM)")
     tokenizer: str = option("auto", "auto (char for gau, bpe for llama) | char | bpe (byte-level BPE, llama only)")
     vocab_size: int = option(2048, "bpe: vocabulary size, trained on the training split")
     passkey_share: float = option(-1.0, "llama: share of training windows replaced by passkey samples of L tokens "
@@ -125,44 +129,48 @@ class TrainConfig:
 
 
     def _check_arch(self) -> None:
-        """--arch, --tokenizer, --passkey-share and --copy-share; resolves the 'auto' values (so train_config.json
-        records what ran)."""
+        """--arch, --tokenizer and the task's own options (--passkey-share, --copy-share), from the family's and the
+        task's facts; resolves the 'auto' values (so train_config.json records what ran)."""
         if self.arch not in ARCHS:
-            raise ConfigError(f"unknown --arch {self.arch!r}; choose gau or llama")
+            raise ConfigError(f"unknown --arch {self.arch!r}; choose {' or '.join(ARCHS)}")
+        fam = ARCHS[self.arch]
         if self.tokenizer == "auto":
-            self.tokenizer = "bpe" if self.arch == "llama" else "char"
+            self.tokenizer = fam.tokenizers[0]
         if self.tokenizer not in ("char", "bpe"):
             raise ConfigError(f"--tokenizer must be auto, char or bpe, got {self.tokenizer!r}")
-        if self.tokenizer == "bpe" and self.arch != "llama":
-            raise ConfigError("--tokenizer bpe is for --arch llama; GAU-α's masked LM uses the character vocabulary")
+        if self.tokenizer not in fam.tokenizers:
+            archs = " or ".join(a for a, f in ARCHS.items() if self.tokenizer in f.tokenizers)
+            raise ConfigError(f"--tokenizer {self.tokenizer} is for --arch {archs}; --arch {self.arch} uses "
+                              f"{' or '.join(fam.tokenizers)}")
         if not isinstance(self.vocab_size, int) or self.vocab_size < 258:
             raise ConfigError(f"--vocab-size must be an integer >= 258 (256 bytes + 2 specials), got "
                               f"{self.vocab_size!r}")
-        if self.passkey_share == -1.0:
-            self.passkey_share = 0.05 if self.arch == "llama" else 0.0
-        if not 0 <= self.passkey_share < 1:
-            raise ConfigError(f"--passkey-share must be in [0, 1) (or -1 for the default), got {self.passkey_share}")
-        if self.passkey_share and self.arch != "llama":
-            raise ConfigError("--passkey-share is for --arch llama (a causal model); a masked LM is not asked for "
-                              "passkeys")
-        if not (isinstance(self.copy_share, (int, float)) and 0 <= self.copy_share < 1):
-            raise ConfigError(f"--copy-share must be in [0, 1), got {self.copy_share}")
-        if self.copy_share and self.arch != "llama":
-            raise ConfigError("--copy-share is for --arch llama (a causal model learns to copy from next-token loss); "
-                              "drop --copy-share or give --arch llama")
+        own = task(fam.task).options
+        for name in dict.fromkeys(k for f in ARCHS.values() for k in task(f.task).options):
+            flag = "--" + name.replace("_", "-")
+            if getattr(self, name) == -1.0:
+                setattr(self, name, own.get(name, 0.0))
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0 <= v < 1):
+                raise ConfigError(f"{flag} must be in [0, 1) (or -1 for the default), got {v}")
+            if v and name not in own:
+                archs = " or ".join(a for a, f in ARCHS.items() if name in task(f.task).options)
+                raise ConfigError(f"{flag} is for --arch {archs} (its task reads it; --arch {self.arch}'s does not); "
+                                  f"drop {flag} or give --arch {archs}")
         if self.passkey_share + self.copy_share >= 1:
             raise ConfigError(f"--passkey-share {self.passkey_share} + --copy-share {self.copy_share} leaves no text "
                               "windows; keep their sum below 1")
-        if self.preset == "mini" and self.arch != "llama":
-            raise ConfigError("--preset mini is a Llama size (--arch llama); GAU-α has tiny, small and paper")
-        if self.arch == "llama":
-            from .models.llama import TRAIN_METHODS
-
+        module = fam.import_module()
+        if self.preset not in module.PRESETS:
+            raise ConfigError(f"--preset {self.preset} is not a size of --arch {self.arch}; it has "
+                              f"{', '.join(module.PRESETS)}")
+        if module.TRAIN_METHODS is not None:
             names = [c.name for c in parse_method(self.attention, self.train_len).components] or ["softmax"]
-            bad = [n for n in names if n not in TRAIN_METHODS]
+            bad = [n for n in names if n not in module.TRAIN_METHODS]
             if bad:
-                raise MethodError(f"--arch llama trains with {' or '.join(TRAIN_METHODS)}; {bad[0]} is not supported "
-                                  "for Llama training (train it with --arch gau, or evaluate a Llama run with it)")
+                raise MethodError(f"--arch {self.arch} trains with {' or '.join(module.TRAIN_METHODS)}; {bad[0]} is "
+                                  f"not supported for its training (evaluate a run of --arch {self.arch} with it, or "
+                                  "train with another --arch)")
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -286,7 +294,6 @@ def _clear_run(out: Path) -> None:
 
 
 # The fields of a GAU config that fix the weights' shapes (taken from the --init-from run).
-GAU_SHAPE = ("hidden_size", "intermediate_size", "attention_key_size", "num_hidden_layers", "type_vocab_size")
 
 
 def _init_run_dir(path: str) -> Path:
@@ -302,7 +309,7 @@ def _init_source(cfg: TrainConfig):
     from .rundir import load_run
 
     src = load_run(_init_run_dir(cfg.init_from)).model
-    want = "llama" if cfg.arch == "llama" else "gau_alpha"
+    want = ARCHS[cfg.arch].model_type
     if src.config.model_type != want:
         raise ConfigError(f"--init-from {cfg.init_from} holds a {src.config.model_type!r} model but --arch {cfg.arch} "
                           f"trains {want!r}; give a run of the same family")
@@ -333,7 +340,7 @@ def run_precision(cfg: TrainConfig, device) -> bool:
 
 def prepare_run(cfg: TrainConfig, rank: int, device):
     """Create (or reopen with --resume, or replace with --overwrite) the run directory; returns
-    (tokenizer, train docs, eval docs, ckpt, bf16). Everything is checked before the first file is written
+    (task, train docs, eval docs, ckpt, bf16). Everything is checked before the first file is written
     (a bad corpus or a training length no document reaches leaves no folder behind) and before the precision
     is chosen (``--bf16 auto`` measures, and says so)."""
     if not cfg.out:
@@ -362,11 +369,8 @@ def prepare_run(cfg: TrainConfig, rank: int, device):
             tok = BPETokenizer.train(train_texts, cfg.vocab_size)
         else:
             tok = CharTokenizer.train(train_texts, cfg.min_count)
-    if cfg.passkey_share > 0:  # the passkey samples must fit the training window
-        need = clm.Passkey(tok).min_length() + clm.DIGITS
-        if need > cfg.train_len:
-            raise ConfigError(f"a passkey sample needs at least {need} tokens with this tokenizer but --train-len is "
-                              f"{cfg.train_len}; use a longer --train-len or --passkey-share 0")
+    run_task = task(ARCHS[cfg.arch].task)(cfg, tok)
+    run_task.check_run()
     by_name = {d.name: d for d in docs}
     missing = [n for n in split["train"] + split["eval"] if n not in by_name]
     if missing:
@@ -390,7 +394,7 @@ def prepare_run(cfg: TrainConfig, rank: int, device):
         atomic_write_json(out / "split.json", split)
         atomic_write_json(saved_cfg, dataclasses.asdict(cfg) | {"corpus": corpus_ref(cfg.corpus), "overwrite": False}
                           | _precision_field(bf16))
-    return tok, train_docs, eval_docs, ckpt, bf16
+    return run_task, train_docs, eval_docs, ckpt, bf16
 
 
 def run(args) -> int:
@@ -405,8 +409,6 @@ def train(cfg: TrainConfig) -> int:
     """Train (or resume) one run; returns 0. Works alone or under torchrun."""
     from tqdm import tqdm
 
-    from .models.gau import GAUForMaskedLM, build_config
-
     quiet_libraries(cfg.progress)
     rank, world = dist_info()
     device = resolve_device(cfg.device)
@@ -420,7 +422,8 @@ def train(cfg: TrainConfig) -> int:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if cfg.batch_size % world:
             raise ConfigError(f"--batch-size {cfg.batch_size} is not divisible by the {world} processes")
-    tok, train_docs, eval_docs, ckpt, bf16 = prepare_run(cfg, rank, device)
+    fam = ARCHS[cfg.arch]
+    run_task, train_docs, eval_docs, ckpt, bf16 = prepare_run(cfg, rank, device)
     out = Path(cfg.out)
     if rank == 0:  # how this run computes (for the record; a resumed run rewrites it)
         atomic_write_json(out / "runtime.json", {"precision": precision_info(device), "torch": torch.__version__,
@@ -432,16 +435,8 @@ def train(cfg: TrainConfig) -> int:
         return 0
 
     torch.manual_seed(cfg.seed)
-    causal = cfg.arch == "llama"
     source = _init_source(cfg) if cfg.init_from and ckpt is None else None
-    if causal:
-        model = build_llama(cfg, tok).to(device)
-    else:
-        shape = {k: getattr(source.config, k) for k in GAU_SHAPE} if source is not None else {}
-        mcfg = build_config(cfg.preset, vocab_size=len(tok), train_len=cfg.train_len, attention=cfg.attention,
-                            hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
-                            cosscale_init=cfg.cosscale_init, **shape)
-        model = GAUForMaskedLM(mcfg).to(device)
+    model = fam.import_module().build_for_training(cfg, run_task.tok, source).to(device)
     if source is not None:
         try:
             model.load_state_dict(source.state_dict())
@@ -459,7 +454,6 @@ def train(cfg: TrainConfig) -> int:
                                                         else None)
     model.train()
     positions = parse_method(cfg.attention, cfg.train_len).training_positions(cfg.train_len)
-    passkey = clm.Passkey(tok) if causal and cfg.passkey_share > 0 else None
     kill_at = int(os.environ.get("INFOSCALE_TEST_KILL_AFTER_SAVE", "0"))  # fault injection for the resume test
 
     def save_checkpoint(step: int) -> None:
@@ -486,27 +480,16 @@ def train(cfg: TrainConfig) -> int:
                mininterval=2.0, desc=f"train {cfg.attention}")
     t0, tokens = time.perf_counter(), 0
     for step in range(start, cfg.steps):
-        if causal:
-            gens = [step_generator(cfg.seed, step, i) for i in (0, 1, 2, 3, 4, 5)]
-            b = clm.train_batch(train_docs, gens, batch_size=cfg.batch_size, train_len=cfg.train_len,
-                                positions=positions, passkey=passkey, passkey_share=cfg.passkey_share,
-                                copy_share=cfg.copy_share)
-        else:
-            gens = [step_generator(cfg.seed, step, i) for i in range(3)]
-            b = mlm.train_batch(train_docs, gens, batch_size=cfg.batch_size, train_len=cfg.train_len,
-                                vocab_size=len(tok), mask_prob=cfg.mask_prob, positions=positions)
+        b = run_task.batch(train_docs, [step_generator(cfg.seed, step, i) for i in range(run_task.streams)],
+                           positions)
         shard = slice(rank, None, world)
         x, y = b.input_ids[shard].to(device), b.labels[shard].to(device)
         pos = b.positions[shard].to(device) if b.positions is not None else None
-        n_global = _targets(b.labels, causal)
+        n_global = run_task.targets(b.labels)
         torch.manual_seed(step_generator(cfg.seed, step, 3).initial_seed() % 2**31 + rank)  # dropout of this step
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            if causal:  # an all-ones mask: without one, transformers may read PoSE's position jumps as packed
-                # sequences (masking_utils.find_packed_sequence_indices) and cut attention at the skip
-                res = net(input_ids=x, attention_mask=torch.ones_like(x), position_ids=pos, labels=y, use_cache=False)
-            else:
-                res = net(x, position_ids=pos, labels=y)
-        n_local = _targets(y, causal)
+            res = run_task.forward(net, x, y, pos)
+        n_local = run_task.targets(y)
         # DDP averages gradients over processes: scale so the step equals one on the global batch.
         loss = res.loss * (n_local * world / max(n_global, 1))
         opt.zero_grad(set_to_none=True)
@@ -520,31 +503,17 @@ def train(cfg: TrainConfig) -> int:
         if not math.isfinite(loss_value):
             raise DataError(f"the loss became {loss_value} at step {done}; lower --lr")
         if done % 20 == 0 or done == cfg.steps:
-            if causal:
-                acc = float((res.logits.detach()[:, :-1].argmax(-1) == y[:, 1:]).float().mean())
-            else:
-                sel = y != -100
-                acc = float((res.logits.detach()[sel].argmax(-1) == y[sel]).float().mean())
+            metrics = run_task.step_metrics(res.logits.detach(), y, b, shard)
+            acc = metrics.pop("acc")
             rate = tokens / (time.perf_counter() - t0)
             bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{acc:.3f}", tok_s=f"{rate:,.0f}")
-            rec = {"step": done, "loss": loss_value, "acc": acc, "lr": sched.get_last_lr()[0], "tok_s": rate}
-            if causal and cfg.copy_share > 0:
-                rec |= _copy_accuracy(res.logits.detach(), y, b.kind[shard], b.span[shard])
-            log(rec)
+            log({"step": done, "loss": loss_value, "acc": acc, "lr": sched.get_last_lr()[0], "tok_s": rate,
+                 **metrics})
         if done % cfg.eval_every == 0 or done == cfg.steps:
-            if causal:
-                rec = {"step": done, **clm.heldout_loss(model, eval_docs, seed=cfg.seed, windows=cfg.val_windows,
-                                                        train_len=cfg.train_len, device=device, bf16=bf16)}
-            else:
-                rec = {"step": done, **mlm.heldout_accuracy(model, eval_docs, seed=cfg.seed,
-                                                           windows=cfg.val_windows, train_len=cfg.train_len,
-                                                           vocab_size=len(tok), mask_prob=cfg.mask_prob,
-                                                           device=device, bf16=bf16)}
+            rec = {"step": done, **run_task.heldout(model, eval_docs, device=device, bf16=bf16)}
             log(rec)
-            bar.write(f"step {done}: held-out {'next-token' if causal else 'masked'} accuracy at L={cfg.train_len}: "
-                      f"{rec['val_acc']:.4f} (loss {rec['val_loss']:.3f}, {rec['val_n']} predictions)"
-                      + ("" if causal else "; with training's 80/10/10 masking, so not comparable to `infoscale "
-                         "eval`, which masks with [MASK] only"))
+            bar.write(f"step {done}: held-out {run_task.noun} accuracy at L={cfg.train_len}: {rec['val_acc']:.4f} "
+                      f"(loss {rec['val_loss']:.3f}, {rec['val_n']} predictions){run_task.heldout_note}")
         if done % cfg.save_every == 0 or done == cfg.steps:
             save_checkpoint(done)
         bar.update(1)
@@ -563,53 +532,13 @@ def train(cfg: TrainConfig) -> int:
             if err is None:
                 raise
             raise write_error(out / "model.safetensors", err) from None
-        if causal:
-            print(f"saved {out} (AutoModelForCausalLM.from_pretrained('{out}'), "
-                  f"AutoTokenizer.from_pretrained('{out}'))")
-        else:
-            print(f"saved {out} (AutoModelForMaskedLM.from_pretrained('{out}') after `import infoscale.models.gau`)")
+        print(f"saved {out} ({fam.load_hint.format(out=out)})")
     if world > 1:
         import torch.distributed as dist
 
         dist.barrier()
         dist.destroy_process_group()
     return 0
-
-
-def _copy_accuracy(logits: torch.Tensor, labels: torch.Tensor, kind: torch.Tensor, span: torch.Tensor) -> dict:
-    """This step's top-1 accuracy on the copy rows' later copies (targets t ≥ m, whose source is m tokens back)
-    and on their first copy (targets 1 ≤ t < m), as ``copy_acc`` / ``copy_first_acc`` (this process's rows); {}
-    when the step drew no copy row. The gap is the copying the model has learnt."""
-    rows = kind.to(logits.device) == clm.COPY
-    if not rows.any():
-        return {}
-    hit = logits[rows, :-1].argmax(-1) == labels[rows, 1:]  # entry t − 1 is target t
-    t = torch.arange(1, labels.shape[1], device=logits.device)
-    later = t[None, :] >= span.to(logits.device)[rows][:, None]
-    return {"copy_acc": float(hit[later].float().mean()), "copy_first_acc": float(hit[~later].float().mean())}
-
-
-def _targets(labels: torch.Tensor, causal: bool) -> int:
-    """Predictions in a batch: masked positions (MLM), or every position after the first (next-token)."""
-    return int((labels[:, 1:] != -100).sum()) if causal else int((labels != -100).sum())
-
-
-def build_llama(cfg: TrainConfig, tok):
-    """A freshly initialised ``LlamaForCausalLM`` for this run (seeded by the caller)."""
-    from .models.llama import LlamaForCausalLM
-    from .models.llama import build_config as llama_config
-
-    if isinstance(tok, BPETokenizer):
-        ids = {"bos_token_id": tok.eos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
-    else:
-        from .data import PAD, SEP
-
-        ids = {"bos_token_id": None, "eos_token_id": SEP, "pad_token_id": PAD}
-    mcfg = llama_config(cfg.preset, vocab_size=len(tok), train_len=cfg.train_len, attention=cfg.attention,
-                        dropout=cfg.dropout, **ids)
-    mcfg.infoscale["passkey_share"] = cfg.passkey_share
-    mcfg.infoscale["copy_share"] = cfg.copy_share
-    return LlamaForCausalLM(mcfg)
 
 
 def keep_metrics_until(path: Path, step: int) -> None:

@@ -12,19 +12,43 @@ from ..errors import ConfigError, DataError
 
 @dataclass(frozen=True)
 class Family:
+    """A model family: its transformers ``model_type``, the module that registers its config and model, the model
+    class, the task it trains (a name in :data:`infoscale.tasks.TASKS`) and, for a family ``infoscale train``
+    builds, its ``--arch`` name, its tokenizers (the first is the default) and how a user loads a saved run.
+
+    A trainable family's module defines ``PRESETS`` (size name → config fields), ``TRAIN_METHODS`` (the method
+    names it trains with, or None for every trainable method) and ``build_for_training(cfg, tok, source)`` (a
+    freshly initialised model for a ``TrainConfig``; ``source``, the ``--init-from`` model whose shape it takes).
+    Adding a family: its module and one line in ``FAMILIES``.
+    """
+
     model_type: str
     module: str  # infoscale.models.<module>
     model_class: str
     task: str  # infoscale.tasks.<task>
+    arch: str = ""  # `infoscale train --arch` name ("": not trained by infoscale)
+    tokenizers: tuple[str, ...] = ("char",)
+    load_hint: str = ""  # a format string of {out}: how the saved run is loaded
+    calibration_file: bool = False  # reads per-layer dims from a run's calibration.json (`infoscale calibrate`)
+    per_call_methods: bool = False  # the model's forward takes method= (GAU-α); else infoscale.hf.apply
+
+    def import_module(self):
+        return importlib.import_module(f"infoscale.models.{self.module}")
 
     def load_class(self):
-        return getattr(importlib.import_module(f"infoscale.models.{self.module}"), self.model_class)
+        return getattr(self.import_module(), self.model_class)
 
 
 FAMILIES = {f.model_type: f for f in [
-    Family("gau_alpha", "gau", "GAUForMaskedLM", "mlm"),
-    Family("llama", "llama", "LlamaForCausalLM", "clm"),
+    Family("gau_alpha", "gau", "GAUForMaskedLM", "mlm", arch="gau", tokenizers=("char",),
+           load_hint="AutoModelForMaskedLM.from_pretrained('{out}') after `import infoscale.models.gau`",
+           calibration_file=True, per_call_methods=True),
+    Family("llama", "llama", "LlamaForCausalLM", "clm", arch="llama", tokenizers=("bpe", "char"),
+           load_hint="AutoModelForCausalLM.from_pretrained('{out}'), AutoTokenizer.from_pretrained('{out}')"),
+    Family("modernbert", "modernbert", "ModernBertForMaskedLM", "mlm", arch="modernbert", tokenizers=("char",),
+           load_hint="AutoModelForMaskedLM.from_pretrained('{out}')"),
 ]}
+ARCHS = {f.arch: f for f in FAMILIES.values() if f.arch}  # the families `infoscale train` builds, by --arch
 
 
 def family(model_type: str | None) -> Family:

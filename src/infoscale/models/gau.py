@@ -308,6 +308,22 @@ def build_config(preset: str = "small", **overrides) -> GAUConfig:
     return GAUConfig(**{**PRESETS[preset], **overrides})
 
 
+# The training methods GAU-α trains with: every trainable method of the registry.
+TRAIN_METHODS = None
+# What a model initialised from another run (--init-from) takes from that run's config: its shape.
+SHAPE = ("hidden_size", "intermediate_size", "attention_key_size", "num_hidden_layers", "type_vocab_size")
+
+
+def build_for_training(cfg, tok, source=None) -> GAUForMaskedLM:
+    """A freshly initialised GAU-α masked LM for an ``infoscale train`` config (seeded by the caller): the preset's
+    size (or ``source``'s shape), the run's vocabulary, L, training method, dropout and CosScale init."""
+    shape = {k: getattr(source.config, k) for k in SHAPE} if source is not None else {}
+    mcfg = build_config(cfg.preset, vocab_size=len(tok), train_len=cfg.train_len, attention=cfg.attention,
+                        hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout,
+                        cosscale_init=cfg.cosscale_init, **shape)
+    return GAUForMaskedLM(mcfg)
+
+
 AutoConfig.register(GAUConfig.model_type, GAUConfig, exist_ok=True)
 AutoModel.register(GAUConfig, GAUModel, exist_ok=True)
 AutoModelForMaskedLM.register(GAUConfig, GAUForMaskedLM, exist_ok=True)

@@ -15,9 +15,11 @@ from __future__ import annotations
 
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from ..data.bpe import BPETokenizer
+from ..data.tokenizers import PAD, SEP
 from ..errors import ConfigError
 
-__all__ = ["PRESETS", "build_config", "LlamaForCausalLM", "TRAIN_METHODS"]
+__all__ = ["PRESETS", "build_config", "build_for_training", "LlamaForCausalLM", "TRAIN_METHODS"]
 
 # head_dim = hidden / heads >= 32 so InfoScale's d-dependence (l^(-2/d)) matters.
 PRESETS = {
@@ -52,3 +54,18 @@ def build_config(preset: str, *, vocab_size: int, train_len: int, attention: str
                       **PRESETS[preset])
     cfg.infoscale = {"train_method": attention, "train_len": train_len}
     return cfg
+
+
+def build_for_training(cfg, tok, source=None) -> LlamaForCausalLM:
+    """A freshly initialised ``LlamaForCausalLM`` for an ``infoscale train`` config (seeded by the caller). Its
+    special tokens are the tokenizer's: BPE's end-of-text as BOS/EOS and its pad, or the character vocabulary's
+    [SEP] and [PAD]. ``source`` (--init-from) must have this preset's shape (its weights are loaded after)."""
+    if isinstance(tok, BPETokenizer):
+        ids = {"bos_token_id": tok.eos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+    else:
+        ids = {"bos_token_id": None, "eos_token_id": SEP, "pad_token_id": PAD}
+    mcfg = build_config(cfg.preset, vocab_size=len(tok), train_len=cfg.train_len, attention=cfg.attention,
+                        dropout=cfg.dropout, **ids)
+    mcfg.infoscale["passkey_share"] = cfg.passkey_share
+    mcfg.infoscale["copy_share"] = cfg.copy_share
+    return LlamaForCausalLM(mcfg)

@@ -28,9 +28,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import DataError
+from ..errors import ConfigError, DataError
+from . import Task
 
-__all__ = ["Batch", "Passkey", "train_batch", "copy_sample", "copy_span_range", "TEXT", "PASSKEY", "COPY",
+__all__ = ["CausalLM", "Batch", "Passkey", "train_batch", "copy_sample", "copy_span_range", "TEXT", "PASSKEY", "COPY",
            "heldout_loss", "token_nll", "bucket_edges", "copy_windows", "passkey_prompt", "passkey_generate",
            "cluster_mean_ci"]
 
@@ -237,3 +238,60 @@ def cluster_mean_ci(values_per_window: list[np.ndarray]) -> tuple[float, float, 
     else:
         se = math.sqrt(w / (w - 1) * float(((sums - mean * counts) ** 2).sum())) / total
     return float(mean), float(mean - 1.96 * se), float(mean + 1.96 * se)
+
+
+class CausalLM(Task):
+    """The causal-LM task of ``infoscale train``: next-token loss over every position after the first, with shares
+    of passkey (``--passkey-share``) and copy (``--copy-share``) samples; next-token accuracy, and on the copy rows
+    the accuracy of their later and first copies."""
+
+    causal = True
+    streams = 6  # windows, (unused), positions, (dropout), row kinds and passkeys, copy samples
+    noun = "next-token"
+    options = {"passkey_share": 0.05, "copy_share": 0.0}
+
+    def __init__(self, cfg, tok):
+        super().__init__(cfg, tok)
+        self.passkey = Passkey(tok) if cfg.passkey_share > 0 else None
+
+    def check_run(self) -> None:
+        if self.passkey is not None and self.passkey.min_length() + DIGITS > self.cfg.train_len:
+            raise ConfigError(f"a passkey sample needs at least {self.passkey.min_length() + DIGITS} tokens with this "
+                              f"tokenizer but --train-len is {self.cfg.train_len}; use a longer --train-len or "
+                              "--passkey-share 0")
+
+    def batch(self, docs, gens, positions) -> Batch:
+        return train_batch(docs, gens, batch_size=self.cfg.batch_size, train_len=self.cfg.train_len,
+                           positions=positions, passkey=self.passkey, passkey_share=self.cfg.passkey_share,
+                           copy_share=self.cfg.copy_share)
+
+    def forward(self, net, x, y, positions):
+        # an all-ones mask: without one, transformers may read PoSE's position jumps as packed sequences
+        # (masking_utils.find_packed_sequence_indices) and cut attention at the skip
+        return net(input_ids=x, attention_mask=torch.ones_like(x), position_ids=positions, labels=y, use_cache=False)
+
+    def targets(self, labels) -> int:
+        return int((labels[:, 1:] != -100).sum())  # transformers shifts the labels: target t is predicted at t − 1
+
+    def step_metrics(self, logits, y, batch, shard) -> dict:
+        rec = {"acc": float((logits[:, :-1].argmax(-1) == y[:, 1:]).float().mean())}
+        if self.cfg.copy_share > 0:
+            rec |= copy_accuracy(logits, y, batch.kind[shard], batch.span[shard])
+        return rec
+
+    def heldout(self, model, docs, *, device, bf16: bool) -> dict:
+        return heldout_loss(model, docs, seed=self.cfg.seed, windows=self.cfg.val_windows,
+                            train_len=self.cfg.train_len, device=device, bf16=bf16)
+
+
+def copy_accuracy(logits: torch.Tensor, labels: torch.Tensor, kind: torch.Tensor, span: torch.Tensor) -> dict:
+    """A step's top-1 accuracy on the copy rows' later copies (targets t ≥ m, whose source is m tokens back) and on
+    their first copy (targets 1 ≤ t < m), as ``copy_acc`` / ``copy_first_acc`` (this process's rows); {} when the
+    step drew no copy row. The gap is the copying the model has learnt."""
+    rows = kind.to(logits.device) == COPY
+    if not rows.any():
+        return {}
+    hit = logits[rows, :-1].argmax(-1) == labels[rows, 1:]  # entry t − 1 is target t
+    t = torch.arange(1, labels.shape[1], device=logits.device)
+    later = t[None, :] >= span.to(logits.device)[rows][:, None]
+    return {"copy_acc": float(hit[later].float().mean()), "copy_first_acc": float(hit[~later].float().mean())}

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 
 from ..data.tokenizers import MASK, SPECIALS
 from ..errors import ConfigError
+from . import Task
 
-__all__ = ["Batch", "mask_tokens", "train_batch", "heldout_accuracy", "mask_groups", "score_windows"]
+__all__ = ["MaskedLM", "Batch", "mask_tokens", "train_batch", "heldout_accuracy", "mask_groups", "score_windows"]
 
 
 @dataclass
@@ -92,11 +93,11 @@ def mask_groups(n: int, protocol: str, rng: np.random.Generator, *, samples: int
 
 
 @torch.inference_mode()
-def score_windows(model, windows: list[np.ndarray], groups: list[list[np.ndarray]], tokens_per_batch: int, device,
-                  bf16: bool, method=None, attn_options: dict | None = None
-                  ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+def score_windows(forward, windows: list[np.ndarray], groups: list[list[np.ndarray]], tokens_per_batch: int, device,
+                  bf16: bool) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per window, (correct, loss) of each prediction; every group of masked positions gets its own
-    copy of its window, and copies of all windows are batched ``tokens_per_batch`` tokens at a time."""
+    copy of its window, and copies of all windows are batched ``tokens_per_batch`` tokens at a time.
+    ``forward``: ids (B, n) -> logits (B, n, V), the model running the method scored."""
     n = len(windows[0])
     tasks = [(w, g) for w, gs in enumerate(groups) for g in gs]
     per = max(1, tokens_per_batch // n)
@@ -111,7 +112,7 @@ def score_windows(model, windows: list[np.ndarray], groups: list[list[np.ndarray
         target = x[rows, cols].clone()
         x[rows, cols] = MASK
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(x, method=method, attn_options=attn_options).logits[rows, cols].float()
+            logits = forward(x)[rows, cols].float()
         ok = (logits.argmax(-1) == target).cpu().numpy()
         ce = F.cross_entropy(logits, target, reduction="none").cpu().numpy()
         owner = np.repeat([w for w, _ in batch], [len(g) for _, g in batch])
@@ -119,3 +120,33 @@ def score_windows(model, windows: list[np.ndarray], groups: list[list[np.ndarray
             correct[w].append(ok[owner == w])
             losses[w].append(ce[owner == w])
     return [np.concatenate(c) for c in correct], [np.concatenate(v) for v in losses]
+
+
+class MaskedLM(Task):
+    """The masked-LM task of ``infoscale train``: BERT masking (``--mask-prob``), the loss over the chosen
+    positions, masked accuracy."""
+
+    causal = False
+    streams = 3  # windows, masking, positions
+    noun = "masked"
+    heldout_note = ("; with training's 80/10/10 masking, so not comparable to `infoscale eval`, which masks with "
+                    "[MASK] only")
+
+    def batch(self, docs, gens, positions) -> Batch:
+        return train_batch(docs, gens, batch_size=self.cfg.batch_size, train_len=self.cfg.train_len,
+                           vocab_size=len(self.tok), mask_prob=self.cfg.mask_prob, positions=positions)
+
+    def forward(self, net, x, y, positions):
+        return net(x, position_ids=positions, labels=y)
+
+    def targets(self, labels) -> int:
+        return int((labels != -100).sum())
+
+    def step_metrics(self, logits, y, batch, shard) -> dict:
+        sel = y != -100
+        return {"acc": float((logits[sel].argmax(-1) == y[sel]).float().mean())}
+
+    def heldout(self, model, docs, *, device, bf16: bool) -> dict:
+        return heldout_accuracy(model, docs, seed=self.cfg.seed, windows=self.cfg.val_windows,
+                                train_len=self.cfg.train_len, vocab_size=len(self.tok), mask_prob=self.cfg.mask_prob,
+                                device=device, bf16=bf16)
