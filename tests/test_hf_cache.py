@@ -265,7 +265,9 @@ def test_a_cut_or_reordered_cache_drops_its_stores(monkeypatch):
     a, b = ids_for(n=12), ids_for(n=3, seed=7)
     cache = hf.RotatedKeysCache(config=m.config)
     kw = {hf.cache_kwarg(m): cache, "use_cache": True}
-    logits(m, a, **kw)
+    logits(m, a[:, :11], **kw)
+    assert not any(layer.rotated for layer in cache.layers)  # a prefill keeps none: decoding stores what it takes
+    logits(m, a[:, 11:], **kw)
     assert all(layer.rotated for layer in cache.layers)
     cache.crop(-3)
     assert not any(layer.rotated for layer in cache.layers)

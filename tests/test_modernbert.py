@@ -56,6 +56,8 @@ def test_methods_reach_the_model_through_hf():
                 assert (got - plain).abs().max() > 1e-3, m
     with pytest.raises(MethodError, match="causal attention only"):
         run.resolve_method("dca")
+    with pytest.raises(MethodError, match="train-time method|trained"):  # what hf.apply refuses is skipped too
+        run.resolve_method("cosscale")
 
 
 @pytest.mark.e2e

@@ -220,7 +220,7 @@ def test_a_key_store_rotates_only_new_keys(method, far_rotated, monkeypatch):
     """Decoding with a layer's key store (as RotatedKeysCache keeps it): every step equals the reference, and a step
     rotates its own key and the few a short region scores, not every cached key. A store handed other positions
     (the dynamic factor moved) or another batch starts over and stays exact."""
-    n0, steps = 1400, 3  # a far side longer than STORE_FROM
+    n0, steps = 1400, 4  # a far side longer than STORE_FROM
     q, k, v = _qkv(n0 + steps, n0 + steps, seed=11)
     rows = []
     real = sdpa_mod._rotate
@@ -233,6 +233,7 @@ def test_a_key_store_rotates_only_new_keys(method, far_rotated, monkeypatch):
 
     store = {}
     attention_sdpa(plan_at(n0, n0, seq), q[:, :, :n0], k[:, :, :n0], v[:, :, :n0], rotated=store)
+    assert not store  # prefill keeps nothing: the first decoding step stores what decoding takes from it
     for t in range(1, steps + 1):
         n = n0 + t
         plan = plan_at(1, n, seq)
@@ -243,7 +244,8 @@ def test_a_key_store_rotates_only_new_keys(method, far_rotated, monkeypatch):
         assert (got - want).abs().max().item() < 1e-4
         rows.clear()
         attention_sdpa(plan, q[:, :, n - 1:n], k[:, :, :n], v[:, :, :n])
-        assert stored < 300 and (sum(rows) > n) == far_rotated  # the far side: 1 new key rotated instead of n
+        if t > 1:  # the far side: 1 new key rotated instead of n
+            assert stored < 300 and (sum(rows) > n) == far_rotated
     # the factor moved (no prompt length kept): positions differ, the store starts over, the output stays exact
     n = n0 + steps
     moved = plan_at(1, n, torch.full((2,), float(4 * n0), dtype=torch.float64))

@@ -228,8 +228,7 @@ def _evaluate_mlm(cfg: EvalConfig, log=print) -> list[dict]:
     runs = [load_run(m, device) for m in cfg.models]
     for m in cfg.methods:  # a bad method or value is an error, before any work
         for run in runs:
-            isc = parse_method(m, run.train_len).get("infoscale")
-            if isc is not None and isc.calibrated:
+            if parse_method(m, run.train_len).calibrated():
                 run.load_calibration()
     heldout = {}
     for run in runs:  # lengths that cannot run are refused before any work

@@ -62,6 +62,9 @@ class Run:
         if only and not task(self.task).causal:
             raise MethodError(f"{only[0]} is defined for causal attention only; {self.model.config.model_type}'s "
                               "attention is bidirectional")
+        from . import hf
+
+        hf.apply(self.model, str(pm.resolved(self.train_len)), train_len=self.train_len)  # its refusals, now
         return pm
 
     def logits_with(self, method: str, attn_options: dict | None = None):

@@ -859,6 +859,11 @@ class ParsedMethod:
                 return c
         return None
 
+    def calibrated(self) -> bool:
+        """Whether a component runs on the per-layer dimension ``infoscale calibrate`` fits (its registry entry
+        says which parameters ask for it)."""
+        return any(c.method.calibrated is not None and c.method.calibrated(c.params) for c in self.components)
+
     @property
     def train_time(self) -> tuple[Component, ...]:
         return tuple(c for c in self.components if c.method.train_time)

@@ -299,7 +299,7 @@ def attention_sdpa(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if len(plan.regions) == 1 and _causal_only(plan):
         region = plan.regions[0]
         qr = _rotate(plan, q, region.q_at(plan.q_pos))
-        kr = _keys_at(plan, k, 0, rotated)
+        kr = _keys_at(plan, k, 0, None)
         factor = scale
         if plan.temperature is not None:  # l_i = i + 1 keys under a causal mask
             l = torch.arange(1, n_q + 1, dtype=torch.float64, device=q.device).view(1, 1, n_q, 1)
@@ -317,7 +317,8 @@ def attention_sdpa(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     # region scores rotated.
     prefill = n_q >= ROTATE_ALL_FROM
     if prefill:
-        k_rot = [_repeat_heads(_keys_at(plan, k, i, rotated), g) for i in range(len(regions))]
+        # (no store: which regions a decoding step will take from it, and so is worth a copy, shows only then)
+        k_rot = [_repeat_heads(_keys_at(plan, k, i, None), g) for i in range(len(regions))]
         v_all, stack = _repeat_heads(v, g), 1
     else:
         k_rot, v_all, stack = None, v, g

@@ -31,7 +31,16 @@ from ..attn.plan import in_window
 from ..attn.sdpa import attention_sdpa
 from ..errors import ConfigError
 from . import capture
-from .geometry import _bool_mask, _core_geometry, _kept_geometry, _kv_repeat, _row_lengths, _seq_len, query_offset
+from .geometry import (
+    SEQ_LEN_KWARG,
+    _bool_mask,
+    _core_geometry,
+    _kept_geometry,
+    _kv_repeat,
+    _row_lengths,
+    _seq_len,
+    query_offset,
+)
 from .methods import _fast_ok, _layer_method, _mask_params, _needs_positions, _parsed, _settings, _without_positions
 from .rotary import _ROPE_ATTR
 from .rotated_cache import ROTATED_ATTR
@@ -83,10 +92,23 @@ def infoscale_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
     elif _fast_ok(pm) and softcap is None and not want_weights:
         return _fast(pm, L, query, key, value, mask, n_q, n_k, causal, scaling, dropout)
     else:
-        q_pos, k_pos, kpm, seq_len = _core_geometry(mask, attention_mask, n_q, n_k, causal, B, query.device, kwargs)
-    plan = build_plan(pm, batch=B, heads=H, head_dim=d, train_len=L, n_q=n_q, n_k=n_k, causal=causal,
-                      key_padding_mask=kpm, attn_mask=mask, positions=q_pos, key_positions=k_pos, rope=rope,
-                      scale=scaling, softcap=softcap, seq_len=seq_len, device=query.device)
+        q_pos = None
+    # the layers of one forward share their geometry and plan where they have the same method, rope and mask
+    shared = None if kept is not None else _forward_memo(
+        ("plan", id(attention_mask), id(kwargs.get("position_ids")), id(kwargs.get(SEQ_LEN_KWARG)), str(pm), L, n_q,
+         n_k, causal, B, H, d, scaling, softcap, rope, kwargs.get("sliding_window"), query.device),
+        (attention_mask, kwargs.get("position_ids"), kwargs.get(SEQ_LEN_KWARG)))
+    if shared is not None and "plan" in shared:
+        plan, q_pos, k_pos, kpm, seq_len = shared["plan"]
+    else:
+        if q_pos is None:
+            q_pos, k_pos, kpm, seq_len = _core_geometry(mask, attention_mask, n_q, n_k, causal, B, query.device,
+                                                        kwargs)
+        plan = build_plan(pm, batch=B, heads=H, head_dim=d, train_len=L, n_q=n_q, n_k=n_k, causal=causal,
+                          key_padding_mask=kpm, attn_mask=mask, positions=q_pos, key_positions=k_pos, rope=rope,
+                          scale=scaling, softcap=softcap, seq_len=seq_len, device=query.device)
+        if shared is not None:
+            shared["plan"] = plan, q_pos, k_pos, kpm, seq_len
     if not want_weights:  # fused SDPA calls, one per position region, where the plan allows (attn.sdpa)
         memo = None if kept is not None else _layout_memo(attention_mask, kwargs.get("position_ids"), pm, L, n_q,
                                                           n_k, causal, seq_len, kwargs.get("sliding_window"))
@@ -172,6 +194,18 @@ def forward_scope(model: nn.Module) -> list:
     base = getattr(model, "base_model", model)
     return [base.register_forward_pre_hook(_enter_forward, with_kwargs=True),
             base.register_forward_hook(_exit_forward, with_kwargs=True, always_call=True)]
+
+
+def _forward_memo(key: tuple, hold: tuple) -> dict | None:
+    """The dict of this forward's scope under ``key`` (None outside a hooked forward); the entry keeps ``hold``, the
+    tensors whose ids are in the key, alive for the forward, so no id is reused within it."""
+    scopes = _FORWARDS.get()
+    if not scopes:
+        return None
+    entry = scopes[-1].get(key)
+    if entry is None:
+        entry = scopes[-1][key] = (hold, {})
+    return entry[1]
 
 
 def _layout_memo(raw_mask, position_ids, pm, L: int, n_q: int, n_k: int, causal: bool, seq_len, sliding_window):

@@ -83,7 +83,7 @@ def _dynamic(pm) -> bool:
 def _layer_method(pm, settings: dict, module, L: int):
     """``infoscale(calibrated=True)`` becomes ``infoscale(dim=d_ℓ)`` with this layer's fitted d
     (:func:`infoscale.hf.calibrate`)."""
-    if not any(c.method.calibrated is not None and c.method.calibrated(c.params) for c in pm.components):
+    if not pm.calibrated():
         return pm
     dims = settings.get("dims")
     idx = getattr(module, "layer_idx", None)

@@ -162,7 +162,7 @@ class GAUPreTrainedModel(PreTrainedModel):
             std = depth / math.sqrt(cfg.hidden_size) / 0.87962566
             hf_init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
         elif isinstance(module, GatedAttentionUnit):
-            cos = parse_method(cfg.attention).get("cosscale") is not None
+            cos = parse_method(cfg.attention).slot("normalize") is not None  # cosine attention (CosScale)
             if cos and cfg.cosscale_init == "apart":
                 for p in (module.q_scaleoffset, module.k_scaleoffset):
                     hf_init.copy_(p, torch.randint(0, 2, p.shape).float() * 2 - 1)
@@ -230,8 +230,7 @@ class GAUModel(GAUPreTrainedModel):
         plan = build_plan(pm, n=n, batch=b, heads=1, head_dim=cfg.attention_key_size, train_len=cfg.train_len,
                           key_padding_mask=attention_mask, positions=position_ids, device=input_ids.device)
         plans = [plan] * len(self.encoder.layer)  # one plan for all layers: same method, shapes and masks
-        isc = pm.get("infoscale")
-        if isc is not None and isc.calibrated:  # per-layer d (infoscale calibrate): only the temperature differs
+        if pm.calibrated():  # per-layer d (infoscale calibrate): only the temperature differs
             dims = getattr(self, "infoscale_dims", None)
             if dims is None and getattr(self, "calibration_file", None) is not None:  # read when first needed
                 attach(self, self.calibration_file)
