@@ -12,6 +12,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import infoscale.hf as ihf
@@ -289,6 +290,7 @@ tok = AutoTokenizer.from_pretrained({str(llama_run)!r})
 model = AutoModelForCausalLM.from_pretrained({str(llama_run)!r}).eval()
 ids = tok({text!r})["input_ids"]
 import torch
+import torch.nn.functional as F
 with torch.no_grad():
     logits = model(torch.tensor([ids])).logits[0, -1].tolist()
 assert not any(m.startswith("infoscale") for m in sys.modules), "infoscale was imported"
@@ -586,3 +588,39 @@ def test_a_batch_holds_fewer_windows_where_the_logits_would_not_fit(monkeypatch)
     monkeypatch.setattr(runtime, "available_memory", lambda device: causal_cost(run.model, 512, 512)[0] - 1)
     with pytest.raises(DataError, match="length 512 needs about .* per forward batch \\(one window\\)"):
         _check_causal_budget(run, cfg, logs.append)
+
+
+def test_nll_with_the_head_applied_by_chunks_equals_the_whole_logits(monkeypatch):
+    """token_nll applies the output head a chunk of positions at a time (the logits of a long window are the largest
+    tensor of the forward): the same NLL and hits as the model's whole logits; a model that changes its logits after
+    the head (Gemma 2's final soft-capping) is detected and scored from its whole logits."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from infoscale.evaluate_clm import causal_cost
+
+    torch.manual_seed(0)
+    small = dict(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=16)
+    llama = LlamaForCausalLM(LlamaConfig(**small)).eval()
+    gemma = Gemma2ForCausalLM(Gemma2Config(**small, head_dim=8, final_logit_softcapping=0.05)).eval()
+    wins = [np.random.default_rng(i).integers(0, 50, 40) for i in range(3)]
+
+    def whole(model):
+        with torch.no_grad():
+            x = torch.from_numpy(np.stack(wins)).long()
+            logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
+            return F.cross_entropy(logits.transpose(1, 2), x[:, 1:], reduction="none"), logits.argmax(-1) == x[:, 1:]
+
+    monkeypatch.setattr(clm, "LOGIT_ROWS", 7)  # 39 targets: 6 chunks, the last one short
+    calls = []
+    real = clm._nll_by_chunks
+    monkeypatch.setattr(clm, "_nll_by_chunks", lambda *a: calls.append(r := real(*a)) or r)
+    for model, chunked in ((llama, True), (gemma, False)):
+        calls.clear()
+        nll, hits = clm.token_nll(model, wins, device=torch.device("cpu"), bf16=False)
+        ce, ok = whole(model)
+        assert np.allclose(np.stack(nll), ce.numpy(), atol=1e-5) and (np.stack(hits) == ok.numpy()).all()
+        assert (calls[0] is not None) == chunked  # Gemma 2's head output is soft-capped after the head
+    # the memory estimate counts the logits of LOGIT_ROWS positions where the head splits off, of all n where not
+    saved = causal_cost(gemma, 32768, 32768)[0] - causal_cost(llama, 32768, 32768)[0]
+    assert saved == pytest.approx(1.2 * 4 * 3 * 50 * (32768 - 7), rel=1e-6)

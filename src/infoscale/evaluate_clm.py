@@ -132,9 +132,11 @@ def passkey_records(model, pk, n: int, depths, trials: int, seed: int, device, b
 def causal_cost(model, n: int, tokens_per_batch: int) -> tuple[int, float]:
     """(peak bytes of one forward batch beyond the weights, floating-point operations per window of n tokens) of
     a decoder at length n. Memory: per token the hidden states of a layer (a few copies of hidden and MLP
-    widths) and the logits over the vocabulary in float32 (the model's and our float copy); attention in query
-    chunks of 1024 rows against n keys (the reference path's scores; torch's SDPA needs less). FLOPs: 2 per
-    weight and token, plus q·k and weights·v over the causal half of an n × n matrix per layer."""
+    widths) and the logits over the vocabulary in float32 (the model's and our float copy), for at most
+    ``clm.LOGIT_ROWS`` positions per window where the head is applied by chunks (:func:`infoscale.tasks.clm.
+    split_head`); attention in query chunks of 1024 rows against n keys (the reference path's scores; torch's SDPA
+    needs less). FLOPs: 2 per weight and token, plus q·k and weights·v over the causal half of an n × n matrix per
+    layer."""
     c = model.config
     h = int(getattr(c, "hidden_size", 0) or 0)
     inter = int(getattr(c, "intermediate_size", 4 * h) or 4 * h)
@@ -143,7 +145,8 @@ def causal_cost(model, n: int, tokens_per_batch: int) -> tuple[int, float]:
     vocab = int(getattr(c, "vocab_size", 0) or 0)
     copies = max(1, tokens_per_batch // n)
     tokens = copies * n
-    act = 4 * tokens * (6 * h + 3 * inter + 3 * vocab)
+    logit_rows = copies * min(n, clm.LOGIT_ROWS) if clm.split_head(model) is not None else tokens
+    act = 4 * tokens * (6 * h + 3 * inter) + 4 * logit_rows * 3 * vocab
     attn = 4 * copies * heads * min(1024, n) * n * 4
     weights = sum(p.numel() for p in model.parameters())
     flops = 2.0 * weights * n + 2.0 * layers * h * n * n

@@ -152,21 +152,89 @@ def heldout_loss(model, docs, *, seed: int, windows: int, train_len: int, device
     return {"val_acc": float(allh.mean()), "val_loss": float(allv.mean()), "val_n": int(allv.size)}
 
 
+# Positions whose logits exist at once when the output head is applied by chunks (:func:`token_nll`): the logits of
+# a long window over a large vocabulary are the largest tensor of a forward (32k positions × SmolLM2's 49k tokens in
+# float32: 6 GiB, Gemma's 262k: 32 GiB), and only their log-softmax at the target is kept.
+LOGIT_ROWS = 2048
+
+
+_SPLIT_ATTR = "_infoscale_split_head"  # on the model: the verdict of split_head's probe
+
+
+def split_head(model):
+    """(backbone, output head) of a transformers causal LM whose logits are ``head(backbone(ids)[0])``, cut to the
+    last positions by ``logits_to_keep``, or None. Found from the model's parts and checked once by a two-token
+    forward (a model that changes its logits after the head, e.g. Gemma 2's final soft-capping, gets None);
+    :func:`token_nll` checks again on every batch."""
+    import inspect
+
+    if _SPLIT_ATTR in vars(model):
+        return vars(model)[_SPLIT_ATTR]
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    base = getattr(model, "base_model", None)
+    try:
+        takes = "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        takes = False
+    split = None
+    if head is not None and base is not None and base is not model and takes:
+        # two ordinary tokens (not id 0, often the pad, whose embedding may be zero: zero logits hide any change)
+        probe = (torch.arange(1, 3, device=head.weight.device) % head.weight.shape[0])[None]
+        with torch.inference_mode():
+            if _nll_by_chunks(model, (base, head), probe) is not None:
+                split = base, head
+    model.__dict__[_SPLIT_ATTR] = split
+    return split
+
+
+def _nll_by_chunks(model, split, x: torch.Tensor):
+    """(−log p, hit) at targets 1 … n − 1 of the batch x (B, n) with the head applied ``LOGIT_ROWS`` positions at a
+    time, or None where the head's logits at the last position differ from the model's own (the model changes its
+    logits after the head)."""
+    base, head = split
+    got = {}
+    hook = base.register_forward_hook(lambda module, args, out: got.__setitem__("h", out[0]))
+    try:
+        last = model(input_ids=x, use_cache=False, logits_to_keep=1).logits[:, -1]
+    finally:
+        hook.remove()
+    h = got.get("h")
+    if h is None or h.shape[:2] != x.shape:
+        return None
+    if not torch.allclose(head(h[:, -1:])[:, 0].float(), last.float(), rtol=1e-5, atol=1e-5):  # the same row
+        return None
+    n = x.shape[1]
+    ce, ok = [], []
+    for a in range(0, n - 1, LOGIT_ROWS):
+        b = min(n - 1, a + LOGIT_ROWS)
+        logits = head(h[:, a:b]).float()
+        target = x[:, a + 1:b + 1]
+        ce.append(F.cross_entropy(logits.transpose(1, 2), target, reduction="none"))
+        ok.append(logits.argmax(-1) == target)
+    return torch.cat(ce, 1), torch.cat(ok, 1)
+
+
 @torch.inference_mode()
 def token_nll(model, windows: list[np.ndarray], *, device, bf16: bool, tokens_per_batch: int = 16384
               ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per window of n tokens, arrays of length n − 1: −log p(x_t | x_<t) and [argmax = x_t] for t = 1 … n − 1
-    (entry t − 1 is target position t). Windows of one length are batched ``tokens_per_batch`` tokens at a time."""
+    (entry t − 1 is target position t). Windows of one length are batched ``tokens_per_batch`` tokens at a time.
+    Where the model's head can be split off (:func:`split_head`), the logits are made ``LOGIT_ROWS`` positions at
+    a time (the same numbers, in far less memory at long n); otherwise in one piece."""
     n = len(windows[0])
     per = max(1, tokens_per_batch // n)
+    split = split_head(model)
     nll, hits = [], []
     for i in range(0, len(windows), per):
         x = torch.from_numpy(np.stack(windows[i:i + per])).long().to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
-        target = x[:, 1:]
-        ce = F.cross_entropy(logits.transpose(1, 2), target, reduction="none")
-        ok = logits.argmax(-1) == target
+            res = _nll_by_chunks(model, split, x) if split is not None else None
+            if res is None:
+                logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
+                target = x[:, 1:]
+                res = F.cross_entropy(logits.transpose(1, 2), target, reduction="none"), logits.argmax(-1) == target
+        ce, ok = res
         nll += list(ce.cpu().numpy())
         hits += list(ok.cpu().numpy())
     return nll, hits
