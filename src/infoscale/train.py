@@ -122,10 +122,6 @@ class TrainConfig:
                 trainable = ", ".join(n for n, m in REGISTRY.items() if m.trainable)
                 raise MethodError(f"{c.name} is an evaluation method; train with one of {trainable} and give "
                                   f"{c.name} to `infoscale eval`")
-        pose = pm.resolved(self.train_len).get("pose")
-        if pose is not None and pose.chunks > self.train_len:
-            raise MethodError(f"pose: chunks={pose.chunks} cannot exceed the training window --train-len "
-                              f"{self.train_len} (each chunk holds at least one token); use chunks <= {self.train_len}")
 
 
     def _check_arch(self) -> None:

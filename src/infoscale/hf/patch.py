@@ -107,9 +107,11 @@ def apply(model, method: str | None = None, *, train_len: int | None = None):
         raise ConfigError(f"train_len must be at least 2, got {L}")
     train_method = saved.get("train_method", "softmax")
     asked = parse_method(method, L)
-    if asked.get("pose") is not None and parse_method(train_method, L).get("pose") is None:
-        raise MethodError(f"pose is a train-time method (positional skip-wise training) and this model was trained "
-                          f"with '{train_method}'; at inference PoSE is plain RoPE, so use a training-free method")
+    trained = {c.name for c in parse_method(train_method, L).components}
+    for c in asked.components:  # a method that only changes training positions (PoSE) means nothing here
+        if c.method.slots == ("training",) and c.name not in trained:
+            raise MethodError(f"{c.name} is a train-time method ({c.method.formula}) and this model was trained "
+                              f"with '{train_method}'; at inference it is plain RoPE, so use a training-free method")
     pm = merge_with_training(train_method, asked, L).resolved(L)
     spec = str(pm)
 
