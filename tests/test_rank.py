@@ -364,11 +364,12 @@ def test_every_registered_length_temperature_gets_its_delta_row():
 
 def test_cell_keys_stay_what_earlier_records_hold():
     """A record's key identifies its cell across runs (resuming skips cells whose key is there): the same fields
-    must give the same key as before, for both tracks."""
-    from infoscale import evaluate, evaluate_clm, io
+    must give the same key as before, for both tracks (which share one sweep)."""
+    from infoscale import evaluate, evaluate_clm, io, sweep
 
     rec = {"model": "runs/quick/softmax", "method_resolved": "rerope(window=32)+infoscale(clamp=True)", "length": 1024,
            "setting": "contiguous", "protocol": "strided", "protocol_params": {"stride": 64}, "seed": 0,
            "windows": 32, "predictions": 1024}
     assert io.cell_key(rec) == "1977397f0b08eeb4"
-    assert evaluate.cell_key is io.cell_key and evaluate_clm.cell_key is io.cell_key
+    assert sweep.cell_key is io.cell_key
+    assert evaluate.sweep is sweep.sweep and evaluate_clm.sweep is sweep.sweep

@@ -28,24 +28,24 @@ cannot fit in the free memory is refused; the sweep's time is estimated and prin
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from . import __version__
 from .attn import parse_method
 from .data import make_windows
 from .errors import ConfigError, DataError, MethodError
-from .io import cell_key, check_output, git_commit, merge_records, read_records
+from .io import check_output, read_records
 from .options import SEED_RANGE, add_flags, from_args, option
 from .rundir import load_run
-from .runtime import available_memory, device_flops, duration, precision_info, quiet_libraries, use_bf16
+from .runtime import available_memory, device_flops, duration, quiet_libraries, use_bf16
 from .stats import cluster_ci, window_fields
+from .sweep import sweep
 from .tasks import mlm
 
 HELP = "evaluate models × methods × lengths (contiguous and repeated text) into JSONL records"
@@ -217,14 +217,11 @@ def evaluate(cfg: EvalConfig, log=print) -> list[dict]:
 
 
 def _evaluate_mlm(cfg: EvalConfig, log=print) -> list[dict]:
-    from tqdm import tqdm
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     for m in cfg.methods:  # a bad method or value is refused before anything is measured or loaded
         parse_method(m)
-    done = {r.get("key") for r in read_records(cfg.out)}  # also checks the file is readable, before any work
+    read_records(cfg.out)  # checks the file is readable, before any work
     new: list[dict] = []
-    commit = git_commit()
     runs = [load_run(m, device) for m in cfg.models]
     for m in cfg.methods:  # a bad method or value is an error, before any work
         for run in runs:
@@ -259,46 +256,38 @@ def _evaluate_mlm(cfg: EvalConfig, log=print) -> list[dict]:
         if seconds > 60:  # worth knowing before it starts
             log(f"{run.name}: {len(todo)} cells, estimated {duration(seconds)} on {device.type} at most (less for "
                 f"cells already in {cfg.out})")
-        bar = tqdm(todo, disable=not cfg.progress, dynamic_ncols=True, mininterval=2.0, desc=run.name)
-        for m, resolved, setting, n in bar:
-            rec = {"model": str(run.path.resolve()), "model_name": run.name,
-                   "train": run.training_summary(),
+        cells = [({"model": str(run.path.resolve()), "model_name": run.name, "train": run.training_summary(),
                    "method": m, "method_resolved": resolved, "length": n, "setting": setting,
                    "protocol": cfg.protocol, "protocol_params": params, "windows": cfg.windows,
-                   "predictions": cfg.predictions, "seed": cfg.seed}
-            rec["key"] = cell_key(rec)
-            if rec["key"] in done:
-                continue
-            done |= {r.get("key") for r in read_records(cfg.out)}  # cells another process added meanwhile
-            if rec["key"] in done:
-                continue
-            bar.set_postfix_str(f"{m} {setting} n={n}")
-            t0 = time.perf_counter()
-            count, _ = windows_needed(cfg, n)
-            wins = make_windows(docs, n, setting, count, L, cfg.stride if cfg.protocol == "strided" else None,
-                                cfg.seed)
-            rng = np.random.default_rng([cfg.seed, n, 7])
-            groups = [mlm.mask_groups(n, cfg.protocol, rng, samples=cfg.samples, stride=cfg.stride) for _ in wins]
-            forward = run.logits_with(resolved, {"chunk_size": cfg.chunk_size or None, "bf16": bf16})
-            hits, losses = mlm.score_windows(forward, wins, groups, cfg.tokens_per_batch, device, bf16)
-            allc, alll = np.concatenate(hits), np.concatenate(losses)
-            if not np.isfinite(alll).all():
-                raise MethodError(f"{m} gives non-finite logits (NaN or infinity) on {run.name} at n={n} ({setting}): "
-                                  f"its parameters or the model's weights make the output undefined (resolved: "
-                                  f"{resolved}); choose other parameters or check the model (nothing was written for "
-                                  f"this cell)")
-            lo_ci, hi_ci = cluster_ci(hits)
-            rec.update({"windows_used": len(wins), "n_predictions": int(allc.size), "tiled": setting == "repeated",
-                        "precision": "bf16" if bf16 else "fp32", "precision_info": precision_info(device),
-                        "version": __version__, "git_commit": commit,
-                        "wall_time": time.perf_counter() - t0, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-            acc_win, loss_win = per_window(hits, losses)
-            cell = [rec | {"metric": "accuracy", "value": float(allc.mean()), "ci_low": lo_ci, "ci_high": hi_ci}
-                    | acc_win,
-                    rec | {"metric": "loss", "value": float(alll.mean()), "ci_low": None, "ci_high": None} | loss_win]
-            new += merge_records(cfg.out, cell)
-            done.add(rec["key"])
+                   "predictions": cfg.predictions, "seed": cfg.seed}, f"{m} {setting} n={n}")
+                 for m, resolved, setting, n in todo]
+        new += sweep(cfg.out, cells, functools.partial(_measure, cfg, run, docs, device, bf16), device=device,
+                     bf16=bf16, desc=run.name, progress=cfg.progress)
     return new
+
+
+def _measure(cfg: EvalConfig, run, docs, device, bf16: bool, cell: dict) -> tuple[dict, list[dict]]:
+    """One masked-LM cell (:func:`infoscale.sweep.sweep`'s ``measure``): its windows masked by the protocol, scored
+    with the cell's method; accuracy and loss, each with its per-window fields."""
+    m, resolved, setting, n = cell["method"], cell["method_resolved"], cell["setting"], cell["length"]
+    count, _ = windows_needed(cfg, n)
+    wins = make_windows(docs, n, setting, count, run.train_len, cfg.stride if cfg.protocol == "strided" else None,
+                        cfg.seed)
+    rng = np.random.default_rng([cfg.seed, n, 7])
+    groups = [mlm.mask_groups(n, cfg.protocol, rng, samples=cfg.samples, stride=cfg.stride) for _ in wins]
+    forward = run.logits_with(resolved, {"chunk_size": cfg.chunk_size or None, "bf16": bf16})
+    hits, losses = mlm.score_windows(forward, wins, groups, cfg.tokens_per_batch, device, bf16)
+    allc, alll = np.concatenate(hits), np.concatenate(losses)
+    if not np.isfinite(alll).all():
+        raise MethodError(f"{m} gives non-finite logits (NaN or infinity) on {run.name} at n={n} ({setting}): "
+                          f"its parameters or the model's weights make the output undefined (resolved: "
+                          f"{resolved}); choose other parameters or check the model (nothing was written for "
+                          f"this cell)")
+    lo_ci, hi_ci = cluster_ci(hits)
+    acc_win, loss_win = per_window(hits, losses)
+    fields = {"windows_used": len(wins), "n_predictions": int(allc.size), "tiled": setting == "repeated"}
+    return fields, [{"metric": "accuracy", "value": float(allc.mean()), "ci_low": lo_ci, "ci_high": hi_ci} | acc_win,
+                    {"metric": "loss", "value": float(alll.mean()), "ci_low": None, "ci_high": None} | loss_win]
 
 
 def _count(k: int, noun: str) -> str:

@@ -26,17 +26,16 @@ for NLL).
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import torch
 
-from . import __version__
 from .errors import DataError, MethodError
-from .io import cell_key, git_commit, merge_records, read_records
+from .io import read_records
 from .rundir import load_model
-from .runtime import precision_info, use_bf16
+from .runtime import use_bf16
 from .stats import cluster_ci, window_fields
+from .sweep import sweep
 from .tasks import clm
 
 __all__ = ["CLM_SETTINGS", "evaluate_clm", "is_causal_run"]
@@ -185,14 +184,11 @@ def _check_causal_budget(run, cfg, log) -> dict[int, int]:
 
 def evaluate_clm(cfg, models: list[str], log=print) -> list[dict]:
     """The causal part of the sweep (``cfg`` is :class:`infoscale.evaluate.EvalConfig`); returns the new records."""
-    from tqdm import tqdm
-
     from . import hf
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = use_bf16(cfg.bf16, device)
-    done = {r.get("key") for r in read_records(cfg.out)}
-    commit = git_commit()
+    read_records(cfg.out)  # checks the file is readable, before any work
     new: list[dict] = []
     settings = [s for s in cfg.settings if s in CLM_SETTINGS]
     for path in models:
@@ -223,50 +219,41 @@ def evaluate_clm(cfg, models: list[str], log=print) -> list[dict]:
                         log(f"skip passkey at n={n}: the prompt needs {pk.min_length()} tokens")
                         continue
                     todo.append((m, resolved, setting, n))
-        bar = tqdm(todo, disable=not cfg.progress, dynamic_ncols=True, mininterval=2.0, desc=run.name)
-        applied = None
+        cells = []
+        for m, resolved, setting, n in todo:
+            params = ({"depths": [float(d) for d in cfg.depths], "digits": clm.DIGITS} if setting == "passkey"
+                      else ({"span": [L + 1, 2 * L]} if setting == "repeated" else {}))
+            cells.append(({"model": str(run.path.resolve()), "model_name": run.name,
+                           "train": run.training_summary(("arch", "tokenizer", "passkey_share", "copy_share")),
+                           "method": m, "method_resolved": resolved, "length": n, "setting": setting,
+                           "protocol": "greedy" if setting == "passkey" else "teacher_forced",
+                           "protocol_params": params, "windows": cfg.windows,
+                           "predictions": cfg.predictions if setting != "passkey" else cfg.passkey_trials,
+                           "seed": cfg.seed, "task": "clm"}, f"{m} {setting} n={n}"))
+        applied = []  # the method applied to the model now (applied once per method, when a cell needs it)
+
+        def measure(cell: dict, run=run, docs=docs, pk=pk, batch=batch, applied=applied):
+            m, setting, n, L = cell["method"], cell["setting"], cell["length"], run.train_len
+            if applied != [m]:
+                hf.apply(run.model, m, train_len=L)
+                applied[:] = [m]
+            count = cfg.passkey_trials if setting == "passkey" else _count(cfg, n)
+            args = (device, bf16, batch[n])
+            try:
+                if setting == "contiguous":
+                    rows, used = contiguous_records(run.model, docs, n, L, count, cfg.seed, *args)
+                elif setting == "repeated":
+                    rows, used = copy_records(run.model, docs, n, L, count, cfg.seed, *args)
+                else:
+                    rows, used = passkey_records(run.model, pk, n, cfg.depths, count, cfg.seed, *args)
+            except MethodError as e:
+                raise MethodError(f"{m} on {run.name} at n={n} ({setting}): {e}") from None
+            return ({"windows_used": used, "tiled": setting == "repeated"},
+                    [extra | fields | {"metric": metric, "value": float(v), "ci_low": float(lo), "ci_high": float(hi)}
+                     for metric, v, lo, hi, fields, extra in rows])
+
         try:
-            for m, resolved, setting, n in bar:
-                protocol = "greedy" if setting == "passkey" else "teacher_forced"
-                params = ({"depths": [float(d) for d in cfg.depths], "digits": clm.DIGITS} if setting == "passkey"
-                          else ({"span": [L + 1, 2 * L]} if setting == "repeated" else {}))
-                count = cfg.passkey_trials if setting == "passkey" else _count(cfg, n)
-                rec = {"model": str(run.path.resolve()), "model_name": run.name,
-                       "train": run.training_summary(("arch", "tokenizer", "passkey_share", "copy_share")),
-                       "method": m, "method_resolved": resolved, "length": n, "setting": setting,
-                       "protocol": protocol, "protocol_params": params, "windows": cfg.windows,
-                       "predictions": cfg.predictions if setting != "passkey" else cfg.passkey_trials,
-                       "seed": cfg.seed, "task": "clm"}
-                rec["key"] = cell_key(rec)
-                if rec["key"] in done:
-                    continue
-                done |= {r.get("key") for r in read_records(cfg.out)}
-                if rec["key"] in done:
-                    continue
-                if applied != m:
-                    hf.apply(model, m, train_len=L)
-                    applied = m
-                bar.set_postfix_str(f"{m} {setting} n={n}")
-                t0 = time.perf_counter()
-                args = (device, bf16, batch[n])
-                try:
-                    if setting == "contiguous":
-                        rows, used = contiguous_records(model, docs, n, L, count, cfg.seed, *args)
-                    elif setting == "repeated":
-                        rows, used = copy_records(model, docs, n, L, count, cfg.seed, *args)
-                    else:
-                        rows, used = passkey_records(model, pk, n, cfg.depths, count, cfg.seed, *args)
-                except MethodError as e:
-                    raise MethodError(f"{m} on {run.name} at n={n} ({setting}): {e}") from None
-                rec.update({"windows_used": used, "tiled": setting == "repeated",
-                            "precision": "bf16" if bf16 else "fp32", "precision_info": precision_info(device),
-                            "version": __version__, "git_commit": commit, "wall_time": time.perf_counter() - t0,
-                            "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
-                cell = [rec | extra | fields | {"metric": metric, "value": float(v), "ci_low": float(lo),
-                                                "ci_high": float(hi)}
-                        for metric, v, lo, hi, fields, extra in rows]
-                new += merge_records(cfg.out, cell)
-                done.add(rec["key"])
+            new += sweep(cfg.out, cells, measure, device=device, bf16=bf16, desc=run.name, progress=cfg.progress)
         finally:
             hf.remove(model)
     return new
