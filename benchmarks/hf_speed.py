@@ -34,9 +34,9 @@ LONG_METHODS = ["window", "streamingllm", "streamingllm(true_positions=True)", "
 LONG_CONTEXTS = [4096, 16384, 65536]
 
 
-def build(train_len: int, hidden: int = 256) -> LlamaForCausalLM:
+def build(train_len: int, hidden: int = 256, layers: int = 2) -> LlamaForCausalLM:
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=1000, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=train_len)
     return LlamaForCausalLM(cfg).eval()
 
@@ -107,6 +107,8 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, help="interleaved repeats (default 3, quick 2)")
     ap.add_argument("--steps", type=int, default=16, help="decode steps per measurement")
     ap.add_argument("--train-len", type=int, default=512, help="L of the model (max_position_embeddings)")
+    ap.add_argument("--layers", type=int, default=2, help="layers of the model (the masks and blocks of a query chunk "
+                    "are built once per forward and shared by its layers: more layers weigh them less)")
     args = ap.parse_args(argv)
     if args.long:
         return long_mode(args)
@@ -115,13 +117,13 @@ def main(argv=None):
     rounds = args.rounds or (2 if args.quick else 3)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
-    stock = build(args.train_len)
+    stock = build(args.train_len, layers=args.layers)
     stock.set_attn_implementation("sdpa")
     models = {"sdpa": stock}
     for m in methods:
-        models[m] = hf.apply(build(args.train_len), m)
+        models[m] = hf.apply(build(args.train_len, layers=args.layers), m)
 
-    print(f"Llama 2 layers, hidden 256, 4 heads (2 kv), L = {args.train_len}; {rounds} interleaved rounds, "
+    print(f"Llama {args.layers} layers, hidden 256, 4 heads (2 kv), L = {args.train_len}; {rounds} interleaved rounds, "
           f"{args.steps} decode steps; torch {torch.__version__}, {torch.get_num_threads()} threads")
     for n in contexts:
         ids = torch.randint(0, 1000, (1, n), generator=torch.Generator().manual_seed(n))

@@ -205,7 +205,7 @@ def _longest_run(flags: torch.Tensor) -> tuple[int, int]:
 
 class _Layout:
     """What one query chunk's calls need from the masks alone (no q, k, v): the key counts ``l`` (B|1, 1, r, 1)
-    for the length temperature, ``blocks`` [(region, key columns, mask or None)] with each mask ready for the call
+    for the length temperature (None without one), ``blocks`` [(region, key columns, mask or None)] with each mask ready for the call
     (bool for one region, else additive in the compute dtype, rows stacked for GQA), and ``empty`` (rows with no
     key, stacked) or None."""
 
@@ -224,8 +224,12 @@ def _chunk_layout(plan: Plan, r0: int, r1: int, *, split: bool, dtype, stack: in
     allowed = plan.allowed(rows, cols)  # (B|1, H|1, r, c) or None
     if allowed is not None and allowed.shape[1] != 1:
         return False
-    l = (allowed.sum(-1, keepdim=True, dtype=torch.float64) if allowed is not None else
-         torch.full((1, 1, r1 - r0, 1), float(cols.numel()), dtype=torch.float64, device=dev))
+    if plan.temperature is None:  # the key counts only feed a length temperature
+        l = None
+    elif allowed is not None:  # counted in int32 (exact: a row has fewer than 2^31 keys), then widened
+        l = allowed.sum(-1, keepdim=True, dtype=torch.int32).to(torch.float64)
+    else:
+        l = torch.full((1, 1, r1 - r0, 1), float(cols.numel()), dtype=torch.float64, device=dev)
     qp, kp = plan.q_pos[:, rows], plan.k_pos[:, cols]
     regions = plan.regions
     sels = [None] + [r.select(qp[:, :, None], kp[:, None, :])[:, None] for r in regions[1:]]  # (B|1, 1, r, c)
