@@ -267,9 +267,13 @@ def test_every_family_names_a_registered_task_and_trainable_families_build():
 
     for fam in FAMILIES.values():
         cls = task(fam.task)
-        assert issubclass(cls, Task) and isinstance(cls.causal, bool) and cls.streams >= 1
+        assert issubclass(cls, Task) and isinstance(cls.causal, bool) and cls.streams >= 1 and cls.metrics
         for name in ("batch", "forward", "targets", "step_metrics", "heldout"):
             assert getattr(cls, name) is not getattr(Task, name), f"{cls.__name__} does not implement {name}"
+    from infoscale.tasks.metrics import METRICS
+
+    # the report knows exactly the metrics the tasks declare (it ranks and formats records by them)
+    assert {m.name for f in FAMILIES.values() for m in task(f.task).metrics} == set(METRICS)
     for arch, fam in ARCHS.items():
         module = fam.import_module()
         assert module.PRESETS and callable(module.build_for_training), arch

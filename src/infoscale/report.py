@@ -30,6 +30,7 @@ from .ranking import (
     window_sums,
 )
 from .ranking import label as _label
+from .tasks.metrics import METRICS, Metric, metric_spec
 
 HELP = "markdown tables and PNG plots from result records"
 
@@ -110,6 +111,7 @@ def _record_problem(rec: dict, kind: str) -> str:
     metric = rec.get("metric")
     if kind == "eval" and metric not in METRICS and not (_BUCKET.fullmatch(metric) and isinstance(rec.get("bucket"),
                                                                                                     list)):
+        # (the metrics every task writes: infoscale.tasks.metrics)
         return f"unknown metric {metric!r} (known: {', '.join(METRICS)}, nll[lo,hi) with a bucket)"
     for k in ("window_means", "window_counts", "window_hits"):
         v = rec.get(k)
@@ -175,14 +177,13 @@ def distinct_model_names(records: list[dict]) -> list[dict]:
             if (r.get("model_name"), str(r.get("model", r.get("model_name")))) in rename else r for r in records]
 
 
-# Metrics and how to show them: (higher is better, shown in %).
-METRICS = {"accuracy": (True, True), "loss": (False, False), "nll": (False, False), "ppl": (False, False),
-           "copy_accuracy": (True, True), "passkey_accuracy": (True, True), "copy_nll": (False, False),
-           "passkey_exact": (True, True)}
+def _spec(metric: str) -> Metric:
+    """The metric's entry (each task's metrics: :mod:`infoscale.tasks.metrics`): which way is better, shown in %."""
+    return metric_spec(metric) or Metric(metric, True, False, "")
 
 
 def _fmt(metric: str, x: float) -> str:
-    return f"{100 * x:.1f}" if METRICS.get(metric, (True, False))[1] else f"{x:.3f}"
+    return f"{100 * x:.1f}" if _spec(metric).percent else f"{x:.3f}"
 
 
 def _cells(recs: list[dict]) -> dict:
@@ -221,7 +222,7 @@ def eval_tables(records: list[dict]) -> list[str]:
     for (protocol, setting, model, metric), recs in sorted(
             by.items(), key=lambda kv: (order.get(kv[0][0].split()[0], 3), kv[0][0], kv[0][1], models.index(kv[0][2]),
                                         metrics.index(kv[0][3]))):
-        higher, pct = METRICS.get(metric, (True, False))
+        higher, pct = _spec(metric).higher, _spec(metric).percent
         lengths = sorted({r["length"] for r in recs})
         methods = list(dict.fromkeys(_label(r) for r in recs))
         cell = _cells(recs)
@@ -330,7 +331,7 @@ def delta_tables(records: list[dict]) -> list[str]:
     for (protocol, setting, model, metric), recs in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1],
                                                                                        models.index(kv[0][2]),
                                                                                        kv[0][3])):
-        higher, pct = METRICS.get(metric, (True, False))
+        higher, pct = _spec(metric).higher, _spec(metric).percent
         groups = cell_groups(recs)
         if not groups:
             missing.append(f"{model} ({setting}, {protocol}, {metric})")
@@ -427,7 +428,7 @@ def plot_eval(records: list[dict], out: Path) -> list[Path]:
         for j, model in enumerate(models):
             mrecs = [r for r in recs if r["model_name"] == model]
             for a, metric in enumerate(metrics):
-                scale = 100 if METRICS.get(metric, (True, False))[1] else 1
+                scale = 100 if _spec(metric).percent else 1
                 cell = _cells([r for r in mrecs if r["metric"] == metric])
                 for m in dict.fromkeys(k[0] for k in cell):
                     i = all_methods.index(m)

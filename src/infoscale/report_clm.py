@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .ranking import best_by_ci, bold_rule, has_temperature, origin, provenance
 from .ranking import label as _label
+from .tasks.metrics import metric_spec
 
 __all__ = ["is_bucket", "bucket_tables", "plot_buckets"]
 
@@ -39,9 +40,11 @@ def bucket_tables(records: list[dict]) -> list[str]:
         buckets = sorted({tuple(r["bucket"]) for r in recs})
         methods = list(dict.fromkeys(_label(r) for r in recs))
         cell = {(_label(r), tuple(r["bucket"])): r for r in recs}
-        best = {b: min((cell[m, b]["value"] for m in methods if (m, b) in cell), default=None) for b in buckets}
+        higher = metric_spec("nll").higher
+        pick = max if higher else min
+        best = {b: pick((cell[m, b]["value"] for m in methods if (m, b) in cell), default=None) for b in buckets}
         # the bucket's records alone: all buckets of a length share (length, seed, windows), the key of a cell
-        ranked = {b: best_by_ci([r for r in recs if tuple(r["bucket"]) == b], n, higher=False) for b in buckets}
+        ranked = {b: best_by_ci([r for r in recs if tuple(r["bucket"]) == b], n, higher) for b in buckets}
         for b, r in ranked.items():
             if r is not None:  # paired data: bold only a best separated from the runner-up
                 best[b] = cell[r[0], b]["value"] if r[5] else None

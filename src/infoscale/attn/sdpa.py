@@ -205,9 +205,9 @@ def _longest_run(flags: torch.Tensor) -> tuple[int, int]:
 
 class _Layout:
     """What one query chunk's calls need from the masks alone (no q, k, v): the key counts ``l`` (B|1, 1, r, 1)
-    for the length temperature (None without one), ``blocks`` [(region, key columns, mask or None)] with each mask ready for the call
-    (bool for one region, else additive in the compute dtype, rows stacked for GQA), and ``empty`` (rows with no
-    key, stacked) or None."""
+    for the length temperature (None without one), ``blocks`` [(region, key columns, mask or None)] with each
+    mask ready for the call (bool for one region, else additive in the compute dtype, rows stacked for GQA), and
+    ``empty`` (rows with no key, stacked) or None."""
 
     __slots__ = ("l", "blocks", "empty")
 

@@ -20,7 +20,8 @@ class Task:
     Class attributes: ``causal``, whether the model predicts the next token (a decoder); ``streams``, the number of
     per-step random generators a batch reads (generator ``i`` of step ``s`` is ``runtime.step_generator(seed, s,
     i)``, so a batch depends on (seed, step) alone); ``noun``, what the held-out accuracy counts (``"masked"``,
-    ``"next-token"``); ``options``, the training options only this task reads, with the value each takes when given
+    ``"next-token"``); ``metrics``, the entries of :mod:`infoscale.tasks.metrics` its evaluation writes;
+    ``options``, the training options only this task reads, with the value each takes when given
     as -1 ("auto"; every other task requires 0); ``heldout_note``, what to know when reading its held-out accuracy.
     """
 
@@ -29,6 +30,7 @@ class Task:
     noun: ClassVar[str]
     options: ClassVar[dict[str, float]] = {}  # option → its default when given as -1 ("auto")
     heldout_note: ClassVar[str] = ""
+    metrics: ClassVar[tuple] = ()  # what its evaluation writes (infoscale.tasks.metrics): direction, display
 
     def __init__(self, cfg, tok):
         self.cfg, self.tok = cfg, tok

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from ..errors import ConfigError, DataError
 from . import Task
+from .metrics import CLM as CLM_METRICS
 
 __all__ = ["CausalLM", "Batch", "Passkey", "train_batch", "copy_sample", "copy_span_range", "TEXT", "PASSKEY", "COPY",
            "heldout_loss", "token_nll", "bucket_edges", "copy_windows", "passkey_prompt", "passkey_generate",
@@ -314,6 +315,7 @@ class CausalLM(Task):
     the accuracy of their later and first copies."""
 
     causal = True
+    metrics = CLM_METRICS
     streams = 6  # windows, (unused), positions, (dropout), row kinds and passkeys, copy samples
     noun = "next-token"
     options = {"passkey_share": 0.05, "copy_share": 0.0}

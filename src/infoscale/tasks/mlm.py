@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ..data.tokenizers import MASK, SPECIALS
 from ..errors import ConfigError
 from . import Task
+from .metrics import MLM as MLM_METRICS
 
 __all__ = ["MaskedLM", "Batch", "mask_tokens", "train_batch", "heldout_accuracy", "mask_groups", "score_windows"]
 
@@ -127,6 +128,7 @@ class MaskedLM(Task):
     positions, masked accuracy."""
 
     causal = False
+    metrics = MLM_METRICS
     streams = 3  # windows, masking, positions
     noun = "masked"
     heldout_note = ("; with training's 80/10/10 masking, so not comparable to `infoscale eval`, which masks with "
