@@ -285,3 +285,20 @@ def test_a_cut_or_reordered_cache_drops_its_stores(monkeypatch):
     assert isinstance(hf.cache_for(hf.apply(model_for("llama"), "window(width=4)")), hf.SinkCache)
     assert type(hf.cache_for(hf.apply(model_for("llama"), "infoscale"))) is DynamicCache
     assert type(hf.cache_for(model_for("llama"))) is DynamicCache
+
+
+@pytest.mark.parametrize("method", ["rerope(window=8)", "lm_infinite(sinks=2, window=8, cap=8)"])
+def test_decoding_keeps_the_models_own_rope_scaling_on_keys_at_position_zero(method):
+    """A model with its own YaRN (rope_parameters) scales the rotated dims by its attention_scaling even at angle 0:
+    a decoding step must not skip that for the far side's keys at position 0 (cached == full forward)."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**{**SMALL, "max_position_embeddings": 128}, num_key_value_heads=2,
+                      rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0,
+                                       "original_max_position_embeddings": 8})
+    model = LlamaForCausalLM(cfg).eval()
+    hf._set_attn_implementation(model, "sdpa")
+    m = hf.apply(model, method, train_len=8)
+    ids = ids_for(n=80)  # >= 64 rows: the full forward takes the prefill path, which rotates every key
+    seq, step = _generate(m, ids, 3)
+    full = logits(m, seq)[:, ids.shape[1] - 1:-1]
+    torch.testing.assert_close(step, full, atol=2e-5, rtol=1e-4)

@@ -58,6 +58,10 @@ def test_methods_reach_the_model_through_hf():
         run.resolve_method("dca")
     with pytest.raises(MethodError, match="train-time method|trained"):  # what hf.apply refuses is skipped too
         run.resolve_method("cosscale")
+    with pytest.raises(MethodError, match="per-layer-type rotaries|rotar"):  # a ConfigError of hf.apply, skipped
+        run.resolve_method("hf_yarn(factor=2.0)")
+    with pytest.raises(MethodError, match="calibration"):  # refused before the sweep, not at its first forward
+        run.resolve_method("infoscale(calibrated=True)")
 
 
 @pytest.mark.e2e

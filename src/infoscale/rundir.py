@@ -63,8 +63,15 @@ class Run:
             raise MethodError(f"{only[0]} is defined for causal attention only; {self.model.config.model_type}'s "
                               "attention is bidirectional")
         from . import hf
+        from .errors import ConfigError
 
-        hf.apply(self.model, str(pm.resolved(self.train_len)), train_len=self.train_len)  # its refusals, now
+        try:  # what hf.apply refuses for this model (train-time methods, rotaries it cannot reproduce) is skipped
+            hf.apply(self.model, str(pm.resolved(self.train_len)), train_len=self.train_len)
+        except ConfigError as e:
+            raise MethodError(str(e)) from None
+        if pm.calibrated() and not (getattr(self.model.config, "infoscale", None) or {}).get("dims"):
+            raise MethodError(f"{method} needs this model's calibration (config.infoscale['dims'], from "
+                              "infoscale.hf.calibrate); the run has none")
         return pm
 
     def logits_with(self, method: str, attn_options: dict | None = None):

@@ -87,10 +87,10 @@ class _Rotated:
     and frequencies they were rotated at: a buffer that grows by a quarter when full, so appending a step's key
     costs its own rotation and, amortised, a few copies."""
 
-    __slots__ = ("buf", "pos", "freq", "m")
+    __slots__ = ("buf", "pos", "freq", "rope", "m")
 
     def __init__(self):
-        self.buf = self.pos = self.freq = None
+        self.buf = self.pos = self.freq = self.rope = None
         self.m = 0
 
 
@@ -107,13 +107,13 @@ def _keys_at(plan: Plan, k: torch.Tensor, idx: int, rotated: dict | None) -> tor
     n_k = k.shape[2]
     e = rotated.setdefault(idx, _Rotated())
     m = e.m
-    if m and not (m <= n_k and e.buf.dtype == k.dtype and e.buf.shape[:2] == k.shape[:2]
-                  and e.buf.shape[-1] == k.shape[-1] and e.pos.shape[0] == kp.shape[0]
+    if m and not (m <= n_k and e.buf.dtype == k.dtype and e.buf.device == k.device and e.buf.shape[:2] == k.shape[:2]
+                  and e.buf.shape[-1] == k.shape[-1] and e.pos.shape[0] == kp.shape[0] and e.rope == plan.rope
                   and torch.equal(e.freq, plan.inv_freq) and torch.equal(e.pos[:, :m], kp[:, :m])):
         m = 0  # another sequence, layout or rotation: start over
     if m < n_k:
         if e.buf is None or m == 0 or e.buf.shape[2] < n_k or e.buf.dtype != k.dtype:
-            cap = max(n_k, m + m // 4 + 256)
+            cap = n_k + n_k // 4 + 256
             buf = k.new_empty(*k.shape[:2], cap, k.shape[-1])
             pos = kp.new_empty(kp.shape[0], cap)
             if m:
@@ -121,7 +121,7 @@ def _keys_at(plan: Plan, k: torch.Tensor, idx: int, rotated: dict | None) -> tor
             e.buf, e.pos = buf, pos
         e.buf[:, :, m:n_k] = _rotate(plan, k[:, :, m:], kp[:, m:])
         e.pos[:, m:n_k] = kp[:, m:]
-        e.freq, e.m = plan.inv_freq, n_k
+        e.freq, e.rope, e.m = plan.inv_freq, plan.rope, n_k
     return e.buf[:, :, :n_k]
 
 
@@ -263,6 +263,12 @@ def _chunk_layout(plan: Plan, r0: int, r1: int, *, split: bool, dtype, stack: in
     return _Layout(l, blocks, empty)
 
 
+def _unmoved(plan: Plan, kpos: torch.Tensor) -> bool:
+    """Keys that rotation leaves as they are: all at position 0 (ReRoPE's far side) and no scaling of the rotated
+    dims (a model's own YaRN scales them by its attention_scaling even at angle 0)."""
+    return plan.rope.attention_scaling == 1.0 and not bool(kpos.any())
+
+
 def _count(pick) -> int:
     return pick.stop - pick.start if isinstance(pick, slice) else pick.numel()
 
@@ -350,10 +356,10 @@ def attention_sdpa(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
                 kr = k_rot[idx][:, :, pick]
             elif rotated is not None and plan.inv_freq is not None and _count(pick) >= STORE_FROM:
                 kpos = region.k_at(plan.k_pos[:, pick])
-                kr = k[:, :, pick] if not bool(kpos.any()) else _keys_at(plan, k, idx, rotated)[:, :, pick]
+                kr = k[:, :, pick] if _unmoved(plan, kpos) else _keys_at(plan, k, idx, rotated)[:, :, pick]
             else:
                 kpos = region.k_at(plan.k_pos[:, pick])
-                kr = (k[:, :, pick] if plan.inv_freq is None or not bool(kpos.any())
+                kr = (k[:, :, pick] if plan.inv_freq is None or _unmoved(plan, kpos)
                       else _rotate(plan, k[:, :, pick], kpos))
             vr = v_all[:, :, pick]
             if idx not in q_rot:

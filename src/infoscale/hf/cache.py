@@ -163,7 +163,10 @@ def _generation_cache_wrapper(model, original, make):
             return out
         for name in given:
             made = model_kwargs.get(name)
-            if given[name] is None and type(made) is DynamicCache and made.get_seq_length() == 0:
+            # (an offloading DynamicCache, generate's cache_implementation="offloaded", is left as it is: ours
+            # keep everything on the model's device)
+            if (given[name] is None and type(made) is DynamicCache and made.get_seq_length() == 0
+                    and not getattr(made, "offloading", False)):
                 model_kwargs[name] = make(model)
         return out
 

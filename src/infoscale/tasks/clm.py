@@ -179,7 +179,7 @@ def split_head(model):
     except (TypeError, ValueError):
         takes = False
     split = None
-    if head is not None and base is not None and base is not model and takes:
+    if getattr(head, "weight", None) is not None and base is not None and base is not model and takes:
         # two ordinary tokens (not id 0, often the pad, whose embedding may be zero: zero logits hide any change)
         probe = (torch.arange(1, 3, device=head.weight.device) % head.weight.shape[0])[None]
         with torch.inference_mode():
@@ -206,6 +206,8 @@ def _nll_by_chunks(model, split, x: torch.Tensor):
     if not torch.allclose(head(h[:, -1:])[:, 0].float(), last.float(), rtol=1e-5, atol=1e-5):  # the same row
         return None
     n = x.shape[1]
+    if n < 2:
+        return None  # no target: the whole-logits path gives the empty result
     ce, ok = [], []
     for a in range(0, n - 1, LOGIT_ROWS):
         b = min(n - 1, a + LOGIT_ROWS)
