@@ -229,6 +229,9 @@ def eval_tables(records: list[dict]) -> list[str]:
         pick = max if higher else min
         best = {n: pick((cell[m, n][0] for m in methods if (m, n) in cell), default=None) for n in lengths}
         ranked = {n: best_by_ci(recs, n, higher) for n in lengths}  # None where records lack per-window fields
+        for n in lengths:  # a length measured for one method only has nothing to be best against
+            if sum((m, n) in cell for m in methods) < 2:
+                best[n] = None
         for n, r in ranked.items():
             if r is not None:  # paired data: bold only a best whose CI against the runner-up excludes 0
                 best[n] = cell[r[0], n][0] if r[5] else None

@@ -33,42 +33,50 @@ def _by_model(records):
 
 
 def bucket_tables(records: list[dict]) -> list[str]:
+    """Per model and length (longest first), a table of NLL per position bucket; a run still filling its longest
+    length keeps the shorter lengths' tables."""
     lines: list[str] = []
-    for model, recs in _by_model(records).items():
-        n = max(r["length"] for r in recs)
-        recs = [r for r in recs if r["length"] == n]
-        buckets = sorted({tuple(r["bucket"]) for r in recs})
-        methods = list(dict.fromkeys(_label(r) for r in recs))
-        cell = {(_label(r), tuple(r["bucket"])): r for r in recs}
-        higher = metric_spec("nll").higher
-        pick = max if higher else min
-        best = {b: pick((cell[m, b]["value"] for m in methods if (m, b) in cell), default=None) for b in buckets}
-        # the bucket's records alone: all buckets of a length share (length, seed, windows), the key of a cell
-        ranked = {b: best_by_ci([r for r in recs if tuple(r["bucket"]) == b], n, higher) for b in buckets}
-        for b, r in ranked.items():
-            if r is not None:  # paired data: bold only a best separated from the runner-up
-                best[b] = cell[r[0], b]["value"] if r[5] else None
-        train = recs[0].get("train", {})
-        lines += [f"### {model}: next-token NLL by target position at n = {n}", "",
-                  f"{provenance(train, with_schedule=False)} Mean NLL (nats) of the "
-                  "tokens whose position falls in each bucket ± 95% CI half-width (windows as clusters); lowest per "
-                  f"bucket in bold{bold_rule(ranked)}.", "",
-                  "| method | " + " | ".join(f"[{lo}, {hi})" for lo, hi in buckets) + " |",
-                  "|---|" + "---:|" * len(buckets)]
-        for m in methods:
-            row = []
-            for b in buckets:
-                r = cell.get((m, b))
-                if r is None:
-                    row.append("–")
-                    continue
-                txt = f"{r['value']:.3f} ± {(r['ci_high'] - r['ci_low']) / 2:.3f}"
-                row.append(f"**{txt}**" if best[b] is not None and r["value"] == best[b] else txt)
-            lines.append(f"| `{m}` | " + " | ".join(row) + " |")
-        if any(r is not None for r in ranked.values()):
-            lines.append("| *best* (Δ vs runner-up, 95% CI) | " + " | ".join(_best_cell(ranked[b]) for b in buckets)
-                         + " |")
-        lines.append("")
+    for model, by_model in _by_model(records).items():
+        for n in sorted({r["length"] for r in by_model}, reverse=True):
+            lines += _bucket_table(model, n, [r for r in by_model if r["length"] == n])
+    return lines
+
+
+def _bucket_table(model: str, n: int, recs: list[dict]) -> list[str]:
+    buckets = sorted({tuple(r["bucket"]) for r in recs})
+    methods = list(dict.fromkeys(_label(r) for r in recs))
+    cell = {(_label(r), tuple(r["bucket"])): r for r in recs}
+    higher = metric_spec("nll").higher
+    pick = max if higher else min
+    best = {b: pick((cell[m, b]["value"] for m in methods if (m, b) in cell), default=None) for b in buckets}
+    if len(methods) < 2:  # nothing to compare with
+        best = dict.fromkeys(buckets)
+    # the bucket's records alone: all buckets of a length share (length, seed, windows), the key of a cell
+    ranked = {b: best_by_ci([r for r in recs if tuple(r["bucket"]) == b], n, higher) for b in buckets}
+    for b, r in ranked.items():
+        if r is not None:  # paired data: bold only a best separated from the runner-up
+            best[b] = cell[r[0], b]["value"] if r[5] else None
+    train = recs[0].get("train", {})
+    lines = [f"### {model}: next-token NLL by target position at n = {n}", "",
+             f"{provenance(train, with_schedule=False)} Mean NLL (nats) of the "
+             "tokens whose position falls in each bucket ± 95% CI half-width (windows as clusters); lowest per "
+             f"bucket in bold{bold_rule(ranked)}.", "",
+             "| method | " + " | ".join(f"[{lo}, {hi})" for lo, hi in buckets) + " |",
+             "|---|" + "---:|" * len(buckets)]
+    for m in methods:
+        row = []
+        for b in buckets:
+            r = cell.get((m, b))
+            if r is None:
+                row.append("–")
+                continue
+            txt = f"{r['value']:.3f} ± {(r['ci_high'] - r['ci_low']) / 2:.3f}"
+            row.append(f"**{txt}**" if best[b] is not None and r["value"] == best[b] else txt)
+        lines.append(f"| `{m}` | " + " | ".join(row) + " |")
+    if any(r is not None for r in ranked.values()):
+        lines.append("| *best* (Δ vs runner-up, 95% CI) | " + " | ".join(_best_cell(ranked[b]) for b in buckets)
+                     + " |")
+    lines.append("")
     return lines
 
 
