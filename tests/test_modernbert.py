@@ -96,3 +96,13 @@ def test_train_eval_report_end_to_end(tmp_path, corpus):
                       (["calibrate", "--model", str(out)], "infoscale.hf.calibrate")):
         res = run_cli(*args)
         assert res.returncode == 2 and msg in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_init_from_takes_the_source_runs_shape():
+    """--init-from (pretrain long, fine-tune short): the new model has the source's shape, whatever --preset says,
+    so its weights load."""
+    build = ARCHS["modernbert"].import_module().build_for_training
+    source = build(SimpleNamespace(preset="small", train_len=64, attention="softmax", dropout=0.0), range(40))
+    model = build(SimpleNamespace(preset="tiny", train_len=16, attention="softmax", dropout=0.0), range(40), source)
+    model.load_state_dict(source.state_dict())
+    assert model.config.hidden_size == 256 and model.config.max_position_embeddings == 16

@@ -36,12 +36,12 @@ TRAIN_METHODS = ("softmax", "pose")
 
 
 def build_config(preset: str, *, vocab_size: int, train_len: int, attention: str = "softmax",
-                 dropout: float = 0.0) -> ModernBertConfig:
+                 dropout: float = 0.0, **shape) -> ModernBertConfig:
     """A ``ModernBertConfig`` of ``preset``: all layers global, RoPE base 10 000, ``max_position_embeddings`` = L,
     the character vocabulary's special tokens, the training method in ``config.infoscale["train_method"]``."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    p = PRESETS[preset]
+    p = {**PRESETS[preset], **shape}
     cfg = ModernBertConfig(vocab_size=vocab_size, max_position_embeddings=train_len, global_attn_every_n_layers=1,
                            layer_types=["full_attention"] * p["num_hidden_layers"],
                            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 10000.0},
@@ -53,7 +53,13 @@ def build_config(preset: str, *, vocab_size: int, train_len: int, attention: str
     return cfg
 
 
+# What a model initialised from another run (--init-from) takes from that run's config: its shape.
+SHAPE = tuple(PRESETS["tiny"])
+
+
 def build_for_training(cfg, tok, source=None) -> ModernBertForMaskedLM:
-    """A freshly initialised ModernBERT masked LM for an ``infoscale train`` config (seeded by the caller)."""
+    """A freshly initialised ModernBERT masked LM for an ``infoscale train`` config (seeded by the caller): the
+    preset's size, or ``source``'s shape (--init-from)."""
+    shape = {k: getattr(source.config, k) for k in SHAPE} if source is not None else {}
     return ModernBertForMaskedLM(build_config(cfg.preset, vocab_size=len(tok), train_len=cfg.train_len,
-                                      attention=cfg.attention, dropout=cfg.dropout))
+                                              attention=cfg.attention, dropout=cfg.dropout, **shape))
