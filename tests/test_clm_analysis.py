@@ -140,7 +140,7 @@ def _bucket(method, lo, hi, means, n=256):
 
 
 def test_bucket_table_bolds_only_a_separated_best():
-    from infoscale.report_clm import bucket_tables
+    from infoscale.report import bucket_tables
 
     base = np.array([3.0, 3.4, 3.1, 3.6, 3.2, 3.3])
     recs = [_bucket("rerope", 0, 64, base), _bucket("softmax", 0, 64, base + 0.5),  # 0.5 nats better everywhere
@@ -153,6 +153,22 @@ def test_bucket_table_bolds_only_a_separated_best():
     best = rows["| *best* (Δ vs runner-up, 95% CI)"]
     assert best[0].startswith("**rerope** (`rerope` vs `softmax`: -0.500 [-0.500, -0.500])")
     assert best[1].startswith("none (") and "[-0.007, +0.007]" in best[1]  # the tie: a CI around 0
+
+
+def test_bucket_and_length_tables_draw_one_way():
+    """A bucket table and a length table are one table function: two records of one cell are averaged and marked †
+    in both (not the last one shown), and a single method has nothing to be bold against."""
+    from infoscale.report import bucket_tables, eval_tables
+
+    base = np.array([3.0, 3.4, 3.1, 3.6])
+    recs = [_bucket("softmax", 0, 64, base), _bucket("softmax", 0, 64, base + 1.0)]
+    text = "\n".join(bucket_tables(recs))
+    row = next(line for line in text.splitlines() if line.startswith("| `softmax`"))
+    assert "3.775 ± 0.600†" in row and "**" not in text and "† = mean of several records" in text
+    whole = [r | {"metric": "nll", "bucket": None} for r in recs]
+    text = "\n".join(eval_tables(whole))
+    row = next(line for line in text.splitlines() if line.startswith("| `softmax`"))
+    assert "3.775 ± 0.600†" in row and "**" not in text
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,8 +4,7 @@
 Two records of one cell measured on the same windows pair window by window: :func:`paired` gives their Δ with
 a cluster-bootstrap 95% CI (:func:`infoscale.stats.paired_delta`), and :func:`best_by_ci` names the best method
 at a length and whether its Δ against the runner-up excludes 0, the rule every report table uses before it
-marks a best in bold. Pure readers of the records, shared by :mod:`infoscale.report` and
-:mod:`infoscale.report_clm`.
+marks a best in bold. Pure readers of the records, used by :mod:`infoscale.report`'s tables and plots.
 """
 
 from __future__ import annotations
