@@ -8,6 +8,7 @@ over exactly the tokens the cache kept (StreamingLLM's own positions: the kept t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -32,10 +33,15 @@ def _generate(m, ids, n, **kw):
     return out.sequences, torch.stack(out.logits, 1)
 
 
+@contextlib.contextmanager
 def _caches_seen(m):
+    """The cache every forward of the backbone is handed, while the block runs."""
     seen = []
     hook = m.model.register_forward_pre_hook(lambda mod, a, kw: seen.append(hf._cache_in(kw)), with_kwargs=True)
-    return seen, hook
+    try:
+        yield seen
+    finally:
+        hook.remove()
 
 
 @pytest.mark.parametrize("method", METHODS + ["streamingllm(sinks=2, window=14)"])
@@ -46,11 +52,8 @@ def test_generate_uses_the_bounded_cache_and_equals_a_full_forward(family, metho
     own window (16, 12, 6): there window=14 keeps fewer recent keys, all they attend."""
     m = hf.apply(model_for(family), method)
     ids = ids_for(n=9)
-    seen, hook = _caches_seen(m)
-    try:
+    with _caches_seen(m) as seen:
         seq, step = _generate(m, ids, 20)
-    finally:
-        hook.remove()
     assert all(isinstance(c, hf.SinkCache) for c in seen) and len({id(c) for c in seen}) == 1
     cache = seen[0]
     window, sinks = hf._mask_params(hf._parsed(m.config.infoscale["method"], 8))
@@ -131,11 +134,8 @@ def test_caller_cache_under_either_keyword(family):
         assert torch.equal(got, seq) and cache.get_seq_length() == seq.shape[1] - 1
         assert max(cache.stored()) == 2 + 5
     full = DynamicCache()
-    seen, hook = _caches_seen(m)
-    try:
+    with _caches_seen(m) as seen:
         got, _ = _generate(m, ids, 16, **{hf.cache_kwarg(m): full})
-    finally:
-        hook.remove()
     assert all(c is full for c in seen) and torch.equal(got, seq)
 
 
@@ -192,11 +192,8 @@ def test_refusals_and_remove():
         hf.bounded_cache(hf.apply(model_for("llama"), "infoscale"))
     hf.remove(m)
     assert "_prepare_cache_for_generation" not in vars(m)
-    seen, hook = _caches_seen(m)
-    try:
+    with _caches_seen(m) as seen:
         m.generate(ids_for(n=9), max_new_tokens=2, pad_token_id=0)
-    finally:
-        hook.remove()
     assert type(seen[0]) is DynamicCache
 
 
@@ -242,11 +239,8 @@ def test_generate_keeps_rotated_keys_and_equals_a_full_forward(family, method, m
     monkeypatch.setattr(sdpa_mod, "STORE_FROM", 0)  # a tiny model: every region takes its keys from the store
     m = hf.apply(model_for(family), method)
     ids = ids_for(n=9)
-    seen, hook = _caches_seen(m)
-    try:
+    with _caches_seen(m) as seen:
         seq, step = _generate(m, ids, 12)
-    finally:
-        hook.remove()
     assert all(isinstance(c, hf.RotatedKeysCache) for c in seen) and len({id(c) for c in seen}) == 1
     # the full-attention layers keep stores, a layer of the model's own sliding window (all of Mistral's) none; the
     # stores fill where the fused path runs (not under Gemma 2's softcap, nor in SmolLM3's layers without RoPE)
