@@ -226,7 +226,10 @@ class Region:
     (B|1, r, 1) and (B|1, 1, c) -> bool (B|1, r, c), the pairs this region scores. A positions method gives a
     list of regions: the first one scores every pair, each later one overwrites the pairs it selects, so a
     method whose logits merge several position assignments per (i, j) (ReRoPE's band and far sides,
-    SelfExtend's neighbour and grouped attention, DCA's three chunk relations) is a list of regions."""
+    SelfExtend's neighbour and grouped attention, DCA's three chunk relations) is a list of regions.
+    ``select`` compares the keys' positions with a function of the queries' (``kp > qp + w``, not ``kp - qp > w``):
+    the same pairs on integer positions, and no r × c float64 difference is formed (the fused path evaluates it
+    over every chunk of a 16k prefill)."""
 
     select: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None
     q_at: Callable[[torch.Tensor], torch.Tensor] = _same
@@ -294,9 +297,9 @@ def _piecewise(w: float, k: torch.Tensor) -> list[Region]:
         return a.to(pos.device) * pos
 
     return [Region(None),  # |Δ| <= w: plain positions
-            Region(lambda qp, kp: kp - qp > w,  # Δ' = w + (Δ − w)/k: q at p_i/k − w(1 − 1/k)
+            Region(lambda qp, kp: kp > qp + w,  # Δ > w; Δ' = w + (Δ − w)/k: q at p_i/k − w(1 − 1/k)
                    lambda pos: scaled(pos) - shift.to(pos.device), scaled, later_keys=True),
-            Region(lambda qp, kp: kp - qp < -w,  # Δ' = −w + (Δ + w)/k
+            Region(lambda qp, kp: kp < qp - w,  # Δ < −w; Δ' = −w + (Δ + w)/k
                    lambda pos: scaled(pos) + shift.to(pos.device), scaled)]
 
 
@@ -387,8 +390,8 @@ def _self_extend(p, ctx):
 
     return PositionEffect(regions=[
         Region(None),  # neighbours, |Δ| < W
-        Region(lambda qp, kp: qp - kp >= w, lambda pos: grouped(pos) + shift.to(pos.device), grouped),
-        Region(lambda qp, kp: kp - qp >= w, lambda pos: grouped(pos) - shift.to(pos.device), grouped,
+        Region(lambda qp, kp: kp <= qp - w, lambda pos: grouped(pos) + shift.to(pos.device), grouped),  # −Δ >= W
+        Region(lambda qp, kp: kp >= qp + w, lambda pos: grouped(pos) - shift.to(pos.device), grouped,  # Δ >= W
                later_keys=True)])
 
 
@@ -406,13 +409,15 @@ def _dca(p, ctx):
     def within(pos):
         return torch.remainder(pos, s)
 
-    def gap(qp, kp):  # chunks between the query's and the key's
-        return torch.floor(qp / s) - torch.floor(kp / s)
+    def chunk(pos):
+        return torch.floor(pos / s)
 
     return PositionEffect(regions=[
         Region(None, within, within),  # the same chunk (and the pairs causality masks)
-        Region(lambda qp, kp: gap(qp, kp) == 1, lambda pos: (within(pos) + s).clamp(max=top), within),
-        Region(lambda qp, kp: gap(qp, kp) >= 2, lambda pos: torch.full_like(pos, top), within)])
+        Region(lambda qp, kp: chunk(kp) == chunk(qp) - 1,  # the chunk before
+               lambda pos: (within(pos) + s).clamp(max=top), within),
+        Region(lambda qp, kp: chunk(kp) <= chunk(qp) - 2,  # older chunks
+               lambda pos: torch.full_like(pos, top), within)])
 
 
 def _alibi(p, ctx):

@@ -26,7 +26,7 @@ def in_window(qp, kp, window: int, sinks: int):
     0 .. sinks − 1, the start of the sequence (with pad-aware positions, the first real tokens; a pad's negative
     position is no sink). ``qp`` and ``kp`` broadcast against each other (tensors, or transformers' index
     tensors inside a mask function)."""
-    ok = (qp - kp).abs() <= window
+    ok = (kp >= qp - window) & (kp <= qp + window)  # |p_i − p_j| <= window without an r × c difference
     if sinks:
         ok = ok | (kp < sinks) | (qp < sinks)
     return ok
@@ -149,7 +149,7 @@ def kept_query_positions(qp: torch.Tensor, kp: torch.Tensor, window: int, sinks:
 def _kept_region(window: int, sinks: int) -> Region:
     """The pairs whose positions move under positions within the kept set: sinks beyond the window, the query
     rotated at min(p_i, sinks + window)."""
-    return Region(lambda qp, kp: (kp < sinks) & ((qp - kp).abs() > window),
+    return Region(lambda qp, kp: (kp < sinks) & ((kp < qp - window) | (kp > qp + window)),
                   lambda pos: pos.clamp(max=float(sinks + window)))
 
 
