@@ -171,6 +171,25 @@ def test_bucket_and_length_tables_draw_one_way():
     assert "3.775 ± 0.600†" in row and "**" not in text
 
 
+def test_report_gives_paired_deltas_per_position_bucket(tmp_path):
+    """NLL by position gets its paired Δs per bucket (beyond L is where methods differ), buckets in position order;
+    a cell of a single window shows its Δ without a CI instead of nothing."""
+    from infoscale.report import write_report
+
+    base = np.array([3.0, 3.4, 3.1, 3.6])
+    recs = [_bucket("softmax", 0, 64, base), _bucket("rerope", 0, 64, base - 0.25),
+            _bucket("softmax", 64, 128, base + 1), _bucket("rerope", 64, 128, base + 0.5),
+            _bucket("softmax", 128, 512, [5.0], n=512), _bucket("rerope", 128, 512, [4.25], n=512)]
+    text = write_report(recs, tmp_path).read_text()
+    position = text[text.index("## NLL by position"):]
+    heads = [line for line in position.splitlines() if line.startswith("#### ")]
+    assert [h.split("Δ ")[-1] for h in heads] == ["nll[0,64)", "nll[64,128)", "nll[128,512)"]
+    rows = [line for line in position.splitlines() if line.startswith("| `rerope` − `softmax`")]
+    assert rows[0].startswith("| `rerope` − `softmax` | **-0.250 ± 0.000**")
+    assert rows[1].startswith("| `rerope` − `softmax` | **-0.500 ± 0.000**")
+    assert rows[2] == "| `rerope` − `softmax` | -0.750 (1 window) |"
+
+
 # ---------------------------------------------------------------------------------------------
 # the clm-quick preset
 # ---------------------------------------------------------------------------------------------

@@ -308,12 +308,13 @@ def test_new_parameters_keep_old_method_strings():
     assert parse_method("infoscale(calibrated=True)").short() == "infoscale(calibrated=True)"
 
 
-def test_single_window_cells_get_no_delta():
+def test_single_window_cells_get_a_delta_without_a_ci():
+    """One window: nothing to bootstrap, so no CI and never bold, but the Δ itself (50/64 − 30/64), marked."""
     from infoscale.report import delta_tables
 
     recs = [_rec("softmax", 1024, [30], [64]), _rec("window", 1024, [50], [64])]
     text = "\n".join(delta_tables(recs))
-    assert "| `window` − `softmax` | – |" in text and "**" not in text
+    assert "| `window` − `softmax` | +31.2 (1 window) |" in text and "**" not in text
 
 
 def test_two_mask_densities_never_share_a_table():

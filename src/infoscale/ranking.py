@@ -13,8 +13,8 @@ from collections import defaultdict
 
 from .stats import paired_delta
 
-__all__ = ["RESAMPLES", "label", "window_sums", "cell_groups", "paired", "best_by_ci", "bold_rule", "is_temperature",
-           "has_temperature"]
+__all__ = ["RESAMPLES", "label", "window_sums", "cell_groups", "paired", "single_window_delta", "best_by_ci",
+           "bold_rule", "is_temperature", "has_temperature"]
 
 
 def label(rec: dict) -> str:
@@ -76,6 +76,14 @@ def paired(a: dict, b: dict):
     if sa is None or sb is None or list(sa[1]) != list(sb[1]) or len(sa[1]) < 2:
         return None
     return paired_delta(sa[0], sb[0], sa[1], resamples=RESAMPLES, seed=int(a.get("seed") or 0))
+
+
+def single_window_delta(a: dict, b: dict) -> float | None:
+    """Record a minus record b where both were measured on the same single window (a Δ with no CI), else None."""
+    sa, sb = window_sums(a), window_sums(b)
+    if sa is None or sb is None or list(sa[1]) != list(sb[1]) or len(sa[1]) != 1 or not sa[1][0]:
+        return None
+    return (sa[0][0] - sb[0][0]) / sa[1][0]
 
 
 def best_by_ci(recs: list[dict], n: int, higher: bool):

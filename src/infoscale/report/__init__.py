@@ -61,6 +61,7 @@ def write_report(records: list[dict], out_dir: str | Path) -> Path:
     if buckets:
         lines += ["## NLL by position", ""] + bucket_tables(buckets)
         lines += [f"![{p.stem}]({p.name})\n" for p in plot_buckets(buckets, out)]
+        lines += delta_tables(buckets)  # per bucket: beyond L is where the methods differ
     if evals:
         lines += ["## Extrapolation", ""] + eval_tables(evals) + delta_tables(evals) + protocol_comparison(evals)
         for p in plot_eval(evals, out):

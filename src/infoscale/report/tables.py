@@ -7,7 +7,17 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-from ..ranking import RESAMPLES, best_by_ci, bold_rule, cell_groups, is_temperature, paired, provenance, window_sums
+from ..ranking import (
+    RESAMPLES,
+    best_by_ci,
+    bold_rule,
+    cell_groups,
+    is_temperature,
+    paired,
+    provenance,
+    single_window_delta,
+    window_sums,
+)
 from ..ranking import label as _label
 from ..tasks.metrics import Metric, metric_spec
 
@@ -210,6 +220,12 @@ def delta_pairs(labels: list[str], base: str = "softmax") -> list[tuple[str, str
     return list(dict.fromkeys(rows))
 
 
+def _metric_order(metric: str) -> tuple:
+    """Metrics by name, a metric's position buckets ``nll[lo,hi)`` by where they start."""
+    name, _, rest = metric.partition("[")
+    return name, int(rest.split(",")[0]) if rest else -1
+
+
 def delta_tables(records: list[dict]) -> list[str]:
     """Markdown lines: per (protocol, setting, model, metric) the paired Δ of each method to its reference on
     the same windows, with a cluster-bootstrap 95% CI, and the best method per length where it is
@@ -223,13 +239,13 @@ def delta_tables(records: list[dict]) -> list[str]:
                         "Reference: the model's plain method (`softmax`: its training method alone), for X + a "
                         "length temperature X alone, and transformers' own rope type alone (`hf_yarn`, …) where it "
                         "was measured. Accuracy in points, loss and NLL in nats. *Best*: the top "
-                        "method where its Δ against the runner-up excludes 0. – : not measured, or a single window "
-                        "(no CI).", ""]
+                        "method where its Δ against the runner-up excludes 0. – : not measured; *(1 window)*: the Δ on "
+                        "a single window, with no CI.", ""]
     missing = []
     models = list(dict.fromkeys(r["model_name"] for r in records))
     for (protocol, setting, model, metric), recs in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1],
                                                                                        models.index(kv[0][2]),
-                                                                                       kv[0][3])):
+                                                                                       _metric_order(kv[0][3]))):
         higher, pct = _spec(metric).higher, _spec(metric).percent
         groups = cell_groups(recs)
         if not groups:
@@ -249,8 +265,9 @@ def delta_tables(records: list[dict]) -> list[str]:
             for n in lengths:
                 g = groups[n]
                 d = paired(g[m], g[ref]) if m in g and ref in g else None
-                if d is None:
-                    cells.append("–")
+                if d is None:  # one window: its Δ, without a CI
+                    one = single_window_delta(g[m], g[ref]) if m in g and ref in g else None
+                    cells.append("–" if one is None else f"{scale * one:+.{1 if pct else 3}f} (1 window)")
                     continue
                 half = max(d[0] - d[1], d[2] - d[0])
                 txt = f"{scale * d[0]:+.{1 if pct else 3}f} ± {scale * half:.{1 if pct else 3}f}"
