@@ -245,16 +245,16 @@ def _chunk_layout(plan: Plan, r0: int, r1: int, *, split: bool, dtype, stack: in
     regions = plan.regions
     sels = [None] + [r.select(qp[:, :, None], kp[:, None, :])[:, None] for r in regions[1:]]  # (B|1, 1, r, c)
     blocks = []
-    later = None  # pairs a later region takes over (regions are applied last-wins)
+    # Regions apply last-wins: from the last, each takes the pairs it selects among those still open (the attended
+    # pairs no later region took); the first takes the rest. (``a > b`` is ``a & ~b`` on bools, in one pass.)
+    open_pairs = allowed  # None: every pair
     for idx in range(len(regions) - 1, -1, -1):
         sel = sels[idx]
-        m = sel if later is None or sel is None else sel & ~later
-        if m is None and later is not None:
-            m = ~later
-        if sel is not None:
-            later = sel if later is None else later | sel
-        if allowed is not None:
-            m = allowed if m is None else m & allowed
+        if sel is None:
+            m = open_pairs
+        else:
+            m = sel if open_pairs is None else sel & open_pairs
+            open_pairs = ~sel if open_pairs is None else open_pairs > sel
         for lo, hi, mm in _segments(m, cols.numel(), split=split):
             if count:
                 l = l + (hi - lo if mm is None else mm.sum(-1, keepdim=True, dtype=torch.int32))
