@@ -259,3 +259,19 @@ def test_a_key_store_rotates_only_new_keys(method, far_rotated, monkeypatch):
     want, _ = attention_reference(q[:1, :, n - 1:n], k[:1].repeat_interleave(r, 1)[:, :, :n],
                                   v[:1].repeat_interleave(r, 1)[:, :, :n], train_len=L, plan=one)
     assert (got - want).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("method,stores", [("dca(chunk=96, local=16)", 1), ("self_extend(group=4, window=32)", 2)])
+def test_regions_that_place_keys_alike_share_one_store(method, stores, monkeypatch):
+    """DCA's three regions put keys at p mod s, SelfExtend's grouped side at floor(p / G): one rotated copy each,
+    not one per region, and decoding from the shared copy equals the reference."""
+    monkeypatch.setattr(sdpa_mod, "STORE_FROM", 0)  # every region takes its keys from the store
+    n0 = 300
+    q, k, v = _qkv(n0 + 2, n0 + 2, seed=12)
+    store = {}
+    for n in (n0 + 1, n0 + 2):
+        plan = build_plan(method, batch=2, heads=HEADS, head_dim=D, train_len=L, n_q=1, n_k=n, causal=True,
+                          positions=torch.tensor([[n - 1.0]], dtype=torch.float64))
+        got = attention_sdpa(plan, q[:, :, n - 1:n], k[:, :, :n], v[:, :, :n], rotated=store)
+        assert (got - _reference(plan, q[:, :, n - 1:n], k[:, :, :n], v[:, :, :n])).abs().max().item() < 1e-4
+    assert len(store) == stores

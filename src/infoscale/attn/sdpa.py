@@ -105,7 +105,9 @@ def _keys_at(plan: Plan, k: torch.Tensor, idx: int, rotated: dict | None) -> tor
     if rotated is None or plan.inv_freq is None:
         return _rotate(plan, k, kp)
     n_k = k.shape[2]
-    e = rotated.setdefault(idx, _Rotated())
+    # regions that place keys by the same function (DCA's three, SelfExtend's and ReRoPE's two far sides) share one
+    # store: the first such region's
+    e = rotated.setdefault(next(j for j, r in enumerate(plan.regions) if r.k_at is region.k_at), _Rotated())
     m = e.m
     if m and not (m <= n_k and e.buf.dtype == k.dtype and e.buf.device == k.device and e.buf.shape[:2] == k.shape[:2]
                   and e.buf.shape[-1] == k.shape[-1] and e.pos.shape[0] == kp.shape[0] and e.rope == plan.rope
