@@ -261,17 +261,24 @@ def test_a_key_store_rotates_only_new_keys(method, far_rotated, monkeypatch):
     assert (got - want).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("method,stores", [("dca(chunk=96, local=16)", 1), ("self_extend(group=4, window=32)", 2)])
+@pytest.mark.parametrize("method,stores", [("dca(chunk=96, local=16)", 1), ("self_extend(group=4, window=32)", 1)])
 def test_regions_that_place_keys_alike_share_one_store(method, stores, monkeypatch):
-    """DCA's three regions put keys at p mod s, SelfExtend's grouped side at floor(p / G): one rotated copy each,
-    not one per region, and decoding from the shared copy equals the reference."""
-    monkeypatch.setattr(sdpa_mod, "STORE_FROM", 0)  # every region takes its keys from the store
-    n0 = 300
-    q, k, v = _qkv(n0 + 2, n0 + 2, seed=12)
+    """DCA's three regions put keys at p mod s: one rotated copy, not one per region (SelfExtend: one, its grouped
+    side's; its W neighbours are rotated afresh), and decoding from the shared copy equals the reference. DCA's
+    short regions (its chunk and the one before) take their keys from the copy its long one keeps: a step rotates
+    its query (once per region) and its own key, nothing else."""
+    n0 = 1400  # older chunks: more keys than STORE_FROM
+    q, k, v = _qkv(n0 + 3, n0 + 3, seed=12)
+    rows = []
+    real = sdpa_mod._rotate
+    monkeypatch.setattr(sdpa_mod, "_rotate", lambda plan, x, pos: rows.append(x.shape[2]) or real(plan, x, pos))
     store = {}
-    for n in (n0 + 1, n0 + 2):
+    for n in range(n0 + 1, n0 + 4):
         plan = build_plan(method, batch=2, heads=HEADS, head_dim=D, train_len=L, n_q=1, n_k=n, causal=True,
                           positions=torch.tensor([[n - 1.0]], dtype=torch.float64))
+        rows.clear()
         got = attention_sdpa(plan, q[:, :, n - 1:n], k[:, :, :n], v[:, :, :n], rotated=store)
         assert (got - _reference(plan, q[:, :, n - 1:n], k[:, :, :n], v[:, :, :n])).abs().max().item() < 1e-4
     assert len(store) == stores
+    if method.startswith("dca"):
+        assert sum(rows) == 3 + 1

@@ -40,8 +40,15 @@ CHUNK_ENTRIES = 1 << 24
 # Below this many query rows (decoding) keys are rotated per region and chunk, only those the region scores.
 ROTATE_ALL_FROM = 64
 # Decoding with a key store (``rotated``): a region that scores at least this many keys takes them from the store
-# (rotating only the keys it has not seen); fewer (ReRoPE's band) are rotated afresh each step.
+# (rotating only the keys it has not seen); fewer (ReRoPE's band) are rotated afresh each step, unless a region that
+# places keys alike is stored (DCA's three regions share one store).
 STORE_FROM = 1024
+
+
+def _store_of(plan: Plan, idx: int) -> int:
+    """The region whose key store region ``idx`` uses: the first that places keys by the same function."""
+    k_at = plan.regions[idx].k_at
+    return next(j for j, r in enumerate(plan.regions) if r.k_at is k_at)
 
 
 def _lse_kernel(device: torch.device):
@@ -107,7 +114,7 @@ def _keys_at(plan: Plan, k: torch.Tensor, idx: int, rotated: dict | None) -> tor
     n_k = k.shape[2]
     # regions that place keys by the same function (DCA's three, SelfExtend's and ReRoPE's two far sides) share one
     # store: the first such region's
-    e = rotated.setdefault(next(j for j, r in enumerate(plan.regions) if r.k_at is region.k_at), _Rotated())
+    e = rotated.setdefault(_store_of(plan, idx), _Rotated())
     m = e.m
     if m and not (m <= n_k and e.buf.dtype == k.dtype and e.buf.device == k.device and e.buf.shape[:2] == k.shape[:2]
                   and e.buf.shape[-1] == k.shape[-1] and e.pos.shape[0] == kp.shape[0] and e.rope == plan.rope
@@ -365,11 +372,13 @@ def attention_sdpa(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         factor = scale if plan.temperature is None else scale * plan.temperature(lay.l)
         q_chunk = q[:, :, r0:r1]
         parts, q_rot = [], {}
+        stored = () if prefill or rotated is None else {_store_of(plan, i) for i, p, _ in lay.blocks
+                                                        if _count(p) >= STORE_FROM}
         for idx, pick, mask in lay.blocks:
             region = regions[idx]
             if prefill:
                 kr = k_rot[idx][:, :, pick]
-            elif rotated is not None and plan.inv_freq is not None and _count(pick) >= STORE_FROM:
+            elif rotated is not None and plan.inv_freq is not None and _store_of(plan, idx) in stored:
                 kpos = region.k_at(plan.k_pos[:, pick])
                 kr = k[:, :, pick] if _unmoved(plan, kpos) else _keys_at(plan, k, idx, rotated)[:, :, pick]
             else:
