@@ -296,8 +296,9 @@ def _count(pick) -> int:
 
 
 def _causal_only(plan: Plan) -> bool:
-    """The plan's mask is exactly causal on indices: SDPA's own ``is_causal`` (which skips the masked blocks)."""
-    return (plan.causal and plan.banded and plan.n_q == plan.n_k and plan.window is None
+    """The plan's mask is exactly causal on indices and SDPA can say it without a mask: a prefill (its own
+    ``is_causal``, which skips the masked blocks) or one decoded token (it attends every key)."""
+    return (plan.causal and plan.banded and plan.n_q in (plan.n_k, 1) and plan.window is None
             and plan.key_padding_mask is None and plan.attn_mask is None)
 
 
@@ -331,10 +332,11 @@ def attention_sdpa(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     if len(plan.regions) == 1 and _causal_only(plan):
         region = plan.regions[0]
         qr = _rotate(plan, q, region.q_at(plan.q_pos))
-        kr = _keys_at(plan, k, 0, None)
+        # decoding takes the keys from the store (rotating its own only) once the cache is long
+        kr = _keys_at(plan, k, 0, rotated if n_q == 1 and plan.n_k >= STORE_FROM else None)
         factor = scale
-        if plan.temperature is not None:  # l_i = i + 1 keys under a causal mask
-            l = torch.arange(1, n_q + 1, dtype=torch.float64, device=q.device).view(1, 1, n_q, 1)
+        if plan.temperature is not None:  # l_i = i + 1 keys under a causal mask (i: the query's key index)
+            l = torch.arange(plan.n_k - n_q + 1, plan.n_k + 1, dtype=torch.float64, device=q.device).view(1, 1, n_q, 1)
             factor = factor * plan.temperature(l)
         qr = (qr.float() * factor.float()).to(dtype)
         return F.scaled_dot_product_attention(qr, kr, v, is_causal=n_q > 1, scale=1.0, dropout_p=dropout_p,
