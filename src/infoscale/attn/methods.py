@@ -889,7 +889,12 @@ class ParsedMethod:
         return "+".join(c.short() for c in self.components) or "softmax"
 
     def __str__(self) -> str:
-        return "+".join(str(c) for c in self.components) or "softmax"
+        # kept after the first call: the transformers backend keys its per-forward memos by it at every layer
+        text = self.__dict__.get("_text")
+        if text is None:
+            text = "+".join(str(c) for c in self.components) or "softmax"
+            object.__setattr__(self, "_text", text)
+        return text
 
 
 _MAX_SPEC = 2000  # characters: a method string is short; longer input is refused before parsing
