@@ -9,11 +9,14 @@ measures every method once) and the median is reported as a ratio to stock SDPA 
 ``--long``: decode memory of the windowed methods against stock SDPA at contexts 4k, 16k and 64k on a tiny Llama
 (hidden 64): each context is reached by a chunked prefill (4k tokens per forward), then decoded; the table gives
 the KV cache's size (largest over the decode steps) and its ratio to stock's at the same context, which grows
-with the context for stock and stays flat for the bounded caches.
+with the context for stock and stays flat for the bounded caches, and the prefill time and decode speed as
+ratios to stock's (one measurement each). ``--long --methods ...`` measures any method there (``--long --all``:
+every method of the default table at 64k).
 
     python benchmarks/hf_speed.py            # contexts 1k, 4k, 16k
     python benchmarks/hf_speed.py --quick    # contexts 1k, 4k, fewer methods (< 2 min)
     python benchmarks/hf_speed.py --long     # decode memory at 4k, 16k, 64k (windowed methods against stock)
+    python benchmarks/hf_speed.py --long --all   # every method at 64k on the tiny Llama (prefill, decode, memory)
 """
 
 from __future__ import annotations
@@ -82,26 +85,29 @@ def measure(model, ids: torch.Tensor, steps: int, chunk: int | None = None) -> t
 
 def long_mode(args):
     """Decode memory at long contexts: the windowed methods' bounded caches against stock SDPA's DynamicCache."""
-    contexts = args.contexts or LONG_CONTEXTS
-    methods = args.methods or LONG_METHODS
+    contexts = args.contexts or ([65536] if args.all else LONG_CONTEXTS)
+    methods = args.methods or (METHODS[1:] if args.all else LONG_METHODS)
     stock = build(args.train_len, hidden=64)
     stock.set_attn_implementation("sdpa")
     models = {"sdpa": stock} | {m: hf.apply(build(args.train_len, hidden=64), m) for m in methods}
     print(f"Llama 2 layers, hidden 64, 4 heads (2 kv), L = {args.train_len}, fp32; prefill in 4096-token chunks, "
           f"{args.steps} decode steps; torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"{'method':<34} {'context':>8} {'keys/layer':>10} {'KV MiB':>9} {'× sdpa':>8} {'decode tok/s':>13}")
+    print(f"{'method':<34} {'context':>8} {'keys/layer':>10} {'KV MiB':>9} {'× sdpa':>8} {'prefill s':>10} "
+          f"{'× sdpa':>7} {'decode tok/s':>13} {'× sdpa':>7}")
     for n in contexts:
         ids = torch.randint(0, 1000, (1, n), generator=torch.Generator().manual_seed(n))
         res = {name: measure(model, ids, args.steps, chunk=4096) for name, model in models.items()}
-        base = res["sdpa"][2]
-        for name, (_, dec, peak, keys) in res.items():
-            print(f"{name:<34} {n:>8} {keys:>10} {peak / 2**20:>9.3f} {peak / base:>8.4f} {dec:>13.1f}")
+        base_pre, base_dec, base = res["sdpa"][:3]
+        for name, (pre, dec, peak, keys) in res.items():
+            print(f"{name:<34} {n:>8} {keys:>10} {peak / 2**20:>9.3f} {peak / base:>8.4f} {pre:>10.2f} "
+                  f"{pre / base_pre:>7.2f} {dec:>13.1f} {dec / base_dec:>7.2f}")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="contexts 1k and 4k, fewer methods, 2 rounds")
     ap.add_argument("--long", action="store_true", help="decode memory at 4k, 16k, 64k: windowed methods vs stock")
+    ap.add_argument("--all", action="store_true", help="with --long: every method, at 64k")
     ap.add_argument("--contexts", type=int, nargs="*", help="context lengths (default 1024 4096 16384)")
     ap.add_argument("--methods", nargs="*", help="methods to compare with stock SDPA")
     ap.add_argument("--rounds", type=int, help="interleaved repeats (default 3, quick 2)")
