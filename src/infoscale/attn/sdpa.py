@@ -37,6 +37,7 @@ __all__ = ["attention_sdpa", "supported"]
 
 # Query rows × key columns per chunk: the masks of one chunk hold this many entries per region.
 CHUNK_ENTRIES = 1 << 24
+CHUNKS = 16  # query chunks per prefill at most (each at least 256 rows)
 # Below this many query rows (decoding) keys are rotated per region and chunk, only those the region scores.
 ROTATE_ALL_FROM = 64
 # Decoding with a key store (``rotated``): a region that scores at least this many keys takes them from the store
@@ -358,7 +359,7 @@ def attention_sdpa(plan: Plan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         k_rot, v_all, stack = None, v, g
     # Rows per chunk: small enough that a region's key columns follow the causal edge (ReRoPE's far side then scores
     # about the lower triangle, as SDPA's is_causal does), large enough that each fused call has work.
-    chunk = max(1, min(n_q, max(plan.n_k // 16, 256), max(CHUNK_ENTRIES // max(plan.n_k, 1), 64)))
+    chunk = max(1, min(n_q, max(plan.n_k // CHUNKS, 256), max(CHUNK_ENTRIES // max(plan.n_k, 1), 64)))
     out = None
     for r0 in range(0, n_q, chunk):
         r1 = min(n_q, r0 + chunk)
