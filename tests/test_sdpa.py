@@ -193,6 +193,34 @@ def test_layers_of_one_forward_share_the_layout(monkeypatch):
     assert hf_attention._FORWARDS.get() == ()  # every forward's memo dropped when it ended
 
 
+def test_layers_of_one_forward_count_a_masks_keys_once(monkeypatch):
+    """A temperature over the model's mask (padding): the key counts l_i are summed once per forward for all layers
+    (a sum over a long mask costs seconds), and the logits are those counted per layer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import infoscale.hf as hf
+    import infoscale.hf.attention as hf_attention
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = hf.apply(LlamaForCausalLM(cfg).eval(), "infoscale")
+    ids = torch.randint(0, 100, (2, 200))
+    mask = torch.ones(2, 200, dtype=torch.long)
+    mask[1, :30] = 0
+    calls = []
+    real = hf_attention._row_lengths
+    monkeypatch.setattr(hf_attention, "_row_lengths", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    with torch.no_grad():
+        shared = model(ids, attention_mask=mask).logits
+        assert len(calls) == 1
+        monkeypatch.setattr(hf_attention, "_forward_memo", lambda *a, **kw: None)
+        calls.clear()
+        alone = model(ids, attention_mask=mask).logits
+        assert len(calls) == 3
+    assert torch.equal(shared, alone)
+
+
 def test_a_forward_that_raises_drops_its_memo():
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -90,7 +90,7 @@ def infoscale_attention(module: nn.Module, query: torch.Tensor, key: torch.Tenso
         q_pos, k_pos, kpm, mask = _kept_geometry(kept, B, n_q, kwargs.get("sliding_window"), query.device)
         seq_len = _seq_len(kwargs, B, q_pos)
     elif _fast_ok(pm) and softcap is None and not want_weights:
-        return _fast(pm, L, query, key, value, mask, n_q, n_k, causal, scaling, dropout)
+        return _fast(pm, L, query, key, value, mask, n_q, n_k, causal, scaling, dropout, attention_mask)
     else:
         q_pos = None
     # the layers of one forward share their geometry and plan where they have the same method, rope and mask
@@ -129,14 +129,22 @@ def _temperature(pm, L: int, heads: int, head_dim: int):
     return build_plan(pm, batch=1, heads=heads, head_dim=head_dim, train_len=L, n_q=1, n_k=1, rope=False).temperature
 
 
-def _fast(pm, L, query, key, value, mask, n_q, n_k, causal, scaling, dropout):
-    """Temperatures and masks: t(l_i) folded into q, then torch's SDPA with the model's mask (or its causal flag)."""
+def _fast(pm, L, query, key, value, mask, n_q, n_k, causal, scaling, dropout, raw_mask=None):
+    """Temperatures and masks: t(l_i) folded into q, then torch's SDPA with the model's mask (or its causal flag).
+    The key counts l_i of a mask are counted once per forward (``raw_mask``: the mask transformers built, shared by
+    the layers of its type): a sum over a 4096 × 64k mask takes seconds on one core."""
     band = _mask_params(pm)
     if mask is None and band is not None:
         return _banded(pm, L, query, key, value, n_q, n_k, causal, scaling, dropout, *band)
     q = query
     if pm.slot("temperature") is not None:
-        l = _row_lengths(mask, n_q, n_k, causal, query.device)
+        shared = (_forward_memo(("row_lengths", id(raw_mask), n_q, n_k, causal), (raw_mask,))
+                  if mask is not None and torch.is_tensor(raw_mask) else None)
+        l = shared.get("l") if shared is not None else None
+        if l is None:
+            l = _row_lengths(mask, n_q, n_k, causal, query.device)
+            if shared is not None:
+                shared["l"] = l
         t = _temperature(pm, L, query.shape[1], query.shape[-1])(l)
         q = (query.float() * t.float()).to(query.dtype)
     gqa = key.shape[1] != query.shape[1]
