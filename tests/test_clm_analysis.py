@@ -190,6 +190,22 @@ def test_report_gives_paired_deltas_per_position_bucket(tmp_path):
     assert rows[2] == "| `rerope` − `softmax` | -0.750 (1 window) |"
 
 
+def test_report_draws_the_passkey_heat_map(tmp_path):
+    """Passkey records with their per-depth accuracy become a depth × length heat map, a panel per method."""
+    from infoscale.report import write_report
+
+    def rec(method, n, per_depth):
+        return {"model": "/x/m", "model_name": "m", "train": {"attention": "softmax", "train_len": 64},
+                "method": method, "length": n, "setting": "passkey", "protocol": "greedy",
+                "protocol_params": {"depths": [0.1, 0.9], "digits": 5}, "windows": 1, "predictions": 2, "seed": 0,
+                "metric": "passkey_accuracy", "value": sum(per_depth.values()) / 2, "per_depth": per_depth}
+
+    recs = [rec(m, n, {"0.1": 1.0 if n == 64 else 0.0, "0.9": 0.4}) for m in ("softmax", "rerope") for n in (64, 256)]
+    text = write_report(recs, tmp_path).read_text()
+    assert "![passkey_heatmap_m](passkey_heatmap_m.png)" in text
+    assert (tmp_path / "passkey_heatmap_m.png").stat().st_size > 1000
+
+
 # ---------------------------------------------------------------------------------------------
 # the clm-quick preset
 # ---------------------------------------------------------------------------------------------
@@ -216,3 +232,19 @@ def test_clm_quick_runs_every_method_on_both_llamas(train_method):
         with torch.no_grad():
             assert torch.isfinite(model(ids).logits).all(), m
     hf.remove(model)
+
+
+@pytest.mark.parametrize("per_depth", [{"x": 0.5}, {"0.5": 2.0}, [0.5], {"0.5": True}, {"-0.5": 0.5}])
+def test_report_refuses_a_bad_per_depth_field(tmp_path, per_depth):
+    """Records are untrusted: a per-depth field that is not depth -> accuracy is refused in one line."""
+    import json
+
+    from infoscale.errors import DataError
+    from infoscale.report import load_records
+
+    rec = {"model_name": "m", "method": "softmax", "length": 256, "setting": "passkey", "protocol": "greedy",
+           "metric": "passkey_accuracy", "value": 0.5, "per_depth": per_depth}
+    f = tmp_path / "r.jsonl"
+    f.write_text(json.dumps(rec) + "\n")
+    with pytest.raises(DataError, match="per_depth"):
+        load_records([f])

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from ..errors import DataError
 from ..io import atomic_write_bytes, check_output
-from .plots import plot_analysis, plot_buckets, plot_eval
+from .plots import plot_analysis, plot_buckets, plot_eval, plot_passkey
 from .records import check_record, distinct_model_names, load_records, safe_file_name
 from .tables import (
     analysis_tables,
@@ -64,7 +64,7 @@ def write_report(records: list[dict], out_dir: str | Path) -> Path:
         lines += delta_tables(buckets)  # per bucket: beyond L is where the methods differ
     if evals:
         lines += ["## Extrapolation", ""] + eval_tables(evals) + delta_tables(evals) + protocol_comparison(evals)
-        for p in plot_eval(evals, out):
+        for p in plot_eval(evals, out) + plot_passkey(evals, out):
             lines += [f"![{p.stem}]({p.name})", ""]
     if analyses:
         lines += ["## Attention analysis", ""] + analysis_tables(analyses)
@@ -77,4 +77,4 @@ def write_report(records: list[dict], out_dir: str | Path) -> Path:
 
 __all__ = ["write_report", "load_records", "check_record", "distinct_model_names", "safe_file_name", "eval_tables",
            "bucket_tables", "delta_tables", "delta_pairs", "protocol_comparison", "analysis_tables", "plot_eval",
-           "plot_buckets", "plot_analysis", "is_bucket", "HELP", "add_arguments", "run"]
+           "plot_buckets", "plot_passkey", "plot_analysis", "is_bucket", "HELP", "add_arguments", "run"]

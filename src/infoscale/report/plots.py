@@ -128,6 +128,54 @@ def plot_buckets(records: list[dict], out: Path) -> list[Path]:
     plt.close(fig)
     return [path]
 
+def plot_passkey(records: list[dict], out: Path) -> list[Path]:
+    """The needle-in-a-haystack heat map: per model, a panel per method, passkey digits right (%) by needle depth
+    (rows) and prompt length (columns), from the records' ``per_depth`` field."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    recs = [r for r in records if r.get("metric") == "passkey_accuracy" and isinstance(r.get("per_depth"), dict)]
+    paths = []
+    for model in dict.fromkeys(r["model_name"] for r in recs):
+        mrecs = [r for r in recs if r["model_name"] == model]
+        methods = list(dict.fromkeys(_label(r) for r in mrecs))
+        lengths = sorted({r["length"] for r in mrecs})
+        depths = sorted({float(d) for r in mrecs for d in r["per_depth"]})
+        ncol = min(len(methods), 6)
+        nrow = math.ceil(len(methods) / ncol)
+        fig, axes = plt.subplots(nrow, ncol, figsize=(1.0 + (0.55 * len(lengths) + 0.9) * ncol,
+                                                      0.6 + (1.1 + 0.3 * len(depths)) * nrow), squeeze=False,
+                                 layout="constrained")
+        for ax in axes.flat[len(methods):]:
+            ax.axis("off")
+        for ax, m in zip(axes.flat, methods, strict=False):  # (more panels than methods: the rest are off)
+            grid = [[math.nan] * len(lengths) for _ in depths]
+            for r in (r for r in mrecs if _label(r) == m):
+                for d, v in r["per_depth"].items():
+                    if isinstance(v, (int, float)):
+                        grid[depths.index(float(d))][lengths.index(r["length"])] = 100 * v
+            im = ax.imshow(grid, vmin=0, vmax=100, cmap="RdYlGn", aspect="auto")
+            for i, row in enumerate(grid):
+                for j, v in enumerate(row):
+                    if not math.isnan(v):
+                        ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=7)
+            ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+            ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths], fontsize=7)
+            ax.set_title(m, fontsize=8)
+            ax.set_xlabel("prompt length", fontsize=7)
+        for row in axes:
+            row[0].set_ylabel("needle depth", fontsize=8)
+        fig.colorbar(im, ax=list(axes.flat), fraction=0.02, label="digits right (%)")
+        fig.suptitle(f"passkey retrieval: {model}", fontsize=10)
+        path = out / safe_file_name(f"passkey_heatmap_{model}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
 def plot_analysis(records: list[dict], out: Path) -> list[Path]:
     import matplotlib
 

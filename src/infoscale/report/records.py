@@ -92,10 +92,16 @@ def _record_problem(rec: dict, kind: str) -> str:
     for k in ("train", "protocol_params"):
         if rec.get(k) is not None and not isinstance(rec[k], dict):
             return f"{k} must be a JSON object"
+    per_depth = rec.get("per_depth")
+    if per_depth is not None and not (isinstance(per_depth, dict) and all(
+            _DEPTH.fullmatch(str(d)) and isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1
+            for d, v in per_depth.items())):
+        return "per_depth must map needle depths (numbers from 0 to 1) to accuracies from 0 to 1"
     return ""
 
 
 _BUCKET = re.compile(r"nll\[\d{1,13},\d{1,13}\)")
+_DEPTH = re.compile(r"(0(\.\d{1,12})?|1(\.0{1,12})?)")
 
 
 def safe_file_name(text: str) -> str:
