@@ -158,20 +158,25 @@ def test_memo_shares_the_layout_between_calls(monkeypatch):
     assert (second - _reference(plan, q * 0.5, k, v)).abs().max().item() < 1e-4
 
 
-def test_layers_of_one_forward_share_the_layout(monkeypatch):
-    """In a transformers model the masks of a query chunk are computed once per forward, not once per layer, and the
-    logits are those computed without sharing."""
+def _padded_llama(method: str, n: int):
+    """A 3-layer tiny Llama with ``method`` applied, two rows of n token ids and a mask of ones (pad it yourself)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import infoscale.hf as hf
-    import infoscale.hf.attention as hf_attention
 
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = hf.apply(LlamaForCausalLM(cfg).eval(), "rerope+infoscale")
-    ids = torch.randint(0, 100, (2, 700))
-    mask = torch.ones(2, 700, dtype=torch.long)
+    model = hf.apply(LlamaForCausalLM(cfg).eval(), method)
+    return model, torch.randint(0, 100, (2, n)), torch.ones(2, n, dtype=torch.long)
+
+
+def test_layers_of_one_forward_share_the_layout(monkeypatch):
+    """In a transformers model the masks of a query chunk are computed once per forward, not once per layer, and the
+    logits are those computed without sharing."""
+    import infoscale.hf.attention as hf_attention
+
+    model, ids, mask = _padded_llama("rerope+infoscale", 700)
     mask[1, :50] = 0  # left padding: the mask transformers builds holds the memo
     calls = []
     real = sdpa_mod._chunk_layout
@@ -196,17 +201,9 @@ def test_layers_of_one_forward_share_the_layout(monkeypatch):
 def test_layers_of_one_forward_count_a_masks_keys_once(monkeypatch):
     """A temperature over the model's mask (padding): the key counts l_i are summed once per forward for all layers
     (a sum over a long mask costs seconds), and the logits are those counted per layer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    import infoscale.hf as hf
     import infoscale.hf.attention as hf_attention
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = hf.apply(LlamaForCausalLM(cfg).eval(), "infoscale")
-    ids = torch.randint(0, 100, (2, 200))
-    mask = torch.ones(2, 200, dtype=torch.long)
+    model, ids, mask = _padded_llama("infoscale", 200)
     mask[1, :30] = 0
     calls = []
     real = hf_attention._row_lengths

@@ -13,6 +13,22 @@ from .records import safe_file_name
 from .tables import _bucket_runs, _cells, _spec, protocol_of
 
 
+def _pyplot():
+    """matplotlib's pyplot on the file-only backend (imported when a figure is drawn: reading records needs none)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 def _legend_below(fig, axes, title: str, entry_inches: float) -> None:
     """One legend for all panels under them (each label once), as many columns as the figure is wide at
     ``entry_inches`` an entry, the title above, and the panels laid out in the space left."""
@@ -29,10 +45,7 @@ def _legend_below(fig, axes, title: str, entry_inches: float) -> None:
 
 def plot_eval(records: list[dict], out: Path) -> list[Path]:
     """One figure per (protocol, setting): a row per metric, a panel per model, a line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     paths = []
     by_setting = defaultdict(list)
@@ -77,18 +90,13 @@ def plot_eval(records: list[dict], out: Path) -> list[Path]:
         _legend_below(fig, axes, f"{setting} text, {protocol} protocol (solid: with InfoScale; shading: 95% CI)", 1.9)
         slug = protocol.replace("strided (1 in ", "strided").rstrip(")")  # strided64: a file name without spaces
         path = out / safe_file_name(f"{'accuracy' if 'accuracy' in metrics else metrics[0]}_{setting}_{slug}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, path))
     return paths
 
 
 def plot_buckets(records: list[dict], out: Path) -> list[Path]:
     """One figure: a panel per model, NLL against bucket midpoint at the longest length, a line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     by = _bucket_runs(records)
     if not by:
@@ -123,18 +131,13 @@ def plot_buckets(records: list[dict], out: Path) -> list[Path]:
     # an entry such as hf_yarn(factor=4.0)+infoscale takes ~2.3 in
     _legend_below(fig, axes, "NLL by position (solid: with a length temperature; above the y limit: off the chart)",
                   2.3)
-    path = out / "nll_by_position.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return [path]
+    return [_save(fig, out / "nll_by_position.png")]
+
 
 def plot_passkey(records: list[dict], out: Path) -> list[Path]:
     """The needle-in-a-haystack heat map: per model, a panel per method, passkey digits right (%) by needle depth
     (rows) and prompt length (columns), from the records' ``per_depth`` field."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     recs = [r for r in records if r.get("metric") == "passkey_accuracy" and isinstance(r.get("per_depth"), dict)]
     paths = []
@@ -170,17 +173,12 @@ def plot_passkey(records: list[dict], out: Path) -> list[Path]:
         fig.colorbar(im, ax=list(axes.flat), fraction=0.02, label="digits right (%)")
         fig.suptitle(f"passkey retrieval: {model}", fontsize=10)
         path = out / safe_file_name(f"passkey_heatmap_{model}.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, path))
     return paths
 
 
 def plot_analysis(records: list[dict], out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     paths = []
     for kind, keys in (("entropy", ("H", "H_norm")), ("dilution", ("near_share",))):
@@ -215,9 +213,7 @@ def plot_analysis(records: list[dict], out: Path) -> list[Path]:
             fig.suptitle(f"{kind}: {src}", fontsize=11)
             fig.tight_layout()
             path = out / safe_file_name(f"{kind}_{src}.png")
-            fig.savefig(path, dpi=110)
-            plt.close(fig)
-            paths.append(path)
+            paths.append(_save(fig, path))
     recs = [r for r in records if r["kind"] == "cos_window"]
     if recs:
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
@@ -241,7 +237,5 @@ def plot_analysis(records: list[dict], out: Path) -> list[Path]:
         fig.suptitle("CosScale approaches windowed attention as s grows", fontsize=11)
         fig.tight_layout()
         path = out / "cos_window.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        paths.append(path)
+        paths.append(_save(fig, path))
     return paths
