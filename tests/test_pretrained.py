@@ -355,3 +355,45 @@ def test_pretrained_preset_end_to_end_and_resumes(model_dir, corpus, tmp_path, m
     assert out["report"].parent.name == "tiny-llm-tiny-llama"
     rp.reproduce(cfg, log=lambda s: None)
     assert len(read_records(out["records"])) == len(recs)
+
+
+def test_a_cell_grows_by_windows_to_what_measuring_it_whole_gives(model_dir, corpus, tmp_path, monkeypatch):
+    """A rerun with more --windows measures only the new windows and joins them to the earlier cell's: every grown
+    record equals the record of the cell measured whole (value, CI, per-window fields), the report shows the grown
+    cell alone, and a third run adds nothing."""
+    import infoscale.evaluate_clm as ev
+
+    def run(out, windows):
+        return main(["eval", "--models", str(model_dir), "--corpus", str(corpus), "--methods", "softmax", "pi",
+                     "--lengths", "72", "--settings", "contiguous", "repeated", "--windows", str(windows),
+                     "--predictions", "0", "--bf16", "off", "--out", str(out), "--no-progress"])
+
+    whole, grown = tmp_path / "whole.jsonl", tmp_path / "grown.jsonl"
+    assert run(whole, 4) == 0 and run(grown, 2) == 0
+    measured = []
+    real = ev.contiguous_records
+    monkeypatch.setattr(ev, "contiguous_records", lambda *a, **k: measured.append(k.get("start", 0)) or real(*a, **k))
+    assert run(grown, 4) == 0
+    assert measured == [2, 2]  # softmax and pi: only windows 2 and 3 were scored
+    by = {}
+    for r in read_records(grown):
+        by.setdefault(r["windows"], {})[(r["method"], r["setting"], r["metric"])] = r
+    small, big = by[2], by[4]
+    ref = {(r["method"], r["setting"], r["metric"]): r for r in read_records(whole)}
+    assert set(big) == set(ref) == set(small)
+    for k, r in ref.items():
+        g = big[k]
+        assert g["key"] == r["key"] and g["grown_from"] == small[k]["key"] and g["windows_used"] == 4
+        assert g["window_counts"] == r["window_counts"] and g.get("spans") == r.get("spans")
+        assert g["n_predictions"] == r["n_predictions"]
+        np.testing.assert_allclose(g["window_means"], r["window_means"], rtol=1e-6)
+        np.testing.assert_allclose([g["value"], g["ci_low"], g["ci_high"]], [r["value"], r["ci_low"], r["ci_high"]],
+                                   rtol=1e-6)
+        if "window_hits" in r:
+            assert g["window_hits"] == r["window_hits"]
+    n = len(read_records(grown))
+    assert run(grown, 4) == 0 and len(read_records(grown)) == n  # nothing left to measure
+    # the report shows the grown cells only: the same tables as for the cells measured whole
+    assert main(["report", str(grown), "--out", str(tmp_path / "a")]) == 0
+    assert main(["report", str(whole), "--out", str(tmp_path / "b")]) == 0
+    assert (tmp_path / "a" / "report.md").read_text() == (tmp_path / "b" / "report.md").read_text()

@@ -75,11 +75,13 @@ def _finite(values: np.ndarray, what: str) -> None:
                           "undefined; choose other parameters (nothing was written for this cell)")
 
 
-def contiguous_records(model, docs, n: int, L: int, count: int, seed: int, device, bf16, tokens_per_batch):
-    """(metric, value, ci_low, ci_high, per-window fields, extra) tuples of the contiguous setting."""
+def contiguous_records(model, docs, n: int, L: int, count: int, seed: int, device, bf16, tokens_per_batch,
+                       start: int = 0):
+    """(metric, value, ci_low, ci_high, per-window fields, extra) tuples of the contiguous setting, over the
+    cell's windows from the ``start``-th on (a cell grown by windows measures only its new ones)."""
     from .data import make_windows
 
-    wins = make_windows(docs, n, "contiguous", count, L, None, seed)
+    wins = make_windows(docs, n, "contiguous", count, L, None, seed)[start:]
     nll, _ = clm.token_nll(model, wins, device=device, bf16=bf16, tokens_per_batch=tokens_per_batch)
     _finite(np.concatenate(nll), "the method")
     total = int(sum(map(len, nll)))
@@ -94,8 +96,10 @@ def contiguous_records(model, docs, n: int, L: int, count: int, seed: int, devic
     return out, len(wins)
 
 
-def copy_records(model, docs, n: int, L: int, count: int, seed: int, device, bf16, tokens_per_batch):
+def copy_records(model, docs, n: int, L: int, count: int, seed: int, device, bf16, tokens_per_batch,
+                 start: int = 0):
     wins, spans = clm.copy_windows(docs, n, count, L, seed)
+    wins, spans = wins[start:], spans[start:]
     nll, hits = clm.token_nll(model, wins, device=device, bf16=bf16, tokens_per_batch=tokens_per_batch)
     _finite(np.concatenate(nll), "the method")
     cn = [v[m - 1:] for v, m in zip(nll, spans, strict=True)]  # target positions t >= m
@@ -232,7 +236,7 @@ def evaluate_clm(cfg, models: list[str], log=print) -> list[dict]:
                            "seed": cfg.seed, "task": "clm"}, f"{m} {setting} n={n}"))
         applied = []  # the method applied to the model now (applied once per method, when a cell needs it)
 
-        def measure(cell: dict, run=run, docs=docs, pk=pk, batch=batch, applied=applied):
+        def measure(cell: dict, start: int = 0, run=run, docs=docs, pk=pk, batch=batch, applied=applied):
             m, setting, n, L = cell["method"], cell["setting"], cell["length"], run.train_len
             if applied != [m]:
                 hf.apply(run.model, m, train_len=L)
@@ -241,9 +245,9 @@ def evaluate_clm(cfg, models: list[str], log=print) -> list[dict]:
             args = (device, bf16, batch[n])
             try:
                 if setting == "contiguous":
-                    rows, used = contiguous_records(run.model, docs, n, L, count, cfg.seed, *args)
+                    rows, used = contiguous_records(run.model, docs, n, L, count, cfg.seed, *args, start=start)
                 elif setting == "repeated":
-                    rows, used = copy_records(run.model, docs, n, L, count, cfg.seed, *args)
+                    rows, used = copy_records(run.model, docs, n, L, count, cfg.seed, *args, start=start)
                 else:
                     rows, used = passkey_records(run.model, pk, n, cfg.depths, count, cfg.seed, *args)
             except MethodError as e:
@@ -253,7 +257,10 @@ def evaluate_clm(cfg, models: list[str], log=print) -> list[dict]:
                      for metric, v, lo, hi, fields, extra in rows])
 
         try:
-            new += sweep(cfg.out, cells, measure, device=device, bf16=bf16, desc=run.name, progress=cfg.progress)
+            # teacher-forced cells grow by windows (a rerun with more --windows measures only the new ones); a
+            # passkey cell's trials cycle through the depths, so it is measured whole
+            new += sweep(cfg.out, cells, measure, device=device, bf16=bf16, desc=run.name, progress=cfg.progress,
+                         windows_of=lambda c: _count(cfg, c["length"]) if c["setting"] != "passkey" else 0)
         finally:
             hf.remove(model)
     return new

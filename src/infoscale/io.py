@@ -28,8 +28,8 @@ from typing import BinaryIO
 from .errors import DataError
 
 __all__ = ["sha256_file", "atomic_write", "atomic_write_bytes", "atomic_write_json", "read_records", "iter_records",
-           "write_records", "merge_records", "record_identity", "locked", "record_key", "cell_key", "git_commit",
-           "os_error_in", "write_error", "check_output", "check_parent_folders"]
+           "write_records", "merge_records", "record_identity", "locked", "record_key", "cell_key", "series_key",
+           "superseded", "git_commit", "os_error_in", "write_error", "check_output", "check_parent_folders"]
 
 
 def _umask() -> int:
@@ -278,10 +278,26 @@ def record_key(*parts) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
+CELL_FIELDS = ("model", "method_resolved", "length", "setting", "protocol", "protocol_params", "seed", "windows",
+               "predictions")
+
+
 def cell_key(rec: dict) -> str:
     """What identifies one measured cell of an evaluation (the same for all its metrics), masked-LM or causal."""
-    return record_key(rec["model"], rec["method_resolved"], rec["length"], rec["setting"], rec["protocol"],
-                      rec["protocol_params"], rec["seed"], rec["windows"], rec["predictions"])
+    return record_key(*(rec[f] for f in CELL_FIELDS))
+
+
+def series_key(rec: dict) -> str:
+    """What a cell shares with the same cell at another number of windows: its key without ``windows`` (a cell's
+    windows are drawn one after another from a generator seeded by the cell, so the first w of a larger cell are
+    the w of a smaller one)."""
+    return record_key(*(rec[f] for f in CELL_FIELDS if f != "windows"))
+
+
+def superseded(records: list[dict]) -> set:
+    """Keys of the cells that a later record grew by windows (its ``grown_from``): their windows are the first
+    windows of the grown cell, which replaces them in tables."""
+    return {r["grown_from"] for r in records if isinstance(r.get("grown_from"), str)}
 
 
 def git_commit() -> str | None:

@@ -233,8 +233,8 @@ LLM_PRESETS = {
                          passkey_lengths=(8192, 16384, 32768), depths=(0.0, 0.25, 0.5, 0.75, 1.0), passkey_trials=10,
                          analysis_methods=("softmax", "infoscale", "logn", "yarn", "yarn+infoscale"),
                          analysis_lengths=(8192, 16384, 32768), calibrate_lengths=(16384,)),
-    # two CPU cores: fewer methods, 2 windows at 2L and 1 at 4L, passkey at 2L for five methods, no calibration
-    "smollm2-cpu": LlmPreset(model=SMOLLM2, corpus="austen", lengths=(16384, 32768), windows=2, long_windows=1,
+    # two CPU cores: fewer methods, 4 windows at 2L and 1 at 4L, passkey at 2L for five methods, no calibration
+    "smollm2-cpu": LlmPreset(model=SMOLLM2, corpus="austen", lengths=(16384, 32768), windows=4, long_windows=1,
                              long_from=32768,
                              methods=tuple(LLM_CPU_METHODS),
                              passkey_methods=("softmax", "hf_yarn(factor=4.0)", "yarn+infoscale", "self_extend",

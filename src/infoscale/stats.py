@@ -8,7 +8,20 @@ import math
 
 import numpy as np
 
-__all__ = ["cluster_ci", "pooled", "bootstrap_indices", "paired_delta", "windows_for_halfwidth", "window_fields"]
+__all__ = ["cluster_ci", "hits_ci", "ratio_se", "grown_fields", "pooled", "bootstrap_indices", "paired_delta",
+           "windows_for_halfwidth", "window_fields"]
+
+
+def ratio_se(sums, counts) -> float:
+    """Standard error of the pooled mean Σ_w S_w / Σ_w N_w with windows as clusters (ratio estimator, Cochran
+    1977, §6.4): se² = w/(w−1) · Σ_w (S_w − ȳ N_w)² / (Σ_w N_w)², from each window's sum S_w and count N_w
+    (w ≥ 2; a window's results enter only through them, so a cell can grow by windows without its raw values)."""
+    s, c = np.asarray(sums, dtype=np.float64), np.asarray(counts, dtype=np.float64)
+    w, total = s.size, float(c.sum())
+    if w < 2:
+        raise ValueError("the cluster standard error needs at least two windows")
+    mean = float(s.sum()) / total
+    return math.sqrt(w / (w - 1) * float(((s - mean * c) ** 2).sum())) / total
 
 
 def cluster_ci(correct_per_window: list[np.ndarray]) -> tuple[float, float]:
@@ -16,18 +29,42 @@ def cluster_ci(correct_per_window: list[np.ndarray]) -> tuple[float, float]:
     standard error; Wilson's interval for a single window."""
     counts = np.array([len(c) for c in correct_per_window], float)
     hits = np.array([c.sum() for c in correct_per_window], float)
+    return hits_ci(hits, counts)
+
+
+def hits_ci(hits, counts) -> tuple[float, float]:
+    """:func:`cluster_ci` from each window's hits and predictions."""
+    hits, counts = np.asarray(hits, dtype=float), np.asarray(counts, dtype=float)
     n, acc = counts.sum(), hits.sum() / counts.sum()
-    w = len(counts)
-    if w < 2:
+    if len(counts) < 2:
         z = 1.96
         centre = (acc + z * z / (2 * n)) / (1 + z * z / n)
         half = z * math.sqrt(acc * (1 - acc) / n + z * z / (4 * n * n)) / (1 + z * z / n)
         return max(0.0, centre - half), min(1.0, centre + half)
-    se = math.sqrt(w / (w - 1) * float(((hits - acc * counts) ** 2).sum())) / n
     # never narrower than independent predictions would give: with few windows the cluster estimate
     # can come out near zero by chance
-    se = max(se, math.sqrt(acc * (1 - acc) / n))
+    se = max(ratio_se(hits, counts), math.sqrt(acc * (1 - acc) / n))
     return max(0.0, acc - 1.96 * se), min(1.0, acc + 1.96 * se)
+
+
+def grown_fields(old: dict, new: dict) -> dict:
+    """The metric of a cell grown by windows: ``old``'s per-window fields followed by ``new``'s (the later
+    windows of the same sequence), the pooled value and its 95% CI computed from them as for a cell measured at
+    once (:func:`hits_ci` for 0/1 outcomes, which carry ``window_hits``; the ratio estimator's normal interval
+    otherwise). Needs two windows or more in all."""
+    counts = list(old["window_counts"]) + list(new["window_counts"])
+    means = list(old["window_means"]) + list(new["window_means"])
+    out = {"window_counts": counts, "window_means": means}
+    c = np.asarray(counts, dtype=np.float64)
+    if "window_hits" in new:
+        out["window_hits"] = list(old["window_hits"]) + list(new["window_hits"])
+        h = np.asarray(out["window_hits"], dtype=np.float64)
+        lo, hi = hits_ci(h, c)
+        return out | {"value": float(h.sum() / c.sum()), "ci_low": lo, "ci_high": hi}
+    sums = np.asarray(means, dtype=np.float64) * c
+    mean = float(sums.sum() / c.sum())
+    se = ratio_se(sums, c)
+    return out | {"value": mean, "ci_low": mean - 1.96 * se, "ci_high": mean + 1.96 * se}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ A cell is the dict of what identifies one measurement (model, method, setting, l
 read again before each cell, so processes sharing a file split the work rather than repeat it), the task's
 ``measure(cell)`` returns the cell's own fields and one row per metric; each row becomes a record: the cell, its
 fields, the provenance (precision and why, code version and commit, wall time, time) and the row, merged into the
-file at once (:func:`infoscale.io.merge_records`), so a killed sweep loses at most the cell it was in.
+file at once (:func:`infoscale.io.merge_records`), so a killed sweep loses at most the cell it was in. A cell the
+file has with fewer windows grows from it (:func:`sweep`): only the new windows are measured.
 
 The masked-LM sweep (:mod:`infoscale.evaluate`) and the causal-LM sweep (:mod:`infoscale.evaluate_clm`) differ only
 in the cells they list and in ``measure``.
@@ -17,19 +18,33 @@ import time
 from collections.abc import Callable
 
 from . import __version__
-from .io import cell_key, git_commit, merge_records, read_records
+from .io import cell_key, git_commit, merge_records, read_records, series_key
 from .runtime import precision_info
+from .stats import grown_fields
 
 __all__ = ["sweep"]
 
 
-def sweep(out: str, cells: list[tuple[dict, str]], measure: Callable[[dict], tuple[dict, list[dict]]], *, device,
-          bf16: bool, desc: str, progress: bool = True) -> list[dict]:
+# Per-window lists a row may carry besides its window fields (the copy spans, the passkey depths): a grown cell's
+# are the earlier cell's followed by the new windows'.
+PER_WINDOW_EXTRAS = ("spans", "depth_of_window")
+
+
+def sweep(out: str, cells: list[tuple[dict, str]], measure: Callable[..., tuple[dict, list[dict]]], *, device,
+          bf16: bool, desc: str, progress: bool = True, windows_of: Callable[[dict], int] | None = None
+          ) -> list[dict]:
     """Measure the ``cells`` ((cell, progress label) pairs) not yet in ``out``; returns the new records.
 
     ``measure(cell) -> (fields, rows)``: ``fields`` the cell's own results shared by its records (windows used,
     predictions, …), ``rows`` one dict per metric (``metric``, ``value``, ``ci_low``, ``ci_high`` and its
-    per-window fields)."""
+    per-window fields).
+
+    Cells can grow by windows where the task gives ``windows_of(cell)``, the windows the cell measures (0: it
+    cannot grow): when ``out`` has the same cell with fewer windows (:func:`infoscale.io.series_key`; its windows
+    are the first of this one's), ``measure(cell, start=w)`` measures only the windows from the w-th on and the
+    records join both (:func:`infoscale.stats.grown_fields`), naming the smaller cell in ``grown_from``; the
+    smaller cell's records stay in the file (reports show the grown one). So a sweep asked for more windows
+    continues one that ran with fewer instead of starting over."""
     from tqdm import tqdm
 
     done = {r.get("key") for r in read_records(out)}
@@ -41,12 +56,18 @@ def sweep(out: str, cells: list[tuple[dict, str]], measure: Callable[[dict], tup
         rec["key"] = cell_key(rec)
         if rec["key"] in done:
             continue
-        done |= {r.get("key") for r in read_records(out)}  # cells another process added meanwhile
+        have = read_records(out)  # cells another process added meanwhile
+        done |= {r.get("key") for r in have}
         if rec["key"] in done:
             continue
         bar.set_postfix_str(label)
         t0 = time.perf_counter()
-        fields, rows = measure(rec)
+        count = windows_of(rec) if windows_of else 0
+        prior = [r for r in smaller_cell(have, rec) if r["windows_used"] < count]
+        grown = _grow(prior, *measure(rec, start=prior[0]["windows_used"])) if prior else None
+        if grown is not None:
+            rec["grown_from"] = prior[0]["key"]
+        fields, rows = grown if grown is not None else measure(rec)
         rec.update(fields)
         rec.update({"precision": "bf16" if bf16 else "fp32", "precision_info": precision_info(device),
                     "version": __version__, "git_commit": commit, "wall_time": time.perf_counter() - t0,
@@ -54,3 +75,40 @@ def sweep(out: str, cells: list[tuple[dict, str]], measure: Callable[[dict], tup
         new += merge_records(out, [rec | row for row in rows])
         done.add(rec["key"])
     return new
+
+
+def smaller_cell(records: list[dict], cell: dict) -> list[dict]:
+    """The records of the largest cell in ``records`` that is ``cell`` with fewer windows and carries per-window
+    results ([] when there is none)."""
+    series = series_key(cell)
+    by_key: dict[str, list[dict]] = {}
+    for r in records:
+        try:
+            if (series_key(r) != series or not isinstance(r["windows"], int) or r["windows"] >= cell["windows"]
+                    or not isinstance(r.get("windows_used"), int) or "window_counts" not in r):
+                continue
+        except (KeyError, TypeError):  # a record of another kind or an older format
+            continue
+        by_key.setdefault(r["key"], []).append(r)
+    if not by_key:
+        return []
+    return max(by_key.values(), key=lambda rs: rs[0]["windows"])
+
+
+def _grow(prior: list[dict], fields: dict, rows: list[dict]) -> tuple[dict, list[dict]] | None:
+    """(fields, rows) of the grown cell from the smaller cell's records and the new windows' results; None when
+    they do not join (the smaller cell lacks one of the metrics): the cell is then measured whole."""
+    old = {r["metric"]: r for r in prior}
+    fields = fields | {"windows_used": prior[0]["windows_used"] + fields["windows_used"]}
+    if {r["metric"] for r in rows} != set(old):
+        return None
+    out = []
+    for row in rows:
+        before = old[row["metric"]]
+        joined = row | grown_fields(before, row)
+        joined["n_predictions"] = before.get("n_predictions", 0) + row.get("n_predictions", 0)
+        for k in PER_WINDOW_EXTRAS:
+            if k in row:
+                joined[k] = list(before.get(k, [])) + list(row[k])
+        out.append(joined)
+    return fields, out

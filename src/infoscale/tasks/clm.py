@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ConfigError, DataError
+from ..stats import ratio_se
 from . import Task
 from .metrics import CLM as CLM_METRICS
 
@@ -300,14 +301,12 @@ def cluster_mean_ci(values_per_window: list[np.ndarray]) -> tuple[float, float, 
     binomial floor, which applies to 0/1 outcomes only."""
     counts = np.array([len(v) for v in values_per_window], float)
     sums = np.array([float(np.sum(v)) for v in values_per_window])
-    total = counts.sum()
-    mean = sums.sum() / total
-    w = len(counts)
-    if w < 2:
+    mean = sums.sum() / counts.sum()
+    if len(counts) < 2:
         allv = np.concatenate(values_per_window)
         se = float(np.std(allv, ddof=1) / math.sqrt(allv.size)) if allv.size > 1 else 0.0
     else:
-        se = math.sqrt(w / (w - 1) * float(((sums - mean * counts) ** 2).sum())) / total
+        se = ratio_se(sums, counts)
     return float(mean), float(mean - 1.96 * se), float(mean + 1.96 * se)
 
 
