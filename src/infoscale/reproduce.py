@@ -196,10 +196,11 @@ LLM_METHODS = [
 ]
 # On two CPU cores a forward at 16k tokens of the 135M model takes minutes (attention is quadratic): the CPU preset
 # keeps the methods that answer the first questions (does a temperature help alone, or on the position methods a
-# user would pick: transformers' YaRN, our YaRN, ReRoPE, SelfExtend; a bounded window) and one window at 4L.
+# user would pick: transformers' YaRN, our YaRN, ReRoPE, SelfExtend; a bounded window; InfoScale with its d fitted
+# to this model's attention) and one window at 4L.
 LLM_CPU_METHODS = [
-    "softmax", "hf_yarn(factor=4.0)", "infoscale", "hf_yarn(factor=4.0)+infoscale", "yarn", "yarn+infoscale",
-    "rerope", "rerope+infoscale", "self_extend", "self_extend+infoscale", "streamingllm",
+    "softmax", "hf_yarn(factor=4.0)", "infoscale", "infoscale(calibrated=True)", "hf_yarn(factor=4.0)+infoscale",
+    "yarn", "yarn+infoscale", "rerope", "rerope+infoscale", "self_extend", "self_extend+infoscale", "streamingllm",
 ]
 
 
@@ -233,7 +234,8 @@ LLM_PRESETS = {
                          passkey_lengths=(8192, 16384, 32768), depths=(0.0, 0.25, 0.5, 0.75, 1.0), passkey_trials=10,
                          analysis_methods=("softmax", "infoscale", "logn", "yarn", "yarn+infoscale"),
                          analysis_lengths=(8192, 16384, 32768), calibrate_lengths=(16384,)),
-    # two CPU cores: fewer methods, 4 windows at 2L and 1 at 4L, passkey at 2L for five methods, no calibration
+    # two CPU cores: fewer methods, 4 windows at 2L and 1 at 4L, passkey at 2L for five methods, calibration at 2L
+    # on one window
     "smollm2-cpu": LlmPreset(model=SMOLLM2, corpus="austen", lengths=(16384, 32768), windows=4, long_windows=1,
                              long_from=32768,
                              methods=tuple(LLM_CPU_METHODS),
@@ -241,7 +243,7 @@ LLM_PRESETS = {
                                               "streamingllm"),
                              passkey_lengths=(16384,), depths=(0.1, 0.5, 0.9), passkey_trials=3,
                              analysis_methods=("softmax", "infoscale"), analysis_lengths=(16384,),
-                             calibrate_lengths=()),
+                             calibrate_lengths=(16384,)),
 }
 
 
