@@ -1001,3 +1001,57 @@ def test_a_config_size_of_the_wrong_type_names_the_file(tiny_run, tmp_path, caps
     (run / "config.json").write_text(json.dumps(cfg | {"type_vocab_size": 2.5}))
     refused(capsys, ["eval", "--models", run, "--lengths", "32", "--bf16", "off", "--no-progress", "--out",
                      tmp_path / "r.jsonl"], "config.json: type_vocab_size must be a non-negative integer, got 2.5")
+
+
+def _cell_rec(windows: int, **change) -> dict:
+    """One record of a causal cell with ``windows`` windows (the fields the sweep's growth reads)."""
+    r = {"model": "/m", "method_resolved": "softmax", "length": 64, "setting": "contiguous",
+         "protocol": "teacher_forced", "protocol_params": {}, "seed": 0, "predictions": 0, "windows": windows,
+         "windows_used": windows, "precision": "fp32", "metric": "nll", "window_counts": [63] * windows,
+         "window_means": [1.0 + i for i in range(windows)], "n_predictions": 63 * windows}
+    r["key"] = io.cell_key(r)
+    return r | change
+
+
+@pytest.mark.parametrize("damage", [
+    {"window_counts": None}, {"window_counts": [63, 0]}, {"window_counts": [63]}, {"window_means": [1.0]},
+    {"window_means": [1.0, math.nan]}, {"window_means": [1.0, "2"]}, {"windows_used": 0}, {"windows_used": True},
+    {"windows_used": -1}, {"metric": ["nll"]}, {"key": None}, {"key": ["k"]}, {"window_hits": [1]},
+    {"spans": 3}, {"n_predictions": "126"}, {"precision": "bf16"},
+])
+def test_a_damaged_smaller_cell_is_measured_anew_never_joined(damage):
+    """The records file is untrusted: a smaller cell whose per-window results are not whole and consistent (or were
+    measured at another precision) is not grown from, so the cell is measured whole instead of joined wrongly."""
+    from infoscale.sweep import smaller_cell
+
+    cell = _cell_rec(4)
+    good = _cell_rec(2)
+    assert smaller_cell([good], cell, 4, "fp32") == [good]
+    assert smaller_cell([good | damage], cell, 4, "fp32") == []
+
+
+def test_the_largest_smaller_cell_is_grown_from():
+    from infoscale.sweep import smaller_cell
+
+    two, three, other = _cell_rec(2), _cell_rec(3), _cell_rec(2, method_resolved="pi")
+    other["key"] = io.cell_key(other)
+    cell = _cell_rec(4)
+    assert smaller_cell([two, other, three], cell, 4, "fp32") == [three]
+    assert smaller_cell([two, three], cell, 3, "fp32") == [two]  # no new window beyond three's
+    assert smaller_cell([two], cell, 2, "fp32") == []
+    assert smaller_cell([_cell_rec(4)], _cell_rec(2), 4, "fp32") == []  # a larger cell is not a smaller one
+
+
+def test_tables_show_a_cell_with_its_most_windows(tmp_path):
+    """The same cell with 2 and 4 windows (grown, or measured twice): tables show the 4-window one alone, never a
+    mean of both; records with an unusable key are left alone and do not break the report."""
+    two, four = _cell_rec(2), _cell_rec(4)
+    assert io.superseded([four, two]) == io.superseded([two, four]) == {two["key"]}
+    assert io.superseded([two | {"key": ["k"]}, four]) == set()
+    assert io.superseded([two | {"windows": "2"}, four]) == set()
+    base = {"model_name": "m", "method": "softmax", "train": {}, "ci_low": None, "ci_high": None}
+    recs = [base | r | {"value": r["window_means"][-1]} for r in (two, four)] + [base | two | {"key": [1], "value": 9}]
+    write_records(tmp_path / "r.jsonl", recs)
+    assert cli(["report", str(tmp_path / "r.jsonl"), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| `softmax` | 6.500† |" in md  # the 4-window record (4.0) and the unkeyed one (9.0); not the 2-window one

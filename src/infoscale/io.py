@@ -295,9 +295,21 @@ def series_key(rec: dict) -> str:
 
 
 def superseded(records: list[dict]) -> set:
-    """Keys of the cells that a later record grew by windows (its ``grown_from``): their windows are the first
-    windows of the grown cell, which replaces them in tables."""
-    return {r["grown_from"] for r in records if isinstance(r.get("grown_from"), str)}
+    """Keys of the cells that ``records`` also hold with more windows (the same cell by :func:`series_key`, grown
+    from it or measured anew): their windows are the first of the larger cell's, so tables show the larger one
+    alone rather than a mean of both. Records without a usable key or window count are left alone."""
+    cells, most = [], {}
+    for r in records:
+        key, w = r.get("key"), r.get("windows")
+        if not isinstance(key, str) or type(w) is not int:
+            continue
+        try:
+            series = series_key(r)
+        except (KeyError, TypeError, ValueError):  # a record of another kind or an older format
+            continue
+        cells.append((series, w, key))
+        most[series] = max(most.get(series, w), w)
+    return {key for series, w, key in cells if w < most[series]}
 
 
 def git_commit() -> str | None:

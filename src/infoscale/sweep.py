@@ -14,6 +14,7 @@ in the cells they list and in ``measure``.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 
@@ -41,10 +42,10 @@ def sweep(out: str, cells: list[tuple[dict, str]], measure: Callable[..., tuple[
 
     Cells can grow by windows where the task gives ``windows_of(cell)``, the windows the cell measures (0: it
     cannot grow): when ``out`` has the same cell with fewer windows (:func:`infoscale.io.series_key`; its windows
-    are the first of this one's), ``measure(cell, start=w)`` measures only the windows from the w-th on and the
-    records join both (:func:`infoscale.stats.grown_fields`), naming the smaller cell in ``grown_from``; the
-    smaller cell's records stay in the file (reports show the grown one). So a sweep asked for more windows
-    continues one that ran with fewer instead of starting over."""
+    are the first of this one's) at the same precision, ``measure(cell, start=w)`` measures only the windows from
+    the w-th on and the records join both (:func:`infoscale.stats.grown_fields`), naming the smaller cell in
+    ``grown_from``; the smaller cell's records stay in the file (reports show the grown one). So a sweep asked for
+    more windows continues one that ran with fewer instead of starting over."""
     from tqdm import tqdm
 
     done = {r.get("key") for r in read_records(out)}
@@ -63,7 +64,7 @@ def sweep(out: str, cells: list[tuple[dict, str]], measure: Callable[..., tuple[
         bar.set_postfix_str(label)
         t0 = time.perf_counter()
         count = windows_of(rec) if windows_of else 0
-        prior = [r for r in smaller_cell(have, rec) if r["windows_used"] < count]
+        prior = smaller_cell(have, rec, count, precision="bf16" if bf16 else "fp32") if count else []
         grown = _grow(prior, *measure(rec, start=prior[0]["windows_used"])) if prior else None
         if grown is not None:
             rec["grown_from"] = prior[0]["key"]
@@ -77,22 +78,52 @@ def sweep(out: str, cells: list[tuple[dict, str]], measure: Callable[..., tuple[
     return new
 
 
-def smaller_cell(records: list[dict], cell: dict) -> list[dict]:
-    """The records of the largest cell in ``records`` that is ``cell`` with fewer windows and carries per-window
-    results ([] when there is none)."""
+def smaller_cell(records: list[dict], cell: dict, count: int, precision: str) -> list[dict]:
+    """The records of the largest cell in ``records`` that is ``cell`` with fewer windows than ``count``, measured
+    at the same ``precision`` (windows of two precisions never join), whose per-window results are whole and
+    consistent; [] when there is none (a record file is untrusted: a damaged cell is measured anew, not joined)."""
     series = series_key(cell)
     by_key: dict[str, list[dict]] = {}
     for r in records:
         try:
-            if (series_key(r) != series or not isinstance(r["windows"], int) or r["windows"] >= cell["windows"]
-                    or not isinstance(r.get("windows_used"), int) or "window_counts" not in r):
+            if series_key(r) != series or type(r["windows"]) is not int or r["windows"] >= cell["windows"]:
                 continue
-        except (KeyError, TypeError):  # a record of another kind or an older format
+        except (KeyError, TypeError, ValueError):  # a record of another kind or an older format
             continue
-        by_key.setdefault(r["key"], []).append(r)
-    if not by_key:
-        return []
-    return max(by_key.values(), key=lambda rs: rs[0]["windows"])
+        if isinstance(r.get("key"), str):
+            by_key.setdefault(r["key"], []).append(r)
+    usable = [rs for rs in by_key.values() if _joinable(rs, count, precision)]
+    return max(usable, key=lambda rs: rs[0]["windows_used"]) if usable else []
+
+
+def _numbers(values, length: int, integer: bool = False) -> bool:
+    if not isinstance(values, list) or len(values) != length:
+        return False
+    kinds = (int,) if integer else (int, float)
+    return all(isinstance(v, kinds) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+
+
+def _joinable(rs: list[dict], count: int, precision: str) -> bool:
+    """Whether one cell's records can be the first windows of a cell of ``count`` windows."""
+    w = rs[0].get("windows_used")
+    if type(w) is not int or not 1 <= w < count:
+        return False
+    metrics = [r.get("metric") for r in rs]
+    if not all(isinstance(m, str) for m in metrics) or len(set(metrics)) != len(metrics):
+        return False
+    for r in rs:
+        if r.get("windows_used") != w or r.get("precision") != precision:
+            return False
+        if not (_numbers(r.get("window_counts"), w, integer=True) and all(c > 0 for c in r["window_counts"])
+                and _numbers(r.get("window_means"), w)):
+            return False
+        if "window_hits" in r and not _numbers(r["window_hits"], w, integer=True):
+            return False
+        if "n_predictions" in r and type(r["n_predictions"]) is not int:
+            return False
+        if any(k in r and not (isinstance(r[k], list) and len(r[k]) == w) for k in PER_WINDOW_EXTRAS):
+            return False
+    return True
 
 
 def _grow(prior: list[dict], fields: dict, rows: list[dict]) -> tuple[dict, list[dict]] | None:

@@ -4,8 +4,8 @@ Evaluation records (from ``infoscale eval``) become, per protocol and setting, o
 (rows: methods, columns: lengths, value ± 95% CI half-width, best per column in bold), the paired
 differences, and one figure per setting (the metric against length on a log₂ axis, one line per method,
 one panel per model); a causal model's NLL by position bucket gets a table per length and a figure.
-Where the same cells were measured with two protocols, a table compares them; a cell grown by windows
-(``grown_from``) replaces the smaller cell it continues. Analysis records (from
+Where the same cells were measured with two protocols, a table compares them; a cell measured with more windows
+(grown from a smaller one or anew) replaces the smaller one. Analysis records (from
 ``infoscale analyze``, ``kind`` = "entropy" | "dilution" | "cos_window") get their own tables and plots.
 Nothing here computes a metric: it only reads, groups and draws. Every task's records go through the same
 tables, ranked and formatted by each metric's spec (:mod:`infoscale.tasks.metrics`).
@@ -51,12 +51,12 @@ def run(args) -> int:
 
 
 def write_report(records: list[dict], out_dir: str | Path) -> Path:
-    """``report.md`` and its PNGs in ``out_dir`` from ``records`` (any mix of tasks and kinds). A cell that a later
-    record grew by windows is shown as the grown cell only (its windows are the grown cell's first)."""
+    """``report.md`` and its PNGs in ``out_dir`` from ``records`` (any mix of tasks and kinds). A cell the records
+    also hold with more windows is shown with the most only (:func:`infoscale.io.superseded`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     gone = superseded(records)
-    records = distinct_model_names([r for r in records if r.get("key") not in gone])
+    records = distinct_model_names([r for r in records if not (isinstance(r.get("key"), str) and r["key"] in gone)])
     evals = [r for r in records if r.get("kind", "eval") == "eval" and "metric" in r]
     analyses = [r for r in records if r.get("kind") in ("entropy", "dilution", "cos_window")]
     lines = ["# infoscale report", ""]
