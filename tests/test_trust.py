@@ -1055,3 +1055,15 @@ def test_tables_show_a_cell_with_its_most_windows(tmp_path):
     assert cli(["report", str(tmp_path / "r.jsonl"), "--out", str(tmp_path / "rep")]) == 0
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "| `softmax` | 6.500† |" in md  # the 4-window record (4.0) and the unkeyed one (9.0); not the 2-window one
+
+
+def test_tables_say_where_cells_of_two_precisions_meet():
+    from infoscale.report.tables import precision_note
+
+    base = {"model_name": "m", "length": 64, "setting": "contiguous", "protocol": "teacher_forced"}
+    recs = [base | {"method": "softmax", "precision": "bf16"}, base | {"method": "pi", "precision": "fp32"},
+            base | {"method": "yarn", "precision": "fp32", "length": 128},
+            base | {"method": "ntk", "precision": ["x"]}]
+    note = precision_note(recs)
+    assert len(note) == 2 and "64: bf16 `softmax`; fp32 `pi`" in note[0] and "128" not in note[0]
+    assert precision_note(recs[1:]) == []

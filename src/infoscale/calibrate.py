@@ -41,6 +41,7 @@ from .calfit import D_MAX, D_MIN, Sample, calibrate_layers, fit_dim, h_norm, inf
 from .errors import ConfigError
 from .io import atomic_write_bytes
 from .options import SEED_RANGE, add_flags, from_args, option
+from .runtime import quiet_libraries
 
 # the fit itself lives in infoscale.calfit (pure: logits in, dimension out), shared with infoscale.hf.calibrate
 __all__ = ["CalibrateConfig", "calibrate", "calibrate_pretrained", "gau_capture", "FILE", "D_MAX", "D_MIN", "Sample",
@@ -88,6 +89,7 @@ class CalibrateConfig:
     corpus: str = option("", "held-out text for runs without split.json (converted checkpoints) and pretrained "
                               "models")
     train_len: int = option(0, "pretrained models: the training length L (0 = the config's)")
+    progress: bool = option(True, "show progress bars (loading a GGUF file)")
 
     def __post_init__(self):
         for name in ("windows", "rows"):
@@ -104,7 +106,8 @@ def calibrate_pretrained(cfg: CalibrateConfig, log=print) -> dict:
     from .data import make_windows
     from .models.pretrained import calibration_path, load_pretrained
 
-    run = load_pretrained(cfg.model, train_len=cfg.train_len or None)
+    quiet_libraries(cfg.progress)
+    run = load_pretrained(cfg.model, train_len=cfg.train_len or None, progress=cfg.progress)
     L = run.train_len
     docs = run.heldout_docs(cfg.corpus or None)
     longest = max(len(a) for a in docs.arrays)

@@ -443,7 +443,7 @@ def reproduce_llm(cfg: ReproduceConfig, log=print) -> dict:
         elif not calibration_path(model).exists():
             log(f"== calibrating InfoScale on {model} at {p.calibrate_lengths}")
             calibrate(CalibrateConfig(model=model, corpus=corpus, lengths=list(p.calibrate_lengths), windows=1,
-                                      rows=64, seed=cfg.seed), log=log)
+                                      rows=64, seed=cfg.seed, progress=cfg.progress), log=log)
     t_cal = time.perf_counter() - t0
     common = dict(models=[model], corpus=corpus, predictions=0, out=str(where["records"]), seed=cfg.seed,
                   tokens_per_batch=p.tokens_per_batch, progress=cfg.progress)

@@ -276,6 +276,7 @@ def delta_tables(records: list[dict]) -> list[str]:
         best = [_best_cell(best_by_ci(recs, n, higher), metric) for n in lengths]
         lines += ["| *best* (vs runner-up) | " + " | ".join(best) + " |", "",
                   "Bold Δ: the CI excludes 0.", ""]
+        lines += precision_note(recs)
         # cells with a CI (2 windows or more; one window shows "–")
         counts = [len(ws[1]) for ws in (window_sums(r) for r in recs) if ws is not None and len(ws[1]) >= 2]
         if counts and min(counts) < FEW_WINDOWS:
@@ -286,6 +287,22 @@ def delta_tables(records: list[dict]) -> list[str]:
         lines += [f"No paired Δ for {', '.join(missing)}: those records have no per-window results (written before "
                   "`infoscale eval` stored them); rerun the evaluation into a new file to get them.", ""]
     return lines
+
+
+def precision_note(recs: list[dict]) -> list[str]:
+    """A line naming the methods per precision at each length where the cells were measured at different ones (a
+    sweep resumed on a machine without bf16, say): a paired Δ between two such cells holds the precision's own
+    effect as well as the methods'."""
+    by_length: dict = defaultdict(lambda: defaultdict(set))
+    for r in recs:
+        if isinstance(r.get("precision"), str):
+            by_length[r["length"]][r["precision"]].add(_label(r))
+    parts = [f"{n}: " + "; ".join(f"{p} {', '.join(f'`{m}`' for m in sorted(ms))}" for p, ms in sorted(ps.items()))
+             for n, ps in sorted(by_length.items()) if len(ps) > 1]
+    if not parts:
+        return []
+    return [f"Measured at different precisions ({' | '.join(parts)}): a Δ between cells of two precisions includes "
+            "the precision's own effect.", ""]
 
 
 def protocol_comparison(records: list[dict]) -> list[str]:
