@@ -177,7 +177,7 @@ def test_calibration_on_isotropic_qk_agrees_with_the_closed_form():
 
     d, L = 32, 16
 
-    def capture(dims, n, w):
+    def capture(dims, n, w, upto=None):
         g = torch.Generator().manual_seed(1000 * n + w)
         q, k = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
         return [(q @ k.T / d ** 0.5, torch.full((n,), float(n), dtype=torch.float64))]
@@ -374,3 +374,33 @@ def test_cell_keys_stay_what_earlier_records_hold():
     assert io.cell_key(rec) == "1977397f0b08eeb4"
     assert sweep.cell_key is io.cell_key
     assert evaluate.sweep is sweep.sweep and evaluate_clm.sweep is sweep.sweep
+
+
+def test_hf_calibration_stops_each_forward_at_the_layer_it_fits(monkeypatch):
+    """Layer ℓ's inputs depend only on the layers before it, so each fitting forward ends at ℓ: the same
+    calibration as with whole forwards, in about half the layer calls."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from infoscale import hf
+    from infoscale.hf import calibration, capture
+
+    def model():
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8,
+                                            initializer_range=0.3)).eval()
+
+    ids = torch.randint(3, 64, (2, 128), generator=torch.Generator().manual_seed(1))
+    calls = []
+    record = capture.record_rows
+    monkeypatch.setattr(capture, "record_rows", lambda view, module, *a: calls.append(module.layer_idx) or
+                        record(view, module, *a))
+    stopped = hf.calibrate(model(), ids, lengths=[32, 128], rows=16)
+    n_stopped, calls[:] = len(calls), []
+    whole_forwards = calibration.capturing
+    monkeypatch.setattr(calibration, "capturing", lambda **k: whole_forwards(**(k | {"upto": None})))
+    whole = hf.calibrate(model(), ids, lengths=[32, 128], rows=16)
+    assert stopped["dims"] == whole["dims"] and stopped["layers"] == whole["layers"]
+    # reference at L: 2 windows x 3 layers; fits: 2 lengths x 2 windows x (1 + 2 + 3) layers, not x 3 x 3
+    assert (n_stopped, len(calls)) == (2 * 3 + 4 * 6, 2 * 3 + 4 * 9)

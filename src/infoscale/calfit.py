@@ -115,8 +115,9 @@ def sample_rows(z: torch.Tensor, rows: int, gen: torch.Generator) -> torch.Tenso
 def calibrate_layers(capture: Callable[[list[float | None], int, int], list[tuple[torch.Tensor, torch.Tensor]]],
                      layers: int, lengths: list[int], windows: int, train_len: int, head_dim: int,
                      rows: int = 256, seed: int = 0, log=print) -> dict:
-    """Fit every layer in order. ``capture(dims, n, w)`` runs window w at length n with
-    ``infoscale(calibrated=True)`` at per-layer ``dims`` (None = head dim) and returns per layer
+    """Fit every layer in order. ``capture(dims, n, w, upto)`` runs window w at length n with
+    ``infoscale(calibrated=True)`` at per-layer ``dims`` (None = head dim) and returns per layer up to ``upto``
+    (all when None; a layer's inputs depend only on the layers before it, so the forward may stop there)
     (logits (rows_all, n_k) as :func:`infoscale.attention_logits` gives them before the temperature, l per row).
     The target is each layer's mean H / ln l at the training length (where the factor is 1)."""
     gen = torch.Generator().manual_seed(seed)
@@ -130,7 +131,7 @@ def calibrate_layers(capture: Callable[[list[float | None], int, int], list[tupl
         samples = []
         for n in lengths:
             for w in range(windows):
-                z, l = capture(dims, n, w)[li]
+                z, l = capture(dims, n, w, li)[li]
                 idx = sample_rows(z, rows, gen)
                 samples.append(Sample(n, z[idx], l[idx]))
         target = float(np.mean(ref[li]))

@@ -62,7 +62,7 @@ def gau_capture(model, windows_by_n: dict[int, list[np.ndarray]]):
     cfg = model.config
     L = cfg.train_len
 
-    def capture(dims, n, w):
+    def capture(dims, n, w, upto=None):
         head = cfg.attention_key_size
         attach(model, {"dims": [head if d is None else d for d in dims]})
         ids = torch.from_numpy(windows_by_n[n][w])[None]
@@ -73,6 +73,8 @@ def gau_capture(model, windows_by_n: dict[int, list[np.ndarray]]):
             z = attention_logits(q, k, plain, train_len=L)[0, 0]
             allowed = z > torch.finfo(z.dtype).min / 2
             out.append((z, allowed.sum(-1).double()))
+            if upto is not None and len(out) > upto:  # later layers cannot change this one's inputs
+                break
         return out
 
     return capture

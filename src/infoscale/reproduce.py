@@ -420,10 +420,10 @@ def reproduce_clm(cfg: ReproduceConfig, log=print) -> dict:
 
 
 def reproduce_llm(cfg: ReproduceConfig, log=print) -> dict:
-    """A pretrained LLM (the packaged model, or ``--model``): calibration, NLL by position at L … 4L, passkey
-    retrieval over depths × lengths, the attention entropy, the report. Every stage resumes: evaluation cells are
-    merged into the records file as each completes (commit it to continue in another session), the calibration
-    and the analysis are skipped when their files exist."""
+    """A pretrained LLM (the packaged model, or ``--model``): NLL by position at L … 4L, passkey retrieval over
+    depths × lengths, InfoScale's calibration and its calibrated methods, the attention entropy, the report. Every
+    stage resumes: evaluation cells are merged into the records file as each completes (commit it to continue in
+    another session), the calibration and the analysis are skipped when their files exist."""
     from .analysis import AnalyzeConfig, analyze
     from .calibrate import CalibrateConfig, calibrate
     from .data.corpora import cache_dir
@@ -436,31 +436,41 @@ def reproduce_llm(cfg: ReproduceConfig, log=print) -> dict:
     corpus = corpus_of(cfg)
     t0 = time.perf_counter()
     model = cfg.model or str(p.model.fetch(cache_dir()))
-    methods = list(p.methods)
-    if any(CALIBRATED in m for m in methods):
-        if not p.calibrate_lengths:
-            methods = [m for m in methods if CALIBRATED not in m]
-        elif not calibration_path(model).exists():
-            log(f"== calibrating InfoScale on {model} at {p.calibrate_lengths}")
-            calibrate(CalibrateConfig(model=model, corpus=corpus, lengths=list(p.calibrate_lengths), windows=1,
-                                      rows=64, seed=cfg.seed, progress=cfg.progress), log=log)
-    t_cal = time.perf_counter() - t0
+    # the calibrated methods last: a calibration costs a forward per layer at its length (hours of CPU at 16k), so
+    # every other cell comes first
+    plain = [m for m in p.methods if CALIBRATED not in m]
+    fitted = [m for m in p.methods if CALIBRATED in m] if p.calibrate_lengths else []
     common = dict(models=[model], corpus=corpus, predictions=0, out=str(where["records"]), seed=cfg.seed,
                   tokens_per_batch=p.tokens_per_batch, progress=cfg.progress)
     short = [n for n in p.lengths if n < p.long_from]
     long = [n for n in p.lengths if n >= p.long_from]
-    log(f"== NLL by position: {len(methods)} methods x {p.lengths} ({p.windows} windows below {p.long_from}, "
-        f"{p.long_windows} from there) on {corpus}")
-    if short:
-        evaluate(EvalConfig(methods=methods, lengths=short, settings=["contiguous"], windows=p.windows, **common),
-                 log=log)
-    if long:
-        evaluate(EvalConfig(methods=methods, lengths=long, settings=["contiguous"], windows=p.long_windows,
-                            **common), log=log)
-    log(f"== passkey: {len(p.passkey_methods)} methods x {p.passkey_lengths} x depths {p.depths}")
-    evaluate(EvalConfig(methods=[m for m in p.passkey_methods if m in methods],
-                        lengths=list(p.passkey_lengths), settings=["passkey"], depths=list(p.depths),
-                        passkey_trials=p.passkey_trials * len(p.depths), windows=1, **common), log=log)
+
+    def measure(methods: list[str]) -> None:
+        log(f"== NLL by position: {len(methods)} methods x {p.lengths} ({p.windows} windows below {p.long_from}, "
+            f"{p.long_windows} from there) on {corpus}")
+        if short:
+            evaluate(EvalConfig(methods=methods, lengths=short, settings=["contiguous"], windows=p.windows, **common),
+                     log=log)
+        if long:
+            evaluate(EvalConfig(methods=methods, lengths=long, settings=["contiguous"], windows=p.long_windows,
+                                **common), log=log)
+        passkey = [m for m in p.passkey_methods if m in methods]
+        if passkey:
+            log(f"== passkey: {len(passkey)} methods x {p.passkey_lengths} x depths {p.depths}")
+            evaluate(EvalConfig(methods=passkey, lengths=list(p.passkey_lengths), settings=["passkey"],
+                                depths=list(p.depths), passkey_trials=p.passkey_trials * len(p.depths), windows=1,
+                                **common), log=log)
+
+    measure(plain)
+    t_cal = 0.0
+    if fitted:
+        if not calibration_path(model).exists():
+            log(f"== calibrating InfoScale on {model} at {p.calibrate_lengths}")
+            t1 = time.perf_counter()
+            calibrate(CalibrateConfig(model=model, corpus=corpus, lengths=list(p.calibrate_lengths), windows=1,
+                                      rows=64, seed=cfg.seed, progress=cfg.progress), log=log)
+            t_cal = time.perf_counter() - t1
+        measure(fitted)
     t_eval = time.perf_counter() - t0 - t_cal
     analysis_file = where["analysis"]
     if not analysis_file.exists():

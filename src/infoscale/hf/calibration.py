@@ -21,10 +21,11 @@ def calibrate(model, input_ids, *, lengths: list[int] | None = None, train_len: 
     ``input_ids`` (windows, N): a few windows of the user's text (unlabelled), each at least the longest length.
     The target of layer ℓ is its mean H / ln l at the training length L (the first L tokens of each window); the
     fit runs at ``lengths`` (default 4L, 16L, … up to N), on the first n tokens of each window, over ``rows``
-    query positions from the last half of each window (for a causal model those attend n/2 … n keys), every
-    head. Layers are fitted in order (layer ℓ sees inputs from the calibrated layers before it), by
-    ``module.layer_idx``. The dims are stored in ``config.infoscale["dims"]`` (saved by ``save_pretrained``;
-    ``apply(model)`` after reloading uses them). Returns the calibration (as ``calibration.json`` holds it)."""
+    seeded query positions from the last half (the same for every layer and window; for a causal model those
+    attend n/2 … n keys), every head. Layers are fitted in order (layer ℓ sees inputs from the calibrated layers
+    before it; its forwards stop after it), by ``module.layer_idx``. The dims are stored in
+    ``config.infoscale["dims"]`` (saved by ``save_pretrained``; ``apply(model)`` after reloading uses them).
+    Returns the calibration (as ``calibration.json`` holds it)."""
     from ..calfit import calibrate_layers
 
     ids = torch.as_tensor(input_ids)
@@ -45,21 +46,27 @@ def calibrate(model, input_ids, *, lengths: list[int] | None = None, train_len: 
     head_dim = None
     gen = torch.Generator().manual_seed(seed)
 
-    def pick(n_q):
-        lo = n_q // 2
-        if n_q - lo <= rows:
-            return torch.arange(lo, n_q)
-        return (lo + torch.randperm(n_q - lo, generator=gen)[:rows]).sort().values
+    picked = {}
 
-    def capture(dims, n, w):
+    def pick(n_q):  # drawn once per length: every layer and window reads the same rows, however many forwards run
+        if n_q not in picked:
+            lo = n_q // 2
+            picked[n_q] = (torch.arange(lo, n_q) if n_q - lo <= rows
+                           else (lo + torch.randperm(n_q - lo, generator=gen)[:rows]).sort().values)
+        return picked[n_q]
+
+    def capture(dims, n, w, upto=None):
         hd = head_dim or 64
         model.config.infoscale["dims"] = [hd if d is None else float(d) for d in dims]
-        with capturing(rows=pick) as got, torch.no_grad():
+        need = layers if upto is None else upto + 1
+        with capturing(rows=pick, upto=upto) as got, torch.no_grad():  # the layers after upto cannot matter
             model(ids[w:w + 1, :n].to(model.device))
-        if len(got) != layers:
+        if any(i not in got for i in range(need)):
+            if upto is not None:  # the layers do not run in layer_idx order: the whole forward
+                return capture(dims, n, w)
             raise ConfigError(f"calibrate saw {len(got)} of {layers} attention layers; this model does not route "
                               "every layer through transformers' attention interface")
-        return [got[i] for i in range(layers)]
+        return [got[i] for i in range(need)]
 
     was_training = model.training
     model.eval()

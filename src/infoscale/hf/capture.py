@@ -27,19 +27,28 @@ class View:
     rows: Callable | None = None  # n_q -> the query rows whose logits before the method to record (calibrate)
     reduce: Callable | None = None  # (logits, q_pos, k_pos) -> a result kept per chunk (capture_attention)
     chunk: int = 256
+    upto: int | None = None  # the forward stops once this layer has reported (calibrate: later layers cannot matter)
     layers: dict = field(default_factory=dict)  # layer_idx -> what the layer reported
+
+
+class _Enough(Exception):
+    """Raised by the layer ``upto`` once it has reported: ends the forward; its ``capturing`` block swallows it."""
 
 
 _VIEW: contextvars.ContextVar[View | None] = contextvars.ContextVar("infoscale_capture", default=None)
 
 
 @contextlib.contextmanager
-def capturing(*, rows: Callable | None = None, reduce: Callable | None = None, chunk: int = 256):
-    """Yields the dict that the layers report into (``layer_idx`` -> report) while the block runs."""
-    view = View(rows=rows, reduce=reduce, chunk=chunk)
+def capturing(*, rows: Callable | None = None, reduce: Callable | None = None, chunk: int = 256,
+              upto: int | None = None):
+    """Yields the dict that the layers report into (``layer_idx`` -> report) while the block runs; with ``upto``,
+    the block's forward ends once layer ``upto`` has reported (the rest of the block is skipped)."""
+    view = View(rows=rows, reduce=reduce, chunk=chunk, upto=upto)
     token = _VIEW.set(view)
     try:
         yield view.layers
+    except _Enough:
+        pass
     finally:
         _VIEW.reset(token)
 
@@ -67,6 +76,8 @@ def record_rows(view: View, module, query, key, mask, n_q: int, n_k: int, causal
         allowed = (kp <= qp if causal else torch.ones_like(kp + qp, dtype=torch.bool)).expand(H, -1, -1)
     z = z.masked_fill(~allowed, torch.finfo(z.dtype).min)
     view.layers[module.layer_idx] = (z.reshape(-1, n_k).cpu(), allowed.sum(-1).reshape(-1).double().cpu())
+    if view.upto is not None and module.layer_idx >= view.upto:
+        raise _Enough
 
 
 def record_method(view: View, module, pm, L: int, query, key, mask, raw_mask, n_q: int, n_k: int, causal: bool,
