@@ -404,3 +404,31 @@ def test_hf_calibration_stops_each_forward_at_the_layer_it_fits(monkeypatch):
     assert stopped["dims"] == whole["dims"] and stopped["layers"] == whole["layers"]
     # reference at L: 2 windows x 3 layers; fits: 2 lengths x 2 windows x (1 + 2 + 3) layers, not x 3 x 3
     assert (n_stopped, len(calls)) == (2 * 3 + 4 * 6, 2 * 3 + 4 * 9)
+
+
+def test_causal_cells_of_different_window_counts_pair_on_their_shared_windows(tmp_path):
+    """A causal teacher-forced cell's windows are the first of any larger cell's: a 4-window cell and a 2-window
+    cell of another method pair on windows 0 and 1 (marked in the Δ table); masked-LM cells never pair that way."""
+    from infoscale.cli import main
+    from infoscale.io import write_records
+    from infoscale.ranking import cell_groups, paired, shared_windows
+    from infoscale.stats import paired_delta
+
+    def rec(method, means, task="clm"):
+        return {"model": "/m", "model_name": "m", "method": method, "method_resolved": method, "length": 64,
+                "setting": "contiguous", "protocol": "teacher_forced", "protocol_params": {}, "seed": 0,
+                "predictions": 0, "windows": len(means), "task": task, "metric": "nll", "train": {},
+                "value": sum(means) / len(means), "ci_low": None, "ci_high": None,
+                "window_counts": [63] * len(means), "window_means": means, "key": f"{method}{len(means)}"}
+
+    four, two = rec("softmax", [3.0, 3.4, 2.9, 3.1]), rec("pi", [3.5, 3.6])
+    assert len(shared_windows(two, four)[2]) == 2
+    want = paired_delta([3.5 * 63, 3.6 * 63], [3.0 * 63, 3.4 * 63], [63, 63], resamples=2000, seed=0)
+    assert paired(two, four) == pytest.approx(want)
+    assert set(cell_groups([four, two])[64]) == {"softmax", "pi"}
+    mlm = [rec("softmax", [3.0, 3.4, 2.9, 3.1], task="mlm"), rec("pi", [3.5, 3.6], task="mlm")]
+    assert shared_windows(mlm[1], mlm[0]) is None and len(cell_groups(mlm)[64]) == 1
+    write_records(tmp_path / "r.jsonl", [four, two])
+    assert main(["report", str(tmp_path / "r.jsonl"), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert f"| `pi` − `softmax` | **{want[0]:+.3f} ± " in md and "(first 2 windows) |" in md

@@ -13,8 +13,8 @@ from collections import defaultdict
 
 from .stats import paired_delta
 
-__all__ = ["RESAMPLES", "label", "window_sums", "cell_groups", "paired", "single_window_delta", "best_by_ci",
-           "bold_rule", "is_temperature", "has_temperature"]
+__all__ = ["RESAMPLES", "label", "window_sums", "cell_groups", "shared_windows", "paired", "single_window_delta",
+           "best_by_ci", "bold_rule", "is_temperature", "has_temperature"]
 
 
 def label(rec: dict) -> str:
@@ -53,15 +53,26 @@ def window_sums(rec: dict):
     return [m * c for m, c in zip(means, counts, strict=True)], counts
 
 
+def _grows(rec: dict) -> bool:
+    """Whether a record's windows are the first of any larger cell's (causal teacher-forced cells: their windows
+    are drawn one after another by the cell's seed, whatever the count; :func:`infoscale.sweep.sweep`)."""
+    return rec.get("task") == "clm" and rec.get("setting") in ("contiguous", "repeated")
+
+
 def cell_groups(recs: list[dict]) -> dict:
     """length -> {label: record} for records measured on the same windows (same model, setting, protocol,
-    seed, windows and predictions; only records with per-window fields)."""
+    seed, windows and predictions; only records with per-window fields). Causal teacher-forced cells of different
+    window counts share their first windows, so they group together (paired on those: :func:`paired`); a method
+    with several such cells is represented by its largest."""
     out = defaultdict(dict)
     for r in recs:
         if window_sums(r) is None:
             continue
-        ident = (r["length"], r.get("seed"), str(r.get("protocol_params")), r.get("windows"), r.get("predictions"))
-        out[ident].setdefault(label(r), r)
+        windows = None if _grows(r) else r.get("windows")
+        ident = (r["length"], r.get("seed"), str(r.get("protocol_params")), windows, r.get("predictions"))
+        g, m = out[ident], label(r)
+        if m not in g or len(window_sums(r)[1]) > len(window_sums(g[m])[1]):
+            g[m] = r
     by_n = defaultdict(dict)
     for (n, *_), g in out.items():  # several seeds: the first group of each length
         if len(g) > len(by_n[n]):
@@ -69,21 +80,34 @@ def cell_groups(recs: list[dict]) -> dict:
     return by_n
 
 
-def paired(a: dict, b: dict):
-    """(Δ, low, high) of record a minus record b, or None if they were not measured on the same windows or on
-    a single window (a bootstrap over one cluster has nothing to resample: its CI would be zero-width)."""
+def shared_windows(a: dict, b: dict):
+    """(sums of a, sums of b, counts) over the windows both records measured: all of them, or for two causal
+    teacher-forced cells of different window counts their shared first windows; None when they do not pair."""
     sa, sb = window_sums(a), window_sums(b)
-    if sa is None or sb is None or list(sa[1]) != list(sb[1]) or len(sa[1]) < 2:
+    if sa is None or sb is None:
         return None
-    return paired_delta(sa[0], sb[0], sa[1], resamples=RESAMPLES, seed=int(a.get("seed") or 0))
+    w = len(sa[1]) if len(sa[1]) == len(sb[1]) else (min(len(sa[1]), len(sb[1])) if _grows(a) and _grows(b) else 0)
+    if w == 0 or list(sa[1][:w]) != list(sb[1][:w]):
+        return None
+    return sa[0][:w], sb[0][:w], sa[1][:w]
+
+
+def paired(a: dict, b: dict):
+    """(Δ, low, high) of record a minus record b on the windows both measured (:func:`shared_windows`), or None if
+    they share none or only one (a bootstrap over one cluster has nothing to resample: its CI would be
+    zero-width)."""
+    shared = shared_windows(a, b)
+    if shared is None or len(shared[2]) < 2:
+        return None
+    return paired_delta(*shared, resamples=RESAMPLES, seed=int(a.get("seed") or 0))
 
 
 def single_window_delta(a: dict, b: dict) -> float | None:
-    """Record a minus record b where both were measured on the same single window (a Δ with no CI), else None."""
-    sa, sb = window_sums(a), window_sums(b)
-    if sa is None or sb is None or list(sa[1]) != list(sb[1]) or len(sa[1]) != 1 or not sa[1][0]:
+    """Record a minus record b where they share a single window (a Δ with no CI), else None."""
+    shared = shared_windows(a, b)
+    if shared is None or len(shared[2]) != 1 or not shared[2][0]:
         return None
-    return (sa[0][0] - sb[0][0]) / sa[1][0]
+    return (shared[0][0] - shared[1][0]) / shared[2][0]
 
 
 def best_by_ci(recs: list[dict], n: int, higher: bool):

@@ -15,6 +15,7 @@ from ..ranking import (
     is_temperature,
     paired,
     provenance,
+    shared_windows,
     single_window_delta,
     window_sums,
 )
@@ -240,7 +241,8 @@ def delta_tables(records: list[dict]) -> list[str]:
                         "length temperature X alone, and transformers' own rope type alone (`hf_yarn`, …) where it "
                         "was measured. Accuracy in points, loss and NLL in nats. *Best*: the top "
                         "method where its Δ against the runner-up excludes 0. – : not measured; *(1 window)*: the Δ on "
-                        "a single window, with no CI.", ""]
+                        "a single window, with no CI; *(first k windows)*: two causal cells of different window counts "
+                        "compared on the windows both measured.", ""]
     missing = []
     models = list(dict.fromkeys(r["model_name"] for r in records))
     for (protocol, setting, model, metric), recs in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1],
@@ -271,7 +273,11 @@ def delta_tables(records: list[dict]) -> list[str]:
                     continue
                 half = max(d[0] - d[1], d[2] - d[0])
                 txt = f"{scale * d[0]:+.{1 if pct else 3}f} ± {scale * half:.{1 if pct else 3}f}"
-                cells.append(f"**{txt}**" if d[1] > 0 or d[2] < 0 else txt)
+                txt = f"**{txt}**" if d[1] > 0 or d[2] < 0 else txt
+                shared = len(shared_windows(g[m], g[ref])[2])
+                if shared < max(len(window_sums(g[m])[1]), len(window_sums(g[ref])[1])):
+                    txt += f" (first {shared} windows)"
+                cells.append(txt)
             lines.append(f"| `{m}` − `{ref}` | " + " | ".join(cells) + " |")
         best = [_best_cell(best_by_ci(recs, n, higher), metric) for n in lengths]
         lines += ["| *best* (vs runner-up) | " + " | ".join(best) + " |", "",
