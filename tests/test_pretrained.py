@@ -370,11 +370,15 @@ def test_a_cell_grows_by_windows_to_what_measuring_it_whole_gives(model_dir, cor
 
     whole, grown = tmp_path / "whole.jsonl", tmp_path / "grown.jsonl"
     assert run(whole, 4) == 0 and run(grown, 2) == 0
+    said = []
+    monkeypatch.setattr(ev, "_say_time_left", lambda *a, _real=ev._say_time_left: _real(*a[:-1], said.append))
+    monkeypatch.setattr("infoscale.runtime.device_flops", lambda device: 1.0)  # slow: the estimate is said
     measured = []
     real = ev.contiguous_records
     monkeypatch.setattr(ev, "contiguous_records", lambda *a, **k: measured.append(k.get("start", 0)) or real(*a, **k))
     assert run(grown, 4) == 0
     assert measured == [2, 2]  # softmax and pi: only windows 2 and 3 were scored
+    assert len(said) == 1 and "4 cells to measure, 4 of them growing from fewer windows (0 already in" in said[0]
     by = {}
     for r in read_records(grown):
         by.setdefault(r["windows"], {})[(r["method"], r["setting"], r["metric"])] = r

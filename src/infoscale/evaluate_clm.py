@@ -25,17 +25,18 @@ for NLL).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 import torch
 
 from .errors import DataError, MethodError
-from .io import read_records
+from .io import cell_key, read_records
 from .rundir import load_model
 from .runtime import use_bf16
 from .stats import cluster_ci, window_fields
-from .sweep import sweep
+from .sweep import smaller_cell, sweep
 from .tasks import clm
 
 __all__ = ["CLM_SETTINGS", "evaluate_clm", "is_causal_run"]
@@ -159,8 +160,8 @@ def causal_cost(model, n: int, tokens_per_batch: int) -> tuple[int, float]:
 def _check_causal_budget(run, cfg, log) -> dict[int, int]:
     """Per length, the tokens per forward batch that fit in the free memory (``--tokens-per-batch`` is the most; a
     batch holds fewer copies of a window when the model's logits would not fit, e.g. Gemma's 262k-token
-    vocabulary); refuse a length where one window does not fit; say how long the sweep may take."""
-    from .runtime import available_memory, device_flops, duration
+    vocabulary); refuse a length where one window does not fit."""
+    from .runtime import available_memory
 
     device = next(run.model.parameters()).device
     avail = available_memory(device)
@@ -177,13 +178,39 @@ def _check_causal_budget(run, cfg, log) -> dict[int, int]:
             log(f"{run.name}: at n={n} a forward batch holds {tokens // n} window(s) ({tokens} tokens, not "
                 f"{cfg.tokens_per_batch}) to fit in the {avail / 2**30:.1f} GiB free")
         batch[n] = tokens
-    per_window = {n: causal_cost(run.model, n, batch[n])[1] for n in cfg.lengths}
-    windows = sum(_count(cfg, n) * per_window[n] for n in cfg.lengths)
-    seconds = len(cfg.methods) * windows / device_flops(device)
-    if seconds > 60:
-        log(f"{run.name}: about {duration(seconds)} per setting for {len(cfg.methods)} methods on {device.type} "
-            "(fp32 matmul rate measured now; less for cells already done)")
     return batch
+
+
+def _say_time_left(run, cfg, cells: list[dict], batch: dict, bf16: bool, log) -> None:
+    """Log how long the cells still to measure may take: cells already in ``--out`` cost nothing, a cell that grows
+    from a smaller one (:func:`infoscale.sweep.sweep`) only its new windows; forward passes of n tokens at the fp32
+    matmul rate measured now (an estimate: the attention paths and the machine's load move it)."""
+    from .runtime import device_flops, duration
+
+    have = read_records(cfg.out)
+    done = {r.get("key") for r in have}
+    precision = "bf16" if bf16 else "fp32"
+    flops, todo, growing = 0.0, 0, 0
+    for cell in cells:
+        if cell_key(cell) in done:
+            continue
+        n = cell["length"]
+        count = _windows_of(cfg, cell) or cfg.passkey_trials
+        prior = smaller_cell(have, cell, count, precision) if _windows_of(cfg, cell) else []
+        start = prior[0]["windows_used"] if prior else 0
+        todo, growing = todo + 1, growing + bool(prior)
+        flops += (count - start) * causal_cost(run.model, n, batch[n])[1]
+    seconds = flops / device_flops(next(run.model.parameters()).device)
+    if todo and seconds > 60:
+        grown = f", {growing} of them growing from fewer windows" if growing else ""
+        log(f"{run.name}: {todo} cell{'s' if todo > 1 else ''} to measure{grown} ({len(cells) - todo} already in "
+            f"{cfg.out}): about {duration(seconds)} (fp32 matmul rate measured now)")
+
+
+def _windows_of(cfg, cell: dict) -> int:
+    """The windows a teacher-forced cell measures (it can grow by windows); 0 for a passkey cell, measured whole
+    (its trials cycle through the depths)."""
+    return _count(cfg, cell["length"]) if cell["setting"] != "passkey" else 0
 
 
 def evaluate_clm(cfg, models: list[str], log=print) -> list[dict]:
@@ -234,6 +261,7 @@ def evaluate_clm(cfg, models: list[str], log=print) -> list[dict]:
                            "protocol_params": params, "windows": cfg.windows,
                            "predictions": cfg.predictions if setting != "passkey" else cfg.passkey_trials,
                            "seed": cfg.seed, "task": "clm"}, f"{m} {setting} n={n}"))
+        _say_time_left(run, cfg, [c for c, _ in cells], batch, bf16, log)
         applied = []  # the method applied to the model now (applied once per method, when a cell needs it)
 
         def measure(cell: dict, start: int = 0, run=run, docs=docs, pk=pk, batch=batch, applied=applied):
@@ -257,10 +285,9 @@ def evaluate_clm(cfg, models: list[str], log=print) -> list[dict]:
                      for metric, v, lo, hi, fields, extra in rows])
 
         try:
-            # teacher-forced cells grow by windows (a rerun with more --windows measures only the new ones); a
-            # passkey cell's trials cycle through the depths, so it is measured whole
+            # teacher-forced cells grow by windows (a rerun with more --windows measures only the new ones)
             new += sweep(cfg.out, cells, measure, device=device, bf16=bf16, desc=run.name, progress=cfg.progress,
-                         windows_of=lambda c: _count(cfg, c["length"]) if c["setting"] != "passkey" else 0)
+                         windows_of=functools.partial(_windows_of, cfg))
         finally:
             hf.remove(model)
     return new
