@@ -56,7 +56,11 @@ def window_sums(rec: dict):
 def _grows(rec: dict) -> bool:
     """Whether a record's windows are the first of any larger cell's (causal teacher-forced cells: their windows
     are drawn one after another by the cell's seed, whatever the count; :func:`infoscale.sweep.sweep`)."""
-    return rec.get("task") == "clm" and rec.get("setting") in ("contiguous", "repeated")
+    from .tasks import TASKS, task
+
+    name = rec.get("task")
+    return (isinstance(name, str) and name in TASKS and task(name).causal
+            and rec.get("setting") in ("contiguous", "repeated"))
 
 
 def cell_groups(recs: list[dict]) -> dict:
