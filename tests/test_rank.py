@@ -432,3 +432,4 @@ def test_causal_cells_of_different_window_counts_pair_on_their_shared_windows(tm
     assert main(["report", str(tmp_path / "r.jsonl"), "--out", str(tmp_path / "rep")]) == 0
     md = (tmp_path / "rep" / "report.md").read_text()
     assert f"| `pi` − `softmax` | **{want[0]:+.3f} ± " in md and "(first 2 windows) |" in md
+    assert "| `pi` | 3.550 (2 of 4 windows) |" in md and "| `softmax` | **3.100** |" in md  # its mean: other text

@@ -13,8 +13,8 @@ from collections import defaultdict
 
 from .stats import paired_delta
 
-__all__ = ["RESAMPLES", "label", "window_sums", "cell_groups", "shared_windows", "paired", "single_window_delta",
-           "best_by_ci", "bold_rule", "is_temperature", "has_temperature"]
+__all__ = ["RESAMPLES", "label", "window_sums", "grows_by_windows", "cell_groups", "shared_windows", "paired",
+           "single_window_delta", "best_by_ci", "bold_rule", "is_temperature", "has_temperature"]
 
 
 def label(rec: dict) -> str:
@@ -53,7 +53,7 @@ def window_sums(rec: dict):
     return [m * c for m, c in zip(means, counts, strict=True)], counts
 
 
-def _grows(rec: dict) -> bool:
+def grows_by_windows(rec: dict) -> bool:
     """Whether a record's windows are the first of any larger cell's (causal teacher-forced cells: their windows
     are drawn one after another by the cell's seed, whatever the count; :func:`infoscale.sweep.sweep`)."""
     from .tasks import TASKS, task
@@ -72,7 +72,7 @@ def cell_groups(recs: list[dict]) -> dict:
     for r in recs:
         if window_sums(r) is None:
             continue
-        windows = None if _grows(r) else r.get("windows")
+        windows = None if grows_by_windows(r) else r.get("windows")
         ident = (r["length"], r.get("seed"), str(r.get("protocol_params")), windows, r.get("predictions"))
         g, m = out[ident], label(r)
         if m not in g or len(window_sums(r)[1]) > len(window_sums(g[m])[1]):
@@ -90,7 +90,10 @@ def shared_windows(a: dict, b: dict):
     sa, sb = window_sums(a), window_sums(b)
     if sa is None or sb is None:
         return None
-    w = len(sa[1]) if len(sa[1]) == len(sb[1]) else (min(len(sa[1]), len(sb[1])) if _grows(a) and _grows(b) else 0)
+    if len(sa[1]) == len(sb[1]):
+        w = len(sa[1])
+    else:
+        w = min(len(sa[1]), len(sb[1])) if grows_by_windows(a) and grows_by_windows(b) else 0
     if w == 0 or list(sa[1][:w]) != list(sb[1][:w]):
         return None
     return sa[0][:w], sb[0][:w], sa[1][:w]

@@ -12,6 +12,7 @@ from ..ranking import (
     best_by_ci,
     bold_rule,
     cell_groups,
+    grows_by_windows,
     is_temperature,
     paired,
     provenance,
@@ -82,6 +83,13 @@ def _metric_table(recs: list[dict], metric: str, column=_length, header=str, bes
         ranked[c] = best_by_ci(col, col[0]["length"], higher)  # None where records lack per-window fields
         if ranked[c] is not None:  # paired data: bold only a best separated from the runner-up
             best[c] = cell[ranked[c][0], c][0] if ranked[c][5] else None
+    # a causal cell still growing by windows has fewer than the others in its column: its mean is over other text
+    windows = defaultdict(int)
+    for r in recs:
+        if grows_by_windows(r) and window_sums(r) is not None:
+            windows[_label(r), column(r)] = max(windows[_label(r), column(r)], len(window_sums(r)[1]))
+    most = {c: max((w for (_, cc), w in windows.items() if cc == c), default=0) for c in columns}
+    fewer = False
     lines = ["| method | " + " | ".join(header(c) for c in columns) + " |", "|---|" + "---:|" * len(columns)]
     for m in methods:
         row = []
@@ -95,11 +103,19 @@ def _metric_table(recs: list[dict], metric: str, column=_length, header=str, bes
                 txt += f" ± {_fmt(metric, (hi - lo) / 2)}"
             if count > 1:
                 txt += "†"
-            row.append(f"**{txt}**" if best[c] is not None and value == best[c] else txt)
+            txt = f"**{txt}**" if best[c] is not None and value == best[c] else txt
+            if 0 < windows[m, c] < most[c]:
+                txt += f" ({windows[m, c]} of {most[c]} windows)"
+                fewer = True
+            row.append(txt)
         lines.append(f"| `{m}` | " + " | ".join(row) + " |")
     if best_row and any(r is not None for r in ranked.values()):
         lines.append("| *best* (Δ vs runner-up, 95% CI) | " + " | ".join(_best_cell(ranked[c], metric) for c in columns)
                      + " |")
+    if fewer:
+        lines += ["", "*(k of n windows)*: a cell measured on fewer windows than its column's others (a sweep still "
+                      "growing its cells): its mean is over less text, so compare it with the others through the Δ "
+                      "tables, which pair cells on the windows both measured."]
     return lines, ranked, any(c[3] > 1 for c in cell.values())
 
 
