@@ -4,6 +4,7 @@ per analysis kind."""
 from __future__ import annotations
 
 import math
+import textwrap
 from collections import defaultdict
 from pathlib import Path
 
@@ -39,8 +40,11 @@ def _legend_below(fig, axes, title: str, entry_inches: float) -> None:
     width, height = fig.get_size_inches()
     ncol = max(1, min(len(handles), int(width / entry_inches)))
     fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=ncol, fontsize=8, frameon=False)
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout(rect=(0, (0.35 + 0.17 * math.ceil(len(handles) / ncol)) / height, 1, 1))
+    # a one-panel figure is narrower than a long title: wrap it to the figure's width (~12 characters an inch)
+    lines = textwrap.wrap(title, width=max(20, int(width * 12))) or [title]
+    fig.suptitle("\n".join(lines), fontsize=11)
+    fig.tight_layout(rect=(0, (0.35 + 0.17 * math.ceil(len(handles) / ncol)) / height, 1,
+                           1 - 0.19 * (len(lines) - 1) / height))
 
 
 def plot_eval(records: list[dict], out: Path) -> list[Path]:
