@@ -194,9 +194,9 @@ def _say_time_left(run, cfg, cells: list[dict], batch: dict, bf16: bool, log) ->
     for cell in cells:
         if cell_key(cell) in done:
             continue
-        n = cell["length"]
-        count = _windows_of(cfg, cell) or cfg.passkey_trials
-        prior = smaller_cell(have, cell, count, precision) if _windows_of(cfg, cell) else []
+        n, grows = cell["length"], _windows_of(cfg, cell)
+        count = grows or cfg.passkey_trials
+        prior = smaller_cell(have, cell, count, precision) if grows else []
         start = prior[0]["windows_used"] if prior else 0
         todo, growing = todo + 1, growing + bool(prior)
         flops += (count - start) * causal_cost(run.model, n, batch[n])[1]

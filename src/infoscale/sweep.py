@@ -50,6 +50,7 @@ def sweep(out: str, cells: list[tuple[dict, str]], measure: Callable[..., tuple[
 
     done = {r.get("key") for r in read_records(out)}
     commit = git_commit()
+    precision = "bf16" if bf16 else "fp32"
     new: list[dict] = []
     bar = tqdm(cells, disable=not progress, dynamic_ncols=True, mininterval=2.0, desc=desc)
     for cell, label in bar:
@@ -64,13 +65,13 @@ def sweep(out: str, cells: list[tuple[dict, str]], measure: Callable[..., tuple[
         bar.set_postfix_str(label)
         t0 = time.perf_counter()
         count = windows_of(rec) if windows_of else 0
-        prior = smaller_cell(have, rec, count, precision="bf16" if bf16 else "fp32") if count else []
+        prior = smaller_cell(have, rec, count, precision) if count else []
         grown = _grow(prior, *measure(rec, start=prior[0]["windows_used"])) if prior else None
         if grown is not None:
             rec["grown_from"] = prior[0]["key"]
         fields, rows = grown if grown is not None else measure(rec)
         rec.update(fields)
-        rec.update({"precision": "bf16" if bf16 else "fp32", "precision_info": precision_info(device),
+        rec.update({"precision": precision, "precision_info": precision_info(device),
                     "version": __version__, "git_commit": commit, "wall_time": time.perf_counter() - t0,
                     "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
         new += merge_records(out, [rec | row for row in rows])
