@@ -234,13 +234,13 @@ LLM_PRESETS = {
                          passkey_lengths=(8192, 16384, 32768), depths=(0.0, 0.25, 0.5, 0.75, 1.0), passkey_trials=10,
                          analysis_methods=("softmax", "infoscale", "logn", "yarn", "yarn+infoscale"),
                          analysis_lengths=(8192, 16384, 32768), calibrate_lengths=(16384,)),
-    # two CPU cores: fewer methods, 4 windows at 2L and 1 at 4L, passkey at 2L for five methods, calibration at 2L
-    # on one window
+    # two CPU cores: fewer methods, 4 windows at 2L and 1 at 4L, passkey at 2L for six methods (`yarn` beside
+    # `yarn+infoscale`: whether the temperature costs YaRN a key), calibration at 2L on one window
     "smollm2-cpu": LlmPreset(model=SMOLLM2, corpus="austen", lengths=(16384, 32768), windows=4, long_windows=1,
                              long_from=32768,
                              methods=tuple(LLM_CPU_METHODS),
-                             passkey_methods=("softmax", "hf_yarn(factor=4.0)", "yarn+infoscale", "self_extend",
-                                              "streamingllm"),
+                             passkey_methods=("softmax", "hf_yarn(factor=4.0)", "yarn", "yarn+infoscale",
+                                              "self_extend", "streamingllm"),
                              passkey_lengths=(16384,), depths=(0.1, 0.5, 0.9), passkey_trials=3,
                              analysis_methods=("softmax", "infoscale"), analysis_lengths=(16384,),
                              calibrate_lengths=(16384,)),
