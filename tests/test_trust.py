@@ -1057,6 +1057,26 @@ def test_tables_show_a_cell_with_its_most_windows(tmp_path):
     assert "| `softmax` | 6.500† |" in md  # the 4-window record (4.0) and the unkeyed one (9.0); not the 2-window one
 
 
+def test_a_cell_measured_again_keeps_its_row(tmp_path):
+    """A cell grown (or measured again) later is appended to the records file; the report shows it where its
+    smaller version stood, so the order of methods does not depend on when each cell was last measured."""
+    def cell(method, windows):
+        r = _cell_rec(windows, method_resolved=method)
+        return r | {"key": io.cell_key(r), "method": method, "model_name": "m", "train": {}, "ci_low": None,
+                    "ci_high": None, "value": r["window_means"][-1]}
+
+    a2, b2, c2, b4, a4 = cell("softmax", 2), cell("pi", 2), cell("yarn", 2), cell("pi", 4), cell("softmax", 4)
+    loose = {"kind": "entropy", "model_name": "m"}  # no usable key: stays where it is
+    assert io.latest_cells([a2, b2, loose, c2, b4, a4]) == [a4, b4, loose, c2]
+    assert io.latest_cells([a2, b2, c2]) == [a2, b2, c2]  # nothing superseded: the order is the file's
+    assert io.latest_cells([b4, b2]) == [b4]
+    write_records(tmp_path / "r.jsonl", [a2, b2, c2, b4, a4])
+    assert cli(["report", str(tmp_path / "r.jsonl"), "--out", str(tmp_path / "rep")]) == 0
+    md = (tmp_path / "rep" / "report.md").read_text()
+    rows = [m for m in ("`softmax` |", "`pi` |", "`yarn` |") if m in md]
+    assert len(rows) == 3 and md.index("`softmax` |") < md.index("`pi` |") < md.index("`yarn` |")
+
+
 def test_tables_say_where_cells_of_two_precisions_meet():
     from infoscale.report.tables import precision_note
 

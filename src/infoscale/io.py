@@ -29,7 +29,8 @@ from .errors import DataError
 
 __all__ = ["sha256_file", "atomic_write", "atomic_write_bytes", "atomic_write_json", "read_records", "iter_records",
            "write_records", "merge_records", "record_identity", "locked", "record_key", "cell_key", "series_key",
-           "superseded", "git_commit", "os_error_in", "write_error", "check_output", "check_parent_folders"]
+           "superseded", "latest_cells", "git_commit", "os_error_in", "write_error", "check_output",
+           "check_parent_folders"]
 
 
 def _umask() -> int:
@@ -294,22 +295,43 @@ def series_key(rec: dict) -> str:
     return record_key(*(rec[f] for f in CELL_FIELDS if f != "windows"))
 
 
+def _series(rec: dict) -> str | None:
+    """:func:`series_key` of a record with a usable key and window count, else None (a record of another kind, an
+    older format or a damaged one)."""
+    if not isinstance(rec.get("key"), str) or type(rec.get("windows")) is not int:
+        return None
+    try:
+        return series_key(rec)
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def superseded(records: list[dict]) -> set:
     """Keys of the cells that ``records`` also hold with more windows (the same cell by :func:`series_key`, grown
     from it or measured anew): their windows are the first of the larger cell's, so tables show the larger one
     alone rather than a mean of both. Records without a usable key or window count are left alone."""
     cells, most = [], {}
     for r in records:
-        key, w = r.get("key"), r.get("windows")
-        if not isinstance(key, str) or type(w) is not int:
+        series = _series(r)
+        if series is None:
             continue
-        try:
-            series = series_key(r)
-        except (KeyError, TypeError, ValueError):  # a record of another kind or an older format
-            continue
-        cells.append((series, w, key))
+        w = r["windows"]
+        cells.append((series, w, r["key"]))
         most[series] = max(most.get(series, w), w)
     return {key for series, w, key in cells if w < most[series]}
+
+
+def latest_cells(records: list[dict]) -> list[dict]:
+    """``records`` without the cells they also hold with more windows (:func:`superseded`), each kept record in
+    the place of its series' first record: a cell grown or measured again later keeps the row it had, so a
+    report's order of methods does not depend on when each cell was last measured."""
+    gone, first, kept = superseded(records), {}, []
+    for i, r in enumerate(records):
+        series = _series(r)
+        place = i if series is None else first.setdefault(series, i)
+        if not (series is not None and r["key"] in gone):
+            kept.append((place, i, r))
+    return [r for *_, r in sorted(kept, key=lambda t: t[:2])]
 
 
 def git_commit() -> str | None:

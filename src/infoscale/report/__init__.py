@@ -19,7 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import DataError
-from ..io import atomic_write_bytes, check_output, superseded
+from ..io import atomic_write_bytes, check_output, latest_cells
 from .plots import plot_analysis, plot_buckets, plot_eval, plot_passkey
 from .records import check_record, distinct_model_names, load_records, safe_file_name
 from .tables import (
@@ -52,11 +52,11 @@ def run(args) -> int:
 
 def write_report(records: list[dict], out_dir: str | Path) -> Path:
     """``report.md`` and its PNGs in ``out_dir`` from ``records`` (any mix of tasks and kinds). A cell the records
-    also hold with more windows is shown with the most only (:func:`infoscale.io.superseded`)."""
+    also hold with more windows is shown with the most only, in the place of the first
+    (:func:`infoscale.io.latest_cells`)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    gone = superseded(records)
-    records = distinct_model_names([r for r in records if not (isinstance(r.get("key"), str) and r["key"] in gone)])
+    records = distinct_model_names(latest_cells(records))
     evals = [r for r in records if r.get("kind", "eval") == "eval" and "metric" in r]
     analyses = [r for r in records if r.get("kind") in ("entropy", "dilution", "cos_window")]
     lines = ["# infoscale report", ""]
