@@ -515,7 +515,8 @@ def test_analyze_a_causal_run(llama_run, tmp_path):
         for r in got.values():
             assert r["source"] == "run" and r["train_len"] == 96
             assert all(math.isfinite(r[k]) for k in keys)
-            assert (0 < r["H_norm"] <= 1 + 1e-9 and r["H"] > 0) if kind == "entropy" else 0 < r["near_share"] <= 1
+            tol = 1e-6  # row_sums runs in float32
+            assert (0 < r["H_norm"] <= 1 + tol and r["H"] > 0) if kind == "entropy" else 0 < r["near_share"] <= 1 + tol
     near = {(r["method"], r["length"]): r["near_share"] for r in recs if r["kind"] == "dilution" and r["layer"] == 0}
     assert near["window", 300] == pytest.approx(1.0)  # a window of L/2 attends near keys only
     assert near["softmax", 300] < near["softmax", 96]  # full attention spreads beyond L/2 as n grows

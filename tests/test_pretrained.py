@@ -16,6 +16,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from infoscale.attn import parse_method
 from infoscale.cli import main
 from infoscale.data.bpe import BPETokenizer
 from infoscale.errors import DataError
@@ -287,6 +288,14 @@ def test_analyze_and_calibrate_a_pretrained_model(model_dir, corpus, tmp_path):
                  "--bf16", "off", "--out", str(res), "--no-progress"]) == 0
     recs = read_records(res)
     assert recs and {r["train"]["calibration"] for r in recs} == {str(calibration_path(d))}
+    ran = parse_method("infoscale(clamp=True, calibrated=True)").identity(cal["dims"])
+    assert {r["method_resolved"] for r in recs} == {ran} and ran.endswith("]")
+    # a recalibration (other dims) measures the calibrated cell again instead of reusing it
+    calibration_path(d).write_text(json.dumps({**cal, "dims": [x * 2 for x in cal["dims"]]}))
+    assert main(["eval", "--models", str(d), "--corpus", str(corpus), "--methods", "infoscale(calibrated=True)",
+                 "--lengths", "48", "--settings", "contiguous", "--windows", "1", "--predictions", "0",
+                 "--bf16", "off", "--out", str(res), "--no-progress"]) == 0
+    assert len({r["key"] for r in read_records(res)}) == 2
     # a calibration at another L is not used; a damaged one is one clear error
     assert load_pretrained(d, train_len=8).train_config["calibration"] is None
     calibration_path(d).write_text("{broken")

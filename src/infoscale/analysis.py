@@ -212,10 +212,11 @@ def causal_entropy_records(cfg: AnalyzeConfig, run, docs) -> list[dict]:
         parse_method(m, L)  # a bad value for this training length is an error
         try:  # a method that does not apply to this model (a train-time method it was not trained with) is skipped
             hf.apply(model, m, train_len=L)
+            resolved = hf.applied_method(model)  # a calibrated method: with its calibration's digest
         except MethodError as e:
+            hf.remove(model)
             print(f"skip {m} on {run.name}: {e}", file=sys.stderr)
             continue
-        resolved = model.config.infoscale["method"]
         try:
             for n in cfg.lengths:
                 totals: dict[int, dict] = {}

@@ -245,7 +245,9 @@ def _evaluate_mlm(cfg: EvalConfig, log=print) -> list[dict]:
         todo = []
         for m in cfg.methods:
             try:  # a method that does not apply to this model (RoPE methods on ALiBi, ...) is skipped
-                resolved = str(run.resolve_method(m).resolved(L))
+                pm = run.resolve_method(m).resolved(L)
+                # a calibrated method: with its calibration's digest (refused without one: MethodError, skipped)
+                resolved = pm.identity(run.calibration_dims() if pm.calibrated() else None)
             except MethodError as e:
                 log(f"skip {m} on {run.path}: {e}")
                 continue
@@ -269,7 +271,8 @@ def _evaluate_mlm(cfg: EvalConfig, log=print) -> list[dict]:
 def _measure(cfg: EvalConfig, run, docs, device, bf16: bool, cell: dict) -> tuple[dict, list[dict]]:
     """One masked-LM cell (:func:`infoscale.sweep.sweep`'s ``measure``): its windows masked by the protocol, scored
     with the cell's method; accuracy and loss, each with its per-window fields."""
-    m, resolved, setting, n = cell["method"], cell["method_resolved"], cell["setting"], cell["length"]
+    m, setting, n = cell["method"], cell["setting"], cell["length"]
+    resolved = str(run.resolve_method(m).resolved(run.train_len))  # method_resolved may carry a calibration digest
     count, _ = windows_needed(cfg, n)
     wins = make_windows(docs, n, setting, count, run.train_len, cfg.stride if cfg.protocol == "strided" else None,
                         cfg.seed)

@@ -237,8 +237,10 @@ def evaluate_clm(cfg, models: list[str], log=print) -> list[dict]:
         for m in cfg.methods:
             try:
                 hf.apply(model, m, train_len=L)
-                resolved = model.config.infoscale["method"]
-                hf.remove(model)
+                try:
+                    resolved = hf.applied_method(model)  # a calibrated method: with its calibration's digest
+                finally:
+                    hf.remove(model)
             except MethodError as e:
                 log(f"skip {m} on {run.path}: {e}")
                 continue

@@ -102,6 +102,16 @@ class Run:
 
             attach(self.model, f)
 
+    def calibration_dims(self) -> list[float] | None:
+        """The per-layer InfoScale dims ``infoscale(calibrated=True)`` runs with: a GAU run's calibration.json (read
+        now, checked), else a transformers model's ``config.infoscale["dims"]`` (:func:`infoscale.hf.calibrate`);
+        None where the run has none."""
+        self.load_calibration()
+        dims = getattr(self.model.base_model, "infoscale_dims", None)
+        if dims is None:
+            dims = (getattr(self.model.config, "infoscale", None) or {}).get("dims")
+        return dims
+
     def heldout_docs(self, corpus: str | None = None) -> TokenDocs:
         """The held-out documents named in ``split.json``, tokenized. A run without a split (a converted
         checkpoint, trained elsewhere) is evaluated on every document of ``corpus``."""

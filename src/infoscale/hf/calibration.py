@@ -24,7 +24,8 @@ def calibrate(model, input_ids, *, lengths: list[int] | None = None, train_len: 
     seeded query positions from the last half (the same for every layer and window; for a causal model those
     attend n/2 … n keys), every head. Layers are fitted in order (layer ℓ sees inputs from the calibrated layers
     before it; its forwards stop after it), by ``module.layer_idx``. The dims are stored in
-    ``config.infoscale["dims"]`` (saved by ``save_pretrained``; ``apply(model)`` after reloading uses them).
+    ``config.infoscale["dims"]`` (saved by ``save_pretrained``; ``apply(model)`` after reloading uses them; another
+    ``apply`` or ``remove`` keeps them).
     Returns the calibration (as ``calibration.json`` holds it)."""
     from ..calfit import calibrate_layers
 
@@ -78,6 +79,11 @@ def calibrate(model, input_ids, *, lengths: list[int] | None = None, train_len: 
     finally:
         model.train(was_training)
     model.config.infoscale["dims"] = cal["dims"]
+    # the fit belongs to the model, not to this apply: remove() (and so another apply) keeps it, as loading a
+    # calibrated pretrained model does
+    state = getattr(model, _STATE_ATTR)
+    before = state["infoscale"] if isinstance(state["infoscale"], dict) else {}
+    state["infoscale"] = {**before, "dims": cal["dims"]}
     return cal
 
 
