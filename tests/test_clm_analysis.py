@@ -207,6 +207,27 @@ def test_report_draws_the_passkey_heat_map(tmp_path):
     assert (tmp_path / "passkey_heatmap_m.png").stat().st_size > 1000
 
 
+@pytest.mark.parametrize("layers", [2, 30])
+def test_analysis_plot_stays_readable_for_many_layers(tmp_path, layers):
+    """A panel per layer for a few layers (the measure against length); a pretrained LLM's 30 layers go on the x
+    axis of one panel per measure instead, so the figure keeps a readable width."""
+    from matplotlib.image import imread
+
+    from infoscale.report.plots import MAX_LAYER_PANELS, plot_analysis
+
+    recs = [{"kind": kind, "source": "m", "method": m, "length": n, "layer": li, "train_len": 64,
+             **({"H": 3.0 + li / 10, "H_norm": 0.5} if kind == "entropy" else {"near_share": 0.7})}
+            for kind in ("entropy", "dilution") for m in ("softmax", "infoscale") for n in (64, 128)
+            for li in range(layers)]
+    paths = plot_analysis(recs, tmp_path)
+    assert [p.name for p in paths] == ["entropy_m.png", "dilution_m.png"]
+    width = imread(paths[0]).shape[1] / 110  # inches at the report's dpi
+    if layers > MAX_LAYER_PANELS:
+        assert width < 0.3 * layers + 4  # one panel wide, not a panel per layer (3.6 in each)
+    else:
+        assert width > 3.6 * layers
+
+
 # ---------------------------------------------------------------------------------------------
 # the clm-quick preset
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ that was written: the writer and the reader are independent code paths.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -20,7 +21,7 @@ from infoscale.attn import parse_method
 from infoscale.cli import main
 from infoscale.data.bpe import BPETokenizer
 from infoscale.errors import DataError
-from infoscale.io import read_records
+from infoscale.io import read_records, write_records
 from infoscale.models.pretrained import is_pretrained, load_pretrained, param_bytes
 
 L = 16  # the tiny model's context (max_position_embeddings)
@@ -362,8 +363,23 @@ def test_pretrained_preset_end_to_end_and_resumes(model_dir, corpus, tmp_path, m
     # a bootstrap over 2 windows is said to understate the uncertainty; single-window cells have no CI to qualify
     assert "Only 2 windows per cell here" in text and "Only 1 window" not in text
     assert out["report"].parent.name == "tiny-llm-tiny-llama"
-    rp.reproduce(cfg, log=lambda s: None)
-    assert len(read_records(out["records"])) == len(recs)
+    analysis = read_records(out["analysis"])
+    assert {(r["method"], r["length"]) for r in analysis} == {("softmax", 32), ("infoscale", 32)}
+    said = []
+    rp.reproduce(cfg, log=said.append)
+    assert len(read_records(out["records"])) == len(recs) and read_records(out["analysis"]) == analysis
+    assert not any("attention entropy" in s for s in said)
+    # the analysis resumes by (method, length): a stopped run, or a preset given another length, measures only those
+    write_records(out["analysis"], [r for r in analysis if r["method"] != "infoscale"])
+    monkeypatch.setitem(rp.LLM_PRESETS, "tiny-llm", dataclasses.replace(preset, analysis_lengths=(32, 48)))
+    said.clear()
+    rp.reproduce(cfg, log=said.append)
+    assert [s for s in said if "attention entropy" in s] == ["== attention entropy: infoscale at 32",
+                                                             "== attention entropy: softmax at 48",
+                                                             "== attention entropy: infoscale at 48"]
+    again = read_records(out["analysis"])
+    assert [r for r in again if r["method"] == "infoscale" and r["length"] == 32] == [
+        r for r in analysis if r["method"] == "infoscale"]  # the same measurement, measured again
 
 
 def test_a_cell_grows_by_windows_to_what_measuring_it_whole_gives(model_dir, corpus, tmp_path, monkeypatch):

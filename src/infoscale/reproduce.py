@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConfigError
-from .io import check_output, read_records, write_records
+from .io import check_output, merge_records, read_records, write_records
 from .models.pretrained import PackagedModel
 from .options import SEED_RANGE, add_flags, from_args, option
 from .train import TrainConfig, train
@@ -242,7 +242,7 @@ LLM_PRESETS = {
                              passkey_methods=("softmax", "hf_yarn(factor=4.0)", "yarn", "yarn+infoscale",
                                               "self_extend", "streamingllm"),
                              passkey_lengths=(16384,), depths=(0.1, 0.5, 0.9), passkey_trials=3,
-                             analysis_methods=("softmax", "infoscale"), analysis_lengths=(16384,),
+                             analysis_methods=("softmax", "infoscale"), analysis_lengths=(8192, 16384),
                              calibrate_lengths=(16384,)),
 }
 
@@ -473,12 +473,15 @@ def reproduce_llm(cfg: ReproduceConfig, log=print) -> dict:
         measure(fitted)
     t_eval = time.perf_counter() - t0 - t_cal
     analysis_file = where["analysis"]
-    if not analysis_file.exists():
-        log(f"== attention entropy: {p.analysis_methods} at {p.analysis_lengths}")
-        recs = analyze(AnalyzeConfig(model=model, corpus=corpus, methods=list(p.analysis_methods),
-                                     lengths=list(p.analysis_lengths), windows=1, synthetic=False, seed=cfg.seed,
-                                     progress=cfg.progress))
-        write_records(analysis_file, recs)
+    # one (method, length) at a time, each merged as it completes: at 16k one takes over half an hour on a CPU, so
+    # a stopped run resumes from the pairs it has (and a preset given more lengths measures only those)
+    have = {(r.get("method"), r.get("length")) for r in read_records(analysis_file) if r.get("kind") == "entropy"}
+    todo = [(m, n) for n in p.analysis_lengths for m in p.analysis_methods if (m, n) not in have]
+    for m, n in todo:
+        log(f"== attention entropy: {m} at {n}")
+        merge_records(analysis_file, analyze(AnalyzeConfig(model=model, corpus=corpus, methods=[m], lengths=[n],
+                                                           windows=1, synthetic=False, seed=cfg.seed,
+                                                           progress=cfg.progress)))
     method_rank = {m: i for i, m in enumerate(p.methods)}
     records = sorted(read_records(where["records"]), key=lambda r: method_rank.get(r.get("method"), len(method_rank)))
     report = write_report(records + read_records(analysis_file), where["report"])

@@ -181,6 +181,65 @@ def plot_passkey(records: list[dict], out: Path) -> list[Path]:
     return paths
 
 
+MAX_LAYER_PANELS = 8  # more layers than this (a pretrained LLM's 30): one panel per measure with the layer on x
+
+
+def _analysis_label(key: str, L: int) -> str:
+    return {"H": "entropy H (nats)", "H_norm": "H / ln l", "near_share": f"attention on |i−j| ≤ {L // 2}"}[key]
+
+
+def _analysis_by_length(plt, rs: list[dict], keys: tuple, layers: list, methods: list):
+    """A column of panels per layer, the measure against length (log₂), a line per method; the first method at L
+    dotted for reference."""
+    fig, axes = plt.subplots(len(keys), len(layers), figsize=(3.6 * len(layers) + 0.8, 3.2 * len(keys)),
+                             squeeze=False, sharex=True)
+    L = rs[0]["train_len"]
+    for j, layer in enumerate(layers):
+        for a, key in enumerate(keys):
+            ax = axes[a, j]
+            for i, m in enumerate(methods):
+                pts = sorted((r["length"], r[key]) for r in rs if r["method"] == m and r["layer"] == layer)
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=m,
+                        color=plt.get_cmap("tab10")(i))
+            ref = [r[key] for r in rs if r["layer"] == layer and r["length"] == L and r["method"] == methods[0]]
+            if ref:
+                ax.axhline(ref[0], color="grey", lw=0.8, ls=":", label=f"{methods[0]} at L={L}")
+            ax.axvline(L, color="grey", lw=0.6, ls="--")
+            ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
+            if j == 0:
+                ax.set_ylabel(_analysis_label(key, L))
+        axes[0, j].set_title(f"layer {layer}" if len(layers) > 1 else rs[0]["source"], fontsize=9)
+        axes[-1, j].set_xlabel("length n (log₂)")
+    axes[0, 0].legend(fontsize=7)
+    return fig
+
+
+def _analysis_by_layer(plt, rs: list[dict], keys: tuple, layers: list, methods: list):
+    """One panel per measure, the layer on x: a colour per method, a line style per length (a model with many
+    layers, where a panel per layer would be unreadable)."""
+    lengths = sorted({r["length"] for r in rs})
+    fig, axes = plt.subplots(len(keys), 1, figsize=(max(8.0, 0.3 * len(layers) + 3.0), 3.0 * len(keys)),
+                             squeeze=False, sharex=True)
+    L = rs[0]["train_len"]
+    styles = ("-", "--", ":", "-.")
+    for a, key in enumerate(keys):
+        ax = axes[a, 0]
+        for i, m in enumerate(methods):
+            for k, n in enumerate(lengths):
+                pts = sorted((r["layer"], r[key]) for r in rs if r["method"] == m and r["length"] == n)
+                if pts:
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=2.5, lw=1.0,
+                            ls=styles[k % len(styles)], color=plt.get_cmap("tab10")(i),
+                            label=f"{m}, n = {n}" + (" (L)" if n == L else ""))
+        ax.set_ylabel(_analysis_label(key, L))
+        ax.grid(alpha=0.3)
+    axes[-1, 0].set_xlabel("layer")
+    axes[-1, 0].set_xticks(layers[::max(1, len(layers) // 16)])
+    axes[0, 0].legend(fontsize=7, ncol=min(len(methods), 3))
+    return fig
+
+
 def plot_analysis(records: list[dict], out: Path) -> list[Path]:
     plt = _pyplot()
 
@@ -191,29 +250,9 @@ def plot_analysis(records: list[dict], out: Path) -> list[Path]:
         for src in sources:
             rs = [r for r in recs if r["source"] == src]
             layers = sorted({r["layer"] for r in rs})
-            fig, axes = plt.subplots(len(keys), len(layers), figsize=(3.6 * len(layers) + 0.8, 3.2 * len(keys)),
-                                     squeeze=False, sharex=True)
             methods = list(dict.fromkeys(r["method"] for r in rs))
-            for j, layer in enumerate(layers):
-                for a, key in enumerate(keys):
-                    ax = axes[a, j]
-                    for i, m in enumerate(methods):
-                        pts = sorted((r["length"], r[key]) for r in rs if r["method"] == m and r["layer"] == layer)
-                        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, label=m,
-                                color=plt.get_cmap("tab10")(i))
-                    L = rs[0]["train_len"]
-                    ref = [r[key] for r in rs if r["layer"] == layer and r["length"] == L and r["method"] == methods[0]]
-                    if ref:
-                        ax.axhline(ref[0], color="grey", lw=0.8, ls=":", label=f"{methods[0]} at L={L}")
-                    ax.axvline(L, color="grey", lw=0.6, ls="--")
-                    ax.set_xscale("log", base=2)
-                    ax.grid(alpha=0.3)
-                    if j == 0:
-                        ax.set_ylabel({"H": "entropy H (nats)", "H_norm": "H / ln l",
-                                       "near_share": f"attention on |i−j| ≤ {L // 2}"}[key])
-                axes[0, j].set_title(f"layer {layer}" if len(layers) > 1 else src, fontsize=9)
-                axes[-1, j].set_xlabel("length n (log₂)")
-            axes[0, 0].legend(fontsize=7)
+            draw = _analysis_by_layer if len(layers) > MAX_LAYER_PANELS else _analysis_by_length
+            fig = draw(plt, rs, keys, layers, methods)
             fig.suptitle(f"{kind}: {src}", fontsize=11)
             fig.tight_layout()
             path = out / safe_file_name(f"{kind}_{src}.png")
