@@ -109,7 +109,7 @@ def row_sums(logits: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, tra
     ent = torch.special.entr(w).sum(-1).double()  # entr(a) = −a ln a, 0 at a = 0
     l = allowed.sum(-1, dtype=torch.int32).double()
     near = ((q_pos.double()[:, None] - k_pos.double()[None, :]).abs() <= train_len // 2).to(w)
-    share = torch.einsum("...rk,rk->...r", w, near.to(w.device)).double()
+    share = torch.einsum("...rk,rk->...r", w, near).double()
     keep = l >= 2
     return {"H": float(ent[keep].sum()), "H_norm": float((ent[keep] / l[keep].log()).sum()),
             "near_share": float(share[keep].sum()), "rows": int(keep.sum())}
