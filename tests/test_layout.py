@@ -141,7 +141,7 @@ def test_hf_keeps_its_names_importable():
     """The public API, and the names infoscale doctor and the tests take from infoscale.hf."""
     import infoscale.hf as hf
 
-    assert hf.__all__ == ["NAME", "apply", "applied_method", "remove", "calibrate", "capture_attention", "cache_kwarg",
+    assert hf.__all__ == ["NAME", "apply", "remove", "calibrate", "capture_attention", "cache_kwarg",
                           "infoscale_attention", "infoscale_mask", "train_len_of", "SinkCache", "bounded_cache",
                           "RotatedKeysCache", "cache_for"]
     for name in [*hf.__all__, "TESTED_TRANSFORMERS", "newer_than_tested", "CACHE_KWARGS", "_cache_in", "_mask_params",

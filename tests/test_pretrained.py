@@ -17,11 +17,10 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from infoscale.attn import parse_method
 from infoscale.cli import main
 from infoscale.data.bpe import BPETokenizer
 from infoscale.errors import DataError
-from infoscale.io import read_records, write_records
+from infoscale.io import method_identity, read_records, write_records
 from infoscale.models.pretrained import is_pretrained, load_pretrained, param_bytes
 
 L = 16  # the tiny model's context (max_position_embeddings)
@@ -289,7 +288,7 @@ def test_analyze_and_calibrate_a_pretrained_model(model_dir, corpus, tmp_path):
                  "--bf16", "off", "--out", str(res), "--no-progress"]) == 0
     recs = read_records(res)
     assert recs and {r["train"]["calibration"] for r in recs} == {str(calibration_path(d))}
-    ran = parse_method("infoscale(clamp=True, calibrated=True)").identity(cal["dims"])
+    ran = method_identity("infoscale(clamp=True, calibrated=True)", True, cal["dims"])
     assert {r["method_resolved"] for r in recs} == {ran} and ran.endswith("]")
     # a recalibration (other dims) measures the calibrated cell again instead of reusing it
     calibration_path(d).write_text(json.dumps({**cal, "dims": [x * 2 for x in cal["dims"]]}))

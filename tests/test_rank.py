@@ -257,6 +257,7 @@ def test_hf_calibrate_on_a_transformers_model():
 
     from infoscale import hf
     from infoscale.errors import ConfigError, MethodError
+    from infoscale.evaluate_clm import applied_method
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
@@ -264,21 +265,21 @@ def test_hf_calibrate_on_a_transformers_model():
                                          initializer_range=0.3)).eval()
     ids = torch.randint(3, 64, (2, 128), generator=torch.Generator().manual_seed(1))
     with pytest.raises(ConfigError, match="apply"):
-        hf.applied_method(model)
+        applied_method(model)
     hf.apply(model, "infoscale(calibrated=True)")
     with pytest.raises(MethodError, match="hf.calibrate"):
         model(ids[:, :32])
     with pytest.raises(MethodError, match="calibrate"):  # nothing could run it: no record may name it
-        hf.applied_method(model)
+        applied_method(model)
     cal = hf.calibrate(model, ids, lengths=[32, 128], rows=16)
     assert len(cal["dims"]) == 2 and model.config.infoscale["dims"] == cal["dims"]
-    ran = hf.applied_method(model)  # the resolved method and its calibration's digest
+    ran = applied_method(model)  # the resolved method and its calibration's digest
     assert ran.startswith(f"{model.config.infoscale['method']} [calibration ") and len(ran.split()[-1]) == 13
     model.config.infoscale["dims"] = [d + 1 for d in cal["dims"]]
-    assert hf.applied_method(model) != ran
+    assert applied_method(model) != ran
     model.config.infoscale["dims"] = cal["dims"]
     hf.apply(model, "hf_yarn(factor=2.0)+infoscale")  # a component the model's rotary runs is part of what ran
-    assert hf.applied_method(model) == model.config.infoscale["method"] == "hf_yarn(factor=2.0)+infoscale(clamp=True)"
+    assert applied_method(model) == model.config.infoscale["method"] == "hf_yarn(factor=2.0)+infoscale(clamp=True)"
     hf.apply(model, "infoscale(calibrated=True)")
     assert str(model.config.infoscale["method"]).startswith("infoscale(")
     with torch.no_grad():

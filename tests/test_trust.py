@@ -829,7 +829,7 @@ def test_a_recalibration_measures_calibrated_cells_again(tiny_run, tmp_path):
     """A calibrated cell names the dims it ran with (their digest in method_resolved, hence in its key): a rerun with
     the same calibration reuses it, a rerun after a recalibration measures it again, and uncalibrated cells are
     reused either way."""
-    from infoscale.attn import parse_method
+    from infoscale.io import method_identity
 
     run = _copy_run(tiny_run, tmp_path / "run")
     out = tmp_path / "r.jsonl"
@@ -842,8 +842,8 @@ def test_a_recalibration_measures_calibrated_cells_again(tiny_run, tmp_path):
     cal = [r for r in recs if r["method"] == "infoscale(calibrated=True)"]
     ran = {r["method_resolved"] for r in cal}
     assert len({r["key"] for r in cal}) == 2 and len(ran) == 2, ran  # measured once per calibration, not thrice
-    pm = parse_method(cal[0]["method_resolved"].split(" [")[0])
-    assert {pm.identity([3.0, 5.0]), pm.identity([3.0, 7.0])} == ran
+    spec = cal[0]["method_resolved"].split(" [")[0]
+    assert {method_identity(spec, True, [3.0, 5.0]), method_identity(spec, True, [3.0, 7.0])} == ran
     assert len({r["key"] for r in recs if r["method"] == "softmax"}) == 1
 
 

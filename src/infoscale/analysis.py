@@ -204,6 +204,7 @@ def causal_entropy_records(cfg: AnalyzeConfig, run, docs) -> list[dict]:
     length and layer, the means over heads and query rows (l_i >= 2) of all ``cfg.windows`` windows of
     :func:`row_sums`, from the logits :func:`infoscale.hf.capture_attention` hands over."""
     from . import hf
+    from .evaluate_clm import applied_method
 
     model, L = run.model, run.train_len
     reduce = functools.partial(row_sums, train_len=L)
@@ -212,7 +213,7 @@ def causal_entropy_records(cfg: AnalyzeConfig, run, docs) -> list[dict]:
         parse_method(m, L)  # a bad value for this training length is an error
         try:  # a method that does not apply to this model (a train-time method it was not trained with) is skipped
             hf.apply(model, m, train_len=L)
-            resolved = hf.applied_method(model)  # a calibrated method: with its calibration's digest
+            resolved = applied_method(model)  # a calibrated method: with its calibration's digest
         except MethodError as e:
             hf.remove(model)
             print(f"skip {m} on {run.name}: {e}", file=sys.stderr)

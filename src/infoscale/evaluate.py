@@ -40,7 +40,7 @@ import torch
 from .attn import parse_method
 from .data import make_windows
 from .errors import ConfigError, DataError, MethodError
-from .io import check_output, read_records
+from .io import check_output, method_identity, read_records
 from .options import SEED_RANGE, add_flags, from_args, option
 from .rundir import load_run
 from .runtime import available_memory, device_flops, duration, quiet_libraries, use_bf16
@@ -247,7 +247,8 @@ def _evaluate_mlm(cfg: EvalConfig, log=print) -> list[dict]:
             try:  # a method that does not apply to this model (RoPE methods on ALiBi, ...) is skipped
                 pm = run.resolve_method(m).resolved(L)
                 # a calibrated method: with its calibration's digest (refused without one: MethodError, skipped)
-                resolved = pm.identity(run.calibration_dims() if pm.calibrated() else None)
+                dims = run.calibration_dims() if pm.calibrated() else None  # read only when it is needed
+                resolved = method_identity(str(pm), pm.calibrated(), dims)
             except MethodError as e:
                 log(f"skip {m} on {run.path}: {e}")
                 continue

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from .errors import DataError, MethodError
-from .io import cell_key, read_records
+from .io import cell_key, method_identity, read_records
 from .rundir import load_model
 from .runtime import use_bf16
 from .stats import cluster_ci, window_fields
@@ -213,6 +213,21 @@ def _windows_of(cfg, cell: dict) -> int:
     return _count(cfg, cell["length"]) if cell["setting"] != "passkey" else 0
 
 
+def applied_method(model) -> str:
+    """The method :func:`infoscale.hf.apply` set on ``model``, as records name it (``method_resolved``,
+    :func:`infoscale.io.method_identity`): the resolved method string, and for a calibrated method the digest of
+    the per-layer dims it runs with (MethodError without them)."""
+    from .attn import parse_method
+    from .errors import ConfigError
+
+    settings = getattr(model.config, "infoscale", None)
+    if not isinstance(settings, dict) or not settings.get("method"):
+        raise ConfigError("no method is applied to this model: call infoscale.hf.apply(model, method) first")
+    # the whole method: a component the model's rotary computes (hf_yarn) is part of what ran
+    calibrated = parse_method(settings["method"], settings["train_len"]).calibrated()
+    return method_identity(settings["method"], calibrated, settings.get("dims"))
+
+
 def evaluate_clm(cfg, models: list[str], log=print) -> list[dict]:
     """The causal part of the sweep (``cfg`` is :class:`infoscale.evaluate.EvalConfig`); returns the new records."""
     from . import hf
@@ -238,7 +253,7 @@ def evaluate_clm(cfg, models: list[str], log=print) -> list[dict]:
             try:
                 hf.apply(model, m, train_len=L)
                 try:
-                    resolved = hf.applied_method(model)  # a calibrated method: with its calibration's digest
+                    resolved = applied_method(model)  # a calibrated method: with its calibration's digest
                 finally:
                     hf.remove(model)
             except MethodError as e:

@@ -25,10 +25,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import BinaryIO
 
-from .errors import DataError
+from .errors import DataError, MethodError
 
 __all__ = ["sha256_file", "atomic_write", "atomic_write_bytes", "atomic_write_json", "read_records", "iter_records",
-           "write_records", "merge_records", "record_identity", "locked", "record_key", "cell_key", "series_key",
+           "write_records", "merge_records", "record_identity", "locked", "record_key", "method_identity", "cell_key",
+           "series_key",
            "superseded", "latest_cells", "git_commit", "os_error_in", "write_error", "check_output",
            "check_parent_folders"]
 
@@ -277,6 +278,21 @@ def record_key(*parts) -> str:
     """A short stable hash of the fields that identify a record."""
     text = "|".join(p if isinstance(p, str) else json.dumps(p, sort_keys=True) for p in parts)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def method_identity(resolved: str, calibrated: bool = False, dims=None) -> str:
+    """What a record's ``method_resolved`` names: the resolved method string and, for a calibrated method (InfoScale
+    with the per-layer dimension ``infoscale calibrate`` fitted), the sha256 of the dims it runs with, as
+    ``"<method> [calibration <12 hex digits>]"``. The cell key holds ``method_resolved``, so a cell measured with
+    one calibration is never reused for another (a recalibration re-measures). A calibrated method without dims
+    is refused (MethodError): nothing could run it, so no record may name it."""
+    if not calibrated:
+        return resolved
+    if not dims:
+        raise MethodError(f"{resolved} needs the model's calibration (its per-layer dims): run `infoscale calibrate` "
+                          "first")
+    digest = hashlib.sha256(json.dumps([float(d) for d in dims]).encode()).hexdigest()[:12]
+    return f"{resolved} [calibration {digest}]"
 
 
 CELL_FIELDS = ("model", "method_resolved", "length", "setting", "protocol", "protocol_params", "seed", "windows",

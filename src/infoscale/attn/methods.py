@@ -33,8 +33,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import functools
-import hashlib
-import json
 import math
 import re
 from collections.abc import Callable
@@ -870,19 +868,6 @@ class ParsedMethod:
         """Whether a component runs on the per-layer dimension ``infoscale calibrate`` fits (its registry entry
         says which parameters ask for it)."""
         return any(c.method.calibrated is not None and c.method.calibrated(c.params) for c in self.components)
-
-    def identity(self, dims=None) -> str:
-        """What an evaluation record's ``method_resolved`` names: the method string and, for a calibrated method,
-        the sha256 of the per-layer dims it ran with, ``"<method> [calibration <12 hex digits>]"``. The cell key
-        holds ``method_resolved``, so a cell measured with one calibration is never reused for another (a
-        recalibration re-measures). ``dims`` is ignored when the method is not calibrated."""
-        if not self.calibrated():
-            return str(self)
-        if not dims:
-            raise MethodError(f"{self} needs the model's calibration (its per-layer dims): run `infoscale calibrate` "
-                              "first")
-        digest = hashlib.sha256(json.dumps([float(d) for d in dims]).encode()).hexdigest()[:12]
-        return f"{self} [calibration {digest}]"
 
     @property
     def train_time(self) -> tuple[Component, ...]:

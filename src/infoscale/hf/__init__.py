@@ -95,12 +95,12 @@ from .cache import bounded_cache, cache_for, cache_kwarg
 from .calibration import calibrate, capture_attention
 from .mask import infoscale_mask
 from .methods import NAME
-from .patch import applied_method, apply, remove
+from .patch import apply, remove
 from .rotated_cache import RotatedKeysCache
 from .sink_cache import SinkCache
 
-__all__ = ["NAME", "apply", "applied_method", "remove", "calibrate", "capture_attention", "cache_kwarg",
-           "infoscale_attention", "infoscale_mask", "train_len_of", "SinkCache", "bounded_cache", "RotatedKeysCache",
+__all__ = ["NAME", "apply", "remove", "calibrate", "capture_attention", "cache_kwarg", "infoscale_attention",
+           "infoscale_mask", "train_len_of", "SinkCache", "bounded_cache", "RotatedKeysCache",
            "cache_for"]
 
 # Also importable from here, as before the package had modules (``infoscale doctor`` and the tests use them). To

@@ -171,18 +171,6 @@ def apply(model, method: str | None = None, *, train_len: int | None = None):
     return model
 
 
-def applied_method(model) -> str:
-    """The method :func:`apply` set on ``model``, as evaluation records name it (``method_resolved``): the resolved
-    method string and, for a calibrated method, the digest of the per-layer dims it runs with
-    (:meth:`infoscale.attn.ParsedMethod.identity`). A calibrated method without dims is refused (MethodError)."""
-    settings = getattr(model.config, "infoscale", None)
-    if getattr(model, _STATE_ATTR, None) is None or not isinstance(settings, dict):
-        raise ConfigError("no method is applied to this model: call infoscale.hf.apply(model, method) first")
-    # the whole method (not _parsed's: a component the model's rotary computes is part of what ran); refused
-    # calibrated without dims, which nothing could run, so no record may name it
-    return parse_method(settings["method"], settings["train_len"]).identity(settings.get("dims"))
-
-
 def remove(model):
     """Undo :func:`apply`: the original attention implementation, rotary modules and ``config.infoscale``."""
     state = getattr(model, _STATE_ATTR, None)
