@@ -29,8 +29,7 @@ from .errors import DataError, MethodError
 
 __all__ = ["sha256_file", "atomic_write", "atomic_write_bytes", "atomic_write_json", "read_records", "iter_records",
            "write_records", "merge_records", "record_identity", "locked", "record_key", "method_identity", "cell_key",
-           "series_key",
-           "superseded", "latest_cells", "git_commit", "os_error_in", "write_error", "check_output",
+           "series_key", "superseded", "latest_cells", "git_commit", "os_error_in", "write_error", "check_output",
            "check_parent_folders"]
 
 
